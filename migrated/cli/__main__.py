@@ -1,0 +1,5 @@
+import sys
+
+from migrated.cli import main
+
+sys.exit(main())

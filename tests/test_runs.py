@@ -1,0 +1,60 @@
+"""PageRuns set algebra checked against plain Python sets of pages."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from migrated.runs import PAGE_SIZE, PageRuns
+
+pages = st.sets(st.integers(0, 300), max_size=120)
+
+
+def runs_of(pageset):
+    return PageRuns.from_pairs([(p * PAGE_SIZE, 1) for p in pageset])
+
+
+def pages_of(r: PageRuns):
+    return {int(a) // PAGE_SIZE for a in r.page_addresses()}
+
+
+@given(pages, pages)
+def test_algebra_matches_sets(a, b):
+    ra, rb = runs_of(a), runs_of(b)
+    assert pages_of(ra) == a
+    assert pages_of(ra.union(rb)) == a | b
+    assert pages_of(ra.intersect(rb)) == a & b
+    assert pages_of(ra.subtract(rb)) == a - b
+    assert ra.total_pages() == len(a)
+
+
+@given(pages, st.integers(1, 40))
+@settings(max_examples=300)
+def test_split_preserves_pages_and_bounds_pieces(a, k):
+    r = runs_of(a)
+    pieces = list(r.split(k))
+    assert all(0 < p.total_pages() <= k for p in pieces)
+    assert sum(p.total_pages() for p in pieces) == len(a)
+    got = set()
+    for p in pieces:
+        assert not (pages_of(p) & got)
+        got |= pages_of(p)
+    assert got == a
+
+
+@given(pages)
+def test_mask_round_trip(a):
+    mask = np.zeros(301, dtype=bool)
+    mask[list(a)] = True
+    r = PageRuns.from_mask(0, mask)
+    assert pages_of(r) == a
+    assert (r.to_mask(0, 301) == mask).all()
+
+
+def test_coalesces_adjacent_and_overlapping():
+    r = PageRuns.from_pairs([(0, 2), (2 * PAGE_SIZE, 3), (PAGE_SIZE, 1)])
+    assert r.pairs() == [(0, 5)]
+
+
+def test_rejects_unaligned():
+    import pytest
+    with pytest.raises(ValueError):
+        PageRuns.from_pairs([(123, 1)])
