@@ -1,0 +1,305 @@
+"""The image manifest: ids, mapping records, page runs, digests, validation.
+
+Pure functions and constants: no file I/O happens here (store.py owns the
+files).  The format is documented in protocol/IMAGE.md; keep both in step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import xxhash
+
+from migrated.errors import ImageError
+from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
+
+FORMAT = "migrated-image"
+FORMAT_VERSION = 1
+
+MANIFEST_NAME = "manifest.json"
+PAGES_NAME = "pages.img"
+
+# Page data is grouped in chunks of 512 pages (2 MiB with 4 KiB pages): the
+# unit of the slot table, of presence bitmaps and of digests.  Large enough
+# that per-chunk Python work is negligible next to the bytes it covers,
+# small enough that a sparse address space wastes little.
+CHUNK_PAGES = 512
+CHUNK_SHIFT = PAGE_SHIFT + 9
+CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
+
+# Highest user-space address we accept: 2**57 covers x86_64 5-level paging
+# and arm64 52-bit VAs; anything above is a hostile or broken peer.
+USER_ADDR_LIMIT = 1 << 57
+
+# 4x the kernel's default vm.max_map_count (65530): enough for real
+# processes, yet bounds the manifest a peer can make us build.
+MAX_MAPPINGS = 262_144
+
+# A mapping's path is recorded, never opened; PATH_MAX bounds it.
+MAX_PATH_CHARS = 4096
+MAX_FLAGS = 64           # VmFlags has ~30 two-letter names today
+MAX_FLAG_CHARS = 16
+
+# The source's description of the process (pid, cmdline, exe, timings...)
+# is metadata only; 64 KiB of JSON is ample and keeps it bounded.
+MAX_META_BYTES = 64 * 1024
+
+KINDS = frozenset({"anon", "file", "shared-anon", "shared-file", "vdso", "skip"})
+MIGRATABLE_KINDS = frozenset({"anon", "file", "shared-anon", "vdso"})
+
+_PERMS_RE = re.compile(r"[r-][w-][x-][ps]")
+_DEV_RE = re.compile(r"[0-9a-fA-F]{1,8}:[0-9a-fA-F]{1,8}")
+
+# Image ids are made by the destination: UTC time to the millisecond (so
+# ids sort by creation) plus 40 random bits.  This regex is checked before
+# an id is ever joined to a path.
+IMAGE_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}\.[0-9]{3}-[0-9a-f]{10}")
+
+
+def new_image_id(now_ns: int | None = None) -> str:
+    ns = time.time_ns() if now_ns is None else now_ns
+    secs, rem = divmod(ns, 1_000_000_000)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(secs))
+    return f"{stamp}.{rem // 1_000_000:03d}-{secrets.token_hex(5)}"
+
+
+def check_image_id(image_id: Any) -> str:
+    if not isinstance(image_id, str) or not IMAGE_ID_RE.fullmatch(image_id):
+        raise ImageError(f"invalid image id {image_id!r}: expected the form "
+                         "YYYYMMDD-HHMMSS.mmm-xxxxxxxxxx as printed by "
+                         "`migratectl images list`")
+    return image_id
+
+
+# -- mappings --------------------------------------------------------------
+
+def _field(m: Any, name: str, default: Any = None) -> Any:
+    if isinstance(m, dict):
+        return m.get(name, default)
+    return getattr(m, name, default)
+
+
+def _int_field(m: Any, name: str, default: int | None = None) -> int:
+    v = _field(m, name, default)
+    if isinstance(v, str):
+        try:
+            v = int(v, 0)
+        except ValueError:
+            v = None
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+        raise ImageError(f"mapping field {name!r} must be an integer, got {v!r}")
+    return int(v)
+
+
+def normalize_mapping(m: Any) -> dict:
+    """Validate one mapping (dict or kernel Mapping) into a plain record."""
+    start = _int_field(m, "start")
+    end = _int_field(m, "end")
+    if start % PAGE_SIZE or end % PAGE_SIZE or not 0 <= start < end <= 1 << 64:
+        raise ImageError(f"mapping {start:#x}-{end:#x} is not a page-aligned "
+                         "non-empty range")
+    perms = _field(m, "perms", "")
+    if not isinstance(perms, str) or not _PERMS_RE.fullmatch(perms):
+        raise ImageError(f"mapping {start:#x}-{end:#x}: bad permissions {perms!r}")
+    kind = _field(m, "kind", "")
+    if kind not in KINDS:
+        raise ImageError(f"mapping {start:#x}-{end:#x}: unknown kind {kind!r} "
+                         f"(known: {', '.join(sorted(KINDS))})")
+    # Only recorded mappings ([vsyscall] sits in the kernel half) may lie
+    # above user space; anything whose pages we store may not.
+    if kind in MIGRATABLE_KINDS and end > USER_ADDR_LIMIT:
+        raise ImageError(f"mapping {start:#x}-{end:#x} ({kind}) lies above user "
+                         f"space ({USER_ADDR_LIMIT:#x})")
+    offset = _int_field(m, "offset", 0)
+    if not 0 <= offset < 1 << 64:
+        raise ImageError(f"mapping {start:#x}-{end:#x}: bad file offset {offset}")
+    path = _field(m, "path", "") or ""
+    if not isinstance(path, str) or len(path) > MAX_PATH_CHARS or "\0" in path:
+        raise ImageError(f"mapping {start:#x}-{end:#x}: bad path (a string of at "
+                         f"most {MAX_PATH_CHARS} characters without NUL)")
+    flags = _field(m, "flags", ()) or ()
+    if isinstance(flags, str):
+        flags = flags.split()
+    flags = list(flags)
+    if len(flags) > MAX_FLAGS or not all(
+            isinstance(f, str) and 0 < len(f) <= MAX_FLAG_CHARS for f in flags):
+        raise ImageError(f"mapping {start:#x}-{end:#x}: bad flags {flags!r:.200}")
+    dev = _field(m, "dev", "00:00") or "00:00"
+    if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
+        raise ImageError(f"mapping {start:#x}-{end:#x}: bad device {dev!r:.40}")
+    inode = _int_field(m, "inode", 0)
+    if not 0 <= inode < 1 << 64:
+        raise ImageError(f"mapping {start:#x}-{end:#x}: bad inode {inode}")
+    return {
+        "start": start, "end": end, "perms": perms, "offset": offset,
+        "kind": kind, "path": path, "flags": flags, "dev": dev, "inode": inode,
+        "deleted": bool(_field(m, "deleted", path.endswith(" (deleted)"))),
+    }
+
+
+def normalize_layout(mappings: Iterable[Any]) -> list[dict]:
+    out: list[dict] = []
+    for i, m in enumerate(mappings):
+        if i >= MAX_MAPPINGS:
+            raise ImageError(f"layout has more than {MAX_MAPPINGS} mappings; "
+                             "refusing it (raise MAX_MAPPINGS if this is real)")
+        out.append(normalize_mapping(m))
+    out.sort(key=lambda r: r["start"])
+    for a, b in zip(out, out[1:]):
+        if b["start"] < a["end"]:
+            raise ImageError(f"mappings overlap: {a['start']:#x}-{a['end']:#x} "
+                             f"and {b['start']:#x}-{b['end']:#x}")
+    return out
+
+
+def migratable_runs(layout: list[dict]) -> PageRuns:
+    keep = [(m["start"], (m["end"] - m["start"]) >> PAGE_SHIFT)
+            for m in layout if m["kind"] in MIGRATABLE_KINDS]
+    return PageRuns.from_pairs(keep) if keep else PageRuns.empty()
+
+
+def check_meta(meta: Any) -> dict:
+    """Source-supplied metadata: JSON-able, bounded, typed where we use it."""
+    if not isinstance(meta, dict):
+        raise ImageError("image metadata must be a dict")
+    try:
+        blob = json.dumps(meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"image metadata is not plain JSON data: {exc}") from None
+    if len(blob) > MAX_META_BYTES:
+        raise ImageError(f"image metadata is {len(blob)} bytes, more than the "
+                         f"{MAX_META_BYTES} allowed")
+    meta = json.loads(blob)
+    typed = {"pid": int, "exe": str, "source_node": str, "migration_id": str}
+    for key, typ in typed.items():
+        if key in meta and not (isinstance(meta[key], typ)
+                                and not isinstance(meta[key], bool)):
+            raise ImageError(f"image metadata {key!r} must be {typ.__name__}")
+    cmd = meta.get("cmdline")
+    if cmd is not None and not (isinstance(cmd, list)
+                                and all(isinstance(a, str) for a in cmd)):
+        raise ImageError("image metadata 'cmdline' must be a list of strings")
+    return meta
+
+
+# -- runs ------------------------------------------------------------------
+
+def runs_to_json(starts: np.ndarray, counts: np.ndarray) -> list[list]:
+    return [[f"{s:#x}", c] for s, c in zip(starts.tolist(), counts.tolist())]
+
+
+def runs_from_json(pairs: Any, what: str) -> PageRuns:
+    if not isinstance(pairs, list):
+        raise ImageError(f"manifest: {what} runs must be a list")
+    try:
+        arr = [(int(a, 16), int(n)) for a, n in pairs]
+    except (TypeError, ValueError):
+        raise ImageError(f"manifest: malformed {what} runs") from None
+    return PageRuns.from_pairs(arr) if arr else PageRuns.empty()
+
+
+def rows_to_runs(chunk_vaddrs: np.ndarray, masks: np.ndarray) -> PageRuns:
+    """Runs of True pages of a (nchunks, CHUNK_PAGES) mask; row i covers
+    the chunk at chunk_vaddrs[i].  Fully vectorised: a False column appended
+    to every row keeps runs from crossing rows."""
+    if masks.shape[0] == 0:
+        return PageRuns.empty()
+    padded = np.zeros((masks.shape[0], CHUNK_PAGES + 1), dtype=bool)
+    padded[:, :CHUNK_PAGES] = masks
+    flat = PageRuns.from_mask(0, padded.ravel())
+    idx = flat.starts >> np.uint64(PAGE_SHIFT)
+    row = idx // np.uint64(CHUNK_PAGES + 1)
+    col = idx % np.uint64(CHUNK_PAGES + 1)
+    starts = np.asarray(chunk_vaddrs, np.uint64)[row.astype(np.int64)] + \
+        col * np.uint64(PAGE_SIZE)
+    return PageRuns(starts, flat.counts)
+
+
+def cut_at_chunks(starts: np.ndarray, counts: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Cut runs at chunk boundaries (vectorised); returns page-number based
+    (start_page, npages) arrays as int64 -- every piece lies in one chunk."""
+    sp = (np.asarray(starts, np.uint64) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    ep = sp + np.asarray(counts, np.int64)
+    if sp.size == 0:
+        return sp, ep
+    first = sp // CHUNK_PAGES
+    pieces = (ep - 1) // CHUNK_PAGES - first + 1
+    rs = np.repeat(sp, pieces)
+    re_ = np.repeat(ep, pieces)
+    k = np.arange(rs.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    chunk = np.repeat(first, pieces) + k
+    ps = np.maximum(rs, chunk * CHUNK_PAGES)
+    pe = np.minimum(re_, (chunk + 1) * CHUNK_PAGES)
+    return ps, pe - ps
+
+
+def runs_within(runs: PageRuns, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part of sorted ``runs`` inside [start, end), by binary search."""
+    ends = runs.ends()
+    i0 = int(np.searchsorted(ends, np.uint64(start), side="right"))
+    i1 = int(np.searchsorted(runs.starts, np.uint64(end), side="left"))
+    s = runs.starts[i0:i1].copy()
+    e = ends[i0:i1].copy()
+    if s.size:
+        s[0] = max(int(s[0]), start)
+        e[-1] = min(int(e[-1]), end)
+    return s, (e - s) >> np.uint64(PAGE_SHIFT)
+
+
+# -- digests ---------------------------------------------------------------
+
+def canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True, allow_nan=False).encode()
+
+
+def image_digest(manifest: dict) -> str:
+    """xxh3_128 over the canonical JSON of everything but "digest" (which
+    includes every chunk digest, so it seals data and description)."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return xxhash.xxh3_128_hexdigest(canonical(body))
+
+
+def encode_manifest(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def decode_manifest(blob: bytes, image_id: str) -> dict:
+    """Parse and structurally check a manifest read from disk."""
+    try:
+        m = json.loads(blob)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ImageError(f"image {image_id}: manifest is not valid JSON ({exc}); "
+                         "the image is corrupt -- remove it with "
+                         f"`migratectl images rm {image_id}`") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ImageError(f"image {image_id}: not a migrated image manifest")
+    if m.get("version") != FORMAT_VERSION:
+        raise ImageError(f"image {image_id}: manifest version {m.get('version')!r} "
+                         f"is not supported (this build reads {FORMAT_VERSION})")
+    try:
+        if m["image_id"] != image_id:
+            raise ImageError(f"image {image_id}: manifest names another image "
+                             f"({m['image_id']!r})")
+        if m["page_size"] != PAGE_SIZE or m["chunk_pages"] != CHUNK_PAGES:
+            raise ImageError(f"image {image_id}: page size {m['page_size']} / "
+                             f"chunk {m['chunk_pages']} differ from this host's")
+        if not isinstance(m["mappings"], list) or not isinstance(m["chunks"], list):
+            raise KeyError("mappings")
+        for c in m["chunks"]:
+            if not (isinstance(c["slot"], int) and 0 <= c["slot"] < 1 << 40
+                    and isinstance(c["digest"], str)):
+                raise KeyError("chunks")
+            int(c["vaddr"], 16)
+        for mp in m["mappings"]:
+            int(mp["start"], 16), int(mp["end"], 16), mp["kind"], mp["perms"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ImageError(f"image {image_id}: manifest is missing or has a bad "
+                         f"field ({exc}); the image is corrupt") from None
+    return m

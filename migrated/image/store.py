@@ -1,0 +1,788 @@
+"""The destination's image store: partial images being written, complete
+images committed atomically, listing, verification, removal and export.
+
+Layout under ``state_dir`` (see protocol/IMAGE.md)::
+
+    images/<id>/manifest.json  pages.img     complete images
+    partial/<id>/pages.img  (manifest.json)  in progress; removed at start
+
+A directory only ever appears under images/ by one rename of a partial
+directory whose manifest was written and fsynced last, so a crash at any
+moment leaves either a complete image or a partial one that the next
+``cleanup_partials()`` removes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import xxhash
+
+from migrated.errors import ImageError, ImageNotFound, QuotaExceeded
+from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
+
+from . import manifest as mf
+from .manifest import CHUNK_BYTES, CHUNK_PAGES, CHUNK_SHIFT
+
+# Keep this much free on the state filesystem whatever the quota says: the
+# daemon's journal and other images must still be writable when an
+# incoming image is refused.
+DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
+
+# Re-check free space after every this many bytes written, so a filesystem
+# filled by someone else is noticed before ENOSPC hits mid-page.
+FREE_RECHECK_BYTES = 32 * 1024 * 1024
+
+# read_memory() is for inspection: bound what one call may allocate.
+MAX_READ_BYTES = 256 * 1024 * 1024
+
+# Initial rows of the per-chunk bitmaps; they double as needed.
+_INITIAL_SLOTS = 64
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class DiskFull(QuotaExceeded):
+    """ENOSPC/EDQUOT, or free space below the reserve, while writing."""
+
+
+class LayoutViolation(ImageError):
+    """Pages outside the migratable mappings of the declared layout."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _punch(fd: int, offset: int, length: int) -> bool:
+    """Free the blocks of a file range (reads then return zeros)."""
+    return _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                           offset, length) == 0
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    """pread that pads a short read (sparse tail) with zeros."""
+    buf = os.pread(fd, length, offset)
+    if len(buf) < length:
+        buf += bytes(length - len(buf))
+    return buf
+
+
+@dataclass
+class VerifyResult:
+    image_id: str
+    ok: bool
+    manifest_ok: bool
+    chunks: int
+    chunks_checked: int
+    bytes_checked: int
+    bad_chunks: int
+    first_bad: dict | None
+    error: str | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ImageStore:
+    """Images of migrated processes under ``state_dir``.
+
+    ``quota_bytes`` caps the page data held by the store (complete images
+    plus every open writer); ``min_free_bytes`` is kept free on the
+    filesystem regardless.  One instance is meant to serve the whole daemon
+    (writers in several threads share its accounting).
+    """
+
+    def __init__(self, state_dir: str, quota_bytes: int | None = None,
+                 min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, *,
+                 create: bool = True):
+        self.state_dir = os.path.abspath(state_dir)
+        self.images_dir = os.path.join(self.state_dir, "images")
+        self.partial_dir = os.path.join(self.state_dir, "partial")
+        self.quota_bytes = quota_bytes
+        self.min_free_bytes = int(min_free_bytes)
+        self._lock = threading.Lock()
+        self._writers: set[ImageWriter] = set()
+        self._committed: int | None = None   # bytes of complete images
+        if create:
+            for d in (self.state_dir, self.images_dir, self.partial_dir):
+                os.makedirs(d, mode=_DIR_MODE, exist_ok=True)
+
+    # -- paths ----------------------------------------------------------
+
+    def _image_path(self, image_id: str) -> str:
+        return os.path.join(self.images_dir, mf.check_image_id(image_id))
+
+    def _existing(self, image_id: str) -> str:
+        path = self._image_path(image_id)
+        if not os.path.isfile(os.path.join(path, mf.MANIFEST_NAME)):
+            raise ImageNotFound(f"no image {image_id} in {self.images_dir} "
+                                "(see `migratectl images list`)")
+        return path
+
+    # -- accounting -------------------------------------------------------
+
+    @staticmethod
+    def _dir_bytes(path: str) -> int:
+        total = 0
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    if e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            pass
+        return total
+
+    def _committed_bytes(self) -> int:
+        if self._committed is None:
+            self._committed = sum(self._dir_bytes(os.path.join(self.images_dir, i))
+                                  for i in self._image_ids())
+        return self._committed
+
+    def used_bytes(self) -> int:
+        """Bytes charged against the quota now (images + open writers)."""
+        with self._lock:
+            return self._committed_bytes() + sum(w._charge() for w in self._writers)
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.state_dir)
+        return st.f_bavail * st.f_frsize
+
+    def _check_room(self, writer: "ImageWriter | None", extra: int,
+                    peer_charge: int) -> None:
+        """Raise unless ``extra`` more bytes fit the quota.  Call locked."""
+        if self.quota_bytes is None:
+            return
+        others = sum(w._charge() for w in self._writers if w is not writer)
+        used = self._committed_bytes() + others
+        if used + peer_charge + extra > self.quota_bytes:
+            raise QuotaExceeded(
+                f"image store quota exceeded in {self.state_dir}: "
+                f"{_mib(used)} in use by other images, this image needs "
+                f"{_mib(peer_charge + extra)}, quota {_mib(self.quota_bytes)}; "
+                "remove old images (`migratectl images rm ID`) or raise the quota")
+
+    # -- writers ----------------------------------------------------------
+
+    def cleanup_partials(self) -> int:
+        """Remove every partial image (call at daemon start); returns count."""
+        n = 0
+        try:
+            entries = os.listdir(self.partial_dir)
+        except FileNotFoundError:
+            return 0
+        for name in entries:
+            p = os.path.join(self.partial_dir, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            n += 1
+        if n:
+            _fsync_dir(self.partial_dir)
+        return n
+
+    def begin(self, meta: dict, expected_bytes: int = 0) -> "ImageWriter":
+        """Open a writer for a new image.  The free-space and quota checks
+        happen here, before any page is accepted."""
+        meta = mf.check_meta(meta)
+        if not isinstance(expected_bytes, int) or expected_bytes < 0:
+            raise ImageError(f"expected image size {expected_bytes!r} is not a "
+                             "non-negative integer")
+        free = self._free_bytes()
+        if expected_bytes + self.min_free_bytes > free:
+            raise DiskFull(
+                f"not enough free space in {self.state_dir}: the image needs "
+                f"{_mib(expected_bytes)} and {_mib(self.min_free_bytes)} must stay "
+                f"free, but only {_mib(free)} is available; free some space or "
+                "remove old images (`migratectl images rm ID`)")
+        with self._lock:
+            self._check_room(None, expected_bytes, 0)
+            image_id = mf.new_image_id()
+            path = os.path.join(self.partial_dir, image_id)
+            os.mkdir(path, _DIR_MODE)
+            try:
+                writer = ImageWriter(self, image_id, path, meta, expected_bytes)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            self._writers.add(writer)
+        return writer
+
+    def _forget(self, writer: "ImageWriter", committed_bytes: int = 0) -> None:
+        with self._lock:
+            self._writers.discard(writer)
+            if self._committed is not None:
+                self._committed += committed_bytes
+
+    # -- complete images --------------------------------------------------
+
+    def _image_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.images_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if mf.IMAGE_ID_RE.fullmatch(n)
+                      and os.path.isfile(os.path.join(self.images_dir, n,
+                                                      mf.MANIFEST_NAME)))
+
+    def show(self, image_id: str) -> dict:
+        path = self._existing(image_id)
+        with open(os.path.join(path, mf.MANIFEST_NAME), "rb") as f:
+            return mf.decode_manifest(f.read(), image_id)
+
+    def list(self) -> list[dict]:
+        out = []
+        for image_id in self._image_ids():
+            try:
+                m = self.show(image_id)
+            except ImageError as exc:
+                out.append({"image_id": image_id, "error": str(exc)})
+                continue
+            meta = m.get("meta", {})
+            out.append({
+                "image_id": image_id,
+                "created": m.get("committed_at"),
+                "source_node": meta.get("source_node"),
+                "migration_id": meta.get("migration_id"),
+                "pid": meta.get("pid"),
+                "exe": meta.get("exe"),
+                "cmdline": meta.get("cmdline"),
+                "mappings": len(m["mappings"]),
+                **m.get("totals", {}),
+                "digest": m.get("digest"),
+            })
+        return out
+
+    def remove(self, image_id: str) -> None:
+        path = self._existing(image_id)
+        # Move it out of images/ in one rename first: a crash mid-delete
+        # leaves a partial that the next start removes, never half an image.
+        trash = os.path.join(self.partial_dir, f"{image_id}.removing")
+        nbytes = self._dir_bytes(path)
+        os.rename(path, trash)
+        _fsync_dir(self.images_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        with self._lock:
+            if self._committed is not None:
+                self._committed = max(0, self._committed - nbytes)
+
+    def verify(self, image_id: str) -> VerifyResult:
+        """Recompute the manifest digest and every chunk digest."""
+        path = self._existing(image_id)
+        res = VerifyResult(image_id, False, False, 0, 0, 0, 0, None, None)
+        try:
+            m = self.show(image_id)
+        except ImageError as exc:
+            res.error = str(exc)
+            return res
+        res.chunks = len(m["chunks"])
+        want = m.get("digest")
+        got = mf.image_digest(m)
+        res.manifest_ok = want == got
+        if not res.manifest_ok:
+            res.error = (f"manifest digest mismatch: recorded {want}, computed "
+                         f"{got}; the manifest was altered or corrupted")
+        try:
+            data = self._data_runs(m)
+        except (ImageError, ValueError) as exc:
+            res.error = f"{res.error + '; ' if res.error else ''}bad page runs: {exc}"
+            return res
+        ps, pn = mf.cut_at_chunks(data.starts, data.counts)
+        chunk_of = ps // CHUNK_PAGES
+        try:
+            fd = os.open(os.path.join(path, mf.PAGES_NAME), os.O_RDONLY | _OPEN_FLAGS)
+        except OSError as exc:
+            res.error = f"{res.error + '; ' if res.error else ''}cannot open page data: {exc}"
+            return res
+        try:
+            for c in sorted(m["chunks"], key=lambda c: int(c["vaddr"], 16)):
+                vaddr = int(c["vaddr"], 16)
+                lo, hi = np.searchsorted(chunk_of, [vaddr >> CHUNK_SHIFT,
+                                                    (vaddr >> CHUNK_SHIFT) + 1])
+                mask = _mask_from_pieces(ps[lo:hi] - (vaddr >> PAGE_SHIFT), pn[lo:hi])
+                digest, nbytes = _chunk_digest(fd, c["slot"], mask)
+                res.chunks_checked += 1
+                res.bytes_checked += nbytes
+                if digest != c["digest"] or int(mask.sum()) != c.get("pages"):
+                    res.bad_chunks += 1
+                    if res.first_bad is None:
+                        res.first_bad = {"vaddr": c["vaddr"], "slot": c["slot"],
+                                         "expected": c["digest"], "actual": digest}
+        finally:
+            os.close(fd)
+        if res.first_bad is not None:
+            fb = res.first_bad
+            msg = (f"{res.bad_chunks} of {res.chunks} chunks differ; first bad "
+                   f"chunk at {fb['vaddr']} (slot {fb['slot']}): expected "
+                   f"{fb['expected']}, got {fb['actual']}")
+            res.error = msg if res.error is None else f"{res.error}; {msg}"
+        res.ok = res.manifest_ok and res.first_bad is None
+        return res
+
+    def read_memory(self, image_id: str, addr: int, length: int) -> bytes:
+        """The bytes the process had at [addr, addr+length) as stored in the
+        image (zeros where no data page is held).  For inspection and tests."""
+        if not 0 <= length <= MAX_READ_BYTES:
+            raise ImageError(f"read of {length} bytes: at most {MAX_READ_BYTES} "
+                             "per call")
+        path = self._existing(image_id)
+        m = self.show(image_id)
+        lo = addr & ~(PAGE_SIZE - 1)
+        hi = (addr + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        out = bytearray(hi - lo)
+        if hi == lo:
+            return b""
+        want = self._data_runs(m).clip(lo, hi)
+        ps, pn = mf.cut_at_chunks(want.starts, want.counts)
+        slot_of = {int(c["vaddr"], 16) >> CHUNK_SHIFT: c["slot"] for c in m["chunks"]}
+        fd = os.open(os.path.join(path, mf.PAGES_NAME), os.O_RDONLY | _OPEN_FLAGS)
+        try:
+            for p, n in zip(ps.tolist(), pn.tolist()):
+                slot = slot_of.get(p // CHUNK_PAGES)
+                if slot is None:
+                    raise ImageError(f"image {image_id}: data at {p << PAGE_SHIFT:#x} "
+                                     "has no chunk slot; the manifest is corrupt")
+                off = slot * CHUNK_BYTES + (p % CHUNK_PAGES) * PAGE_SIZE
+                at = (p << PAGE_SHIFT) - lo
+                out[at:at + n * PAGE_SIZE] = _pread_full(fd, n * PAGE_SIZE, off)
+        finally:
+            os.close(fd)
+        return bytes(out[addr - lo:addr - lo + length])
+
+    @staticmethod
+    def _data_runs(m: dict) -> PageRuns:
+        parts = [mf.runs_from_json(mp.get("data", []), "data") for mp in m["mappings"]]
+        return PageRuns.concat(parts)
+
+    def export_core(self, image_id: str, path: str, *, overwrite: bool = False) -> dict:
+        """Write the image as an ELF core file; returns a small summary."""
+        from .elfcore import write_core
+        src = self._existing(image_id)
+        m = self.show(image_id)
+        fd = os.open(os.path.join(src, mf.PAGES_NAME), os.O_RDONLY | _OPEN_FLAGS)
+        try:
+            return write_core(m, fd, path, overwrite=overwrite)
+        finally:
+            os.close(fd)
+
+
+def _mask_from_pieces(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Page mask of one chunk from (first page index, count) pieces."""
+    delta = np.zeros(CHUNK_PAGES + 1, np.int32)
+    np.add.at(delta, first, 1)
+    np.add.at(delta, first + counts, -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
+def _chunk_digest(fd: int, slot: int, mask: np.ndarray) -> tuple[str, int]:
+    """xxh3_128 of the present pages of one chunk, in address order."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return xxhash.xxh3_128_hexdigest(b""), 0
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    buf = _pread_full(fd, (hi - lo) * PAGE_SIZE, slot * CHUNK_BYTES + lo * PAGE_SIZE)
+    if idx.size == hi - lo:
+        return xxhash.xxh3_128_hexdigest(buf), len(buf)
+    pages = np.frombuffer(buf, np.uint8).reshape(hi - lo, PAGE_SIZE)[idx - lo]
+    return xxhash.xxh3_128_hexdigest(pages.tobytes()), pages.size
+
+
+class ImageWriter:
+    """Builds one image in partial/<id>/ from rounds of pages.
+
+    Page data lives in ``pages.img`` by chunk slot: the chunk of 512 pages at
+    virtual address V gets a slot S the first time any of its pages arrives,
+    and page i of it is stored at byte S*2MiB + i*4096.  Rewrites of a page
+    overwrite it in place, so the file never grows past the image's size.
+    Three bitmaps per slot say which pages hold data, which are known zero
+    and which have blocks allocated on disk.
+    """
+
+    def __init__(self, store: ImageStore, image_id: str, path: str,
+                 meta: dict, expected_bytes: int):
+        self.store = store
+        self.image_id = image_id
+        self.path = path
+        self.meta = meta
+        self.expected_bytes = expected_bytes
+        self._began = time.time()
+        self._state = "open"       # open -> committed | aborted | failed
+        self._renamed_to: str | None = None
+        self._layout: list[dict] | None = None
+        self._layout_runs = PageRuns.empty()
+        self._slot_of: dict[int, int] = {}          # chunk number -> slot
+        self._chunk_of = np.zeros(_INITIAL_SLOTS, np.int64)  # slot -> chunk number
+        self._data = np.zeros((_INITIAL_SLOTS, CHUNK_PAGES), bool)
+        self._zero = np.zeros((_INITIAL_SLOTS, CHUNK_PAGES), bool)
+        self._alloc = np.zeros((_INITIAL_SLOTS, CHUNK_PAGES), bool)
+        self._alloc_pages = 0
+        self._since_free_check = 0
+        self.bytes_received = 0
+        self._fd = os.open(os.path.join(path, mf.PAGES_NAME),
+                           os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
+                           _FILE_MODE)
+
+    # -- bookkeeping ------------------------------------------------------
+
+    def _charge(self) -> int:
+        if self._state != "open":
+            return 0
+        return max(self.expected_bytes, self._alloc_pages * PAGE_SIZE)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ImageError(f"image {self.image_id} is {self._state}; no more "
+                             "writes are accepted")
+
+    def _fail(self, exc: BaseException, what: str) -> ImageError:
+        self._state = "failed"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            kind = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+            return DiskFull(f"image {self.image_id}: {kind} in {self.store.state_dir} "
+                            f"while {what}; the partial image will be removed -- "
+                            "free space or remove old images and retry")
+        if isinstance(exc, OSError):
+            return ImageError(f"image {self.image_id}: {what} failed: "
+                              f"{os.strerror(exc.errno or 0)} ({exc})")
+        return ImageError(f"image {self.image_id}: {what} failed: {exc}")
+
+    @property
+    def slots(self) -> int:
+        return len(self._slot_of)
+
+    def _slots_for(self, chunks: np.ndarray) -> np.ndarray:
+        """Slot of each chunk number (allocating new slots); per chunk."""
+        uniq, inv = np.unique(chunks, return_inverse=True)
+        out = np.empty(uniq.size, np.int64)
+        for i, c in enumerate(uniq.tolist()):
+            s = self._slot_of.get(c)
+            if s is None:
+                s = len(self._slot_of)
+                if s >= self._data.shape[0]:
+                    self._grow()
+                self._slot_of[c] = s
+                self._chunk_of[s] = c
+            out[i] = s
+        return out[inv]
+
+    def _grow(self) -> None:
+        n = self._data.shape[0] * 2
+        for name in ("_data", "_zero", "_alloc"):
+            old = getattr(self, name)
+            new = np.zeros((n, CHUNK_PAGES), bool)
+            new[:old.shape[0]] = old
+            setattr(self, name, new)
+        co = np.zeros(n, np.int64)
+        co[:self._chunk_of.size] = self._chunk_of
+        self._chunk_of = co
+
+    def _file_pages(self, runs: PageRuns, allocate: bool) -> np.ndarray:
+        """File page index (slot*512 + page in chunk) of every page of runs,
+        in run order; -1 for pages of chunks without a slot when not
+        allocating.  Vectorised over pages."""
+        pn = (runs.page_addresses() >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        chunks = pn // CHUNK_PAGES
+        if allocate:
+            slots = self._slots_for(chunks)
+        else:
+            uniq, inv = np.unique(chunks, return_inverse=True)
+            slots = np.array([self._slot_of.get(c, -1) for c in uniq.tolist()],
+                             np.int64)[inv]
+        fp = slots * CHUNK_PAGES + pn % CHUNK_PAGES
+        fp[slots < 0] = -1
+        return fp
+
+    def _check_runs(self, runs: PageRuns, what: str) -> None:
+        if not isinstance(runs, PageRuns):
+            raise ImageError(f"{what}: expected PageRuns, got {type(runs).__name__}")
+        if self._layout is None:
+            raise LayoutViolation(f"image {self.image_id}: {what} before any memory "
+                                  "layout was declared")
+        outside = runs.subtract(self._layout_runs)
+        if outside:
+            a, n = outside.pairs()[0]
+            raise LayoutViolation(
+                f"image {self.image_id}: {what} of {outside.total_pages()} page(s) "
+                f"outside the migratable mappings of the declared layout "
+                f"(first at {a:#x}, {n} pages)")
+
+    def _release(self, fp: np.ndarray) -> None:
+        """Forget data/zero state of file pages and free their blocks."""
+        fp = fp[fp >= 0]
+        if fp.size == 0:
+            return
+        self._data.flat[fp] = False
+        self._zero.flat[fp] = False
+        alloc = fp[self._alloc.flat[fp]]
+        if alloc.size == 0:
+            return
+        alloc = np.unique(alloc)
+        brk = np.flatnonzero(np.diff(alloc) != 1) + 1
+        firsts = alloc[np.concatenate(([0], brk))]
+        lens = np.diff(np.concatenate(([0], brk, [alloc.size])))
+        for first, n in zip(firsts.tolist(), lens.tolist()):
+            if not _punch(self._fd, first * PAGE_SIZE, n * PAGE_SIZE):
+                return  # no hole punching here: blocks stay allocated, charged
+        self._alloc.flat[alloc] = False
+        self._alloc_pages -= int(alloc.size)
+
+    # -- API --------------------------------------------------------------
+
+    def set_layout(self, mappings: Iterable[Any]) -> None:
+        """Declare the current memory layout (any round may change it).
+        Pages outside the new migratable mappings stop counting."""
+        self._check_open()
+        layout = mf.normalize_layout(mappings)
+        new_runs = mf.migratable_runs(layout)
+        old_runs = self._layout_runs
+        self._layout, self._layout_runs = layout, new_runs
+        gone = old_runs.subtract(new_runs)
+        if gone and self._slot_of:
+            self._release(self._file_pages(self._held_in(gone), allocate=False))
+
+    def _held_in(self, area: PageRuns) -> PageRuns:
+        """Pages with data or zero state inside ``area`` (by chunk rows)."""
+        n = self.slots
+        held = mf.rows_to_runs(self._chunk_of[:n].astype(np.uint64) << np.uint64(CHUNK_SHIFT),
+                               self._data[:n] | self._zero[:n])
+        return held.intersect(area)
+
+    def write_pages(self, runs: PageRuns, data) -> None:
+        """Store the pages of ``runs``; ``data`` is their bytes concatenated."""
+        self._check_open()
+        self._check_runs(runs, "page data")
+        mv = memoryview(data).cast("B")
+        npages = runs.total_pages()
+        if mv.nbytes != npages * PAGE_SIZE:
+            raise ImageError(f"image {self.image_id}: {mv.nbytes} bytes of page data "
+                             f"for {npages} pages ({npages * PAGE_SIZE} expected)")
+        if npages == 0:
+            return
+        fp = self._file_pages(runs, allocate=True)
+        new = int(np.count_nonzero(~self._alloc.flat[fp]))
+        st = self.store
+        with st._lock:
+            try:
+                st._check_room(self, 0, max(self.expected_bytes,
+                                            (self._alloc_pages + new) * PAGE_SIZE))
+            except QuotaExceeded:
+                self._state = "failed"
+                raise
+        self._since_free_check += new * PAGE_SIZE
+        if self._since_free_check >= FREE_RECHECK_BYTES:
+            self._since_free_check = 0
+            free = st._free_bytes()
+            if free - new * PAGE_SIZE < st.min_free_bytes:
+                self._state = "failed"
+                raise DiskFull(f"image {self.image_id}: free space in {st.state_dir} "
+                               f"fell to {_mib(free)}, below the {_mib(st.min_free_bytes)} "
+                               "reserve; the partial image will be removed")
+        # One pwrite per run of consecutive file pages (a run of the source
+        # cut where it crosses into a chunk with a non-adjacent slot).
+        brk = np.flatnonzero(np.diff(fp) != 1) + 1
+        seg_start = np.concatenate(([0], brk))
+        seg_end = np.concatenate((brk, [fp.size]))
+        try:
+            for a, b in zip(seg_start.tolist(), seg_end.tolist()):
+                off = int(fp[a]) * PAGE_SIZE
+                view = mv[a * PAGE_SIZE:b * PAGE_SIZE]
+                while view:
+                    done = os.pwrite(self._fd, view, off)
+                    view, off = view[done:], off + done
+        except OSError as exc:
+            raise self._fail(exc, "writing page data") from None
+        self._alloc_pages += new
+        self._alloc.flat[fp] = True
+        self._data.flat[fp] = True
+        self._zero.flat[fp] = False
+        self.bytes_received += mv.nbytes
+
+    def write_zeros(self, runs: PageRuns) -> None:
+        """Record pages known to be all zeros (no data stored)."""
+        self._check_open()
+        self._check_runs(runs, "zero pages")
+        if not runs:
+            return
+        fp = self._file_pages(runs, allocate=True)
+        self._release(fp)
+        self._zero.flat[fp] = True
+
+    def drop(self, runs: PageRuns) -> None:
+        """Pages no longer present in the process."""
+        self._check_open()
+        if not isinstance(runs, PageRuns):
+            raise ImageError(f"drop: expected PageRuns, got {type(runs).__name__}")
+        if runs and self._slot_of:
+            self._release(self._file_pages(runs, allocate=False))
+
+    def totals(self) -> dict:
+        n = self.slots
+        return {"data_pages": int(self._data[:n].sum()),
+                "zero_pages": int(self._zero[:n].sum()),
+                "allocated_bytes": self._alloc_pages * PAGE_SIZE,
+                "bytes_received": self.bytes_received}
+
+    def commit(self, meta_update: dict | None = None) -> tuple[str, str]:
+        """Seal the image: check, digest, write the manifest, fsync, rename
+        into images/.  Returns (image_id, digest_hex)."""
+        self._check_open()
+        if self._layout is None:
+            raise ImageError(f"image {self.image_id}: cannot commit, no memory "
+                             "layout was ever declared")
+        t0 = time.perf_counter()
+        n = self.slots
+        order = np.argsort(self._chunk_of[:n], kind="stable")
+        chunk_vaddrs = self._chunk_of[:n][order].astype(np.uint64) << np.uint64(CHUNK_SHIFT)
+        data_rows = self._data[:n][order]
+        data = mf.rows_to_runs(chunk_vaddrs, data_rows)
+        zero = mf.rows_to_runs(chunk_vaddrs, self._zero[:n][order])
+        stray = data.union(zero).subtract(self._layout_runs)
+        if stray:
+            self._state = "failed"
+            raise LayoutViolation(f"image {self.image_id}: {stray.total_pages()} pages "
+                                  "lie outside the final layout's migratable mappings")
+        try:
+            chunks = []
+            for i in range(n):
+                cnt = int(data_rows[i].sum())
+                if cnt == 0:
+                    continue
+                slot = int(order[i])
+                digest, _ = _chunk_digest(self._fd, slot, data_rows[i])
+                chunks.append({"vaddr": f"{int(chunk_vaddrs[i]):#x}", "slot": slot,
+                               "pages": cnt, "digest": digest})
+            t_digest = time.perf_counter()
+            mappings = []
+            for mp in self._layout:
+                rec = dict(mp, start=f"{mp['start']:#x}", end=f"{mp['end']:#x}",
+                           offset=f"{mp['offset']:#x}",
+                           migrates=mp["kind"] in mf.MIGRATABLE_KINDS)
+                if rec["migrates"]:
+                    rec["data"] = mf.runs_to_json(*mf.runs_within(data, mp["start"], mp["end"]))
+                    rec["zero"] = mf.runs_to_json(*mf.runs_within(zero, mp["start"], mp["end"]))
+                mappings.append(rec)
+            meta = dict(self.meta)
+            if meta_update:
+                meta.update(mf.check_meta(meta_update))
+                meta = mf.check_meta(meta)
+            os.fsync(self._fd)
+            t_sync = time.perf_counter()
+            file_bytes = os.fstat(self._fd).st_blocks * 512
+            man = {
+                "format": mf.FORMAT, "version": mf.FORMAT_VERSION,
+                "image_id": self.image_id,
+                "page_size": PAGE_SIZE, "chunk_pages": CHUNK_PAGES,
+                "data_file": mf.PAGES_NAME,
+                "began_at": _iso(self._began), "committed_at": _iso(time.time()),
+                "meta": meta,
+                "mappings": mappings,
+                "chunks": chunks,
+                "totals": {"mappings": len(mappings),
+                           "migratable_mappings": sum(m["migrates"] for m in mappings),
+                           "data_pages": data.total_pages(),
+                           "zero_pages": zero.total_pages(),
+                           "data_bytes": data.total_pages() * PAGE_SIZE,
+                           "file_bytes": file_bytes,
+                           "bytes_received": self.bytes_received,
+                           "chunks": len(chunks)},
+                "store_timings_ms": {"digest": round((t_digest - t0) * 1e3, 3),
+                                     "fsync_data": round((t_sync - t_digest) * 1e3, 3)},
+            }
+            man["digest"] = mf.image_digest(man)
+            blob = mf.encode_manifest(man)
+            mfd = os.open(os.path.join(self.path, mf.MANIFEST_NAME),
+                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, _FILE_MODE)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(mfd, view):]
+                os.fsync(mfd)
+            finally:
+                os.close(mfd)
+            os.close(self._fd)
+            self._fd = -1
+            _fsync_dir(self.path)
+            final = os.path.join(self.store.images_dir, self.image_id)
+            os.rename(self.path, final)
+            # Until the fsyncs below succeed the commit is not reported; if
+            # they fail, abort() takes the image back out of images/.
+            self._renamed_to = final
+            _fsync_dir(self.store.images_dir)
+            _fsync_dir(self.store.partial_dir)
+        except OSError as exc:
+            raise self._fail(exc, "committing") from None
+        self._state = "committed"
+        self._renamed_to = None
+        self.store._forget(self, file_bytes + len(blob))
+        return self.image_id, man["digest"]
+
+    def abort(self) -> None:
+        """Remove the partial image.  Idempotent; safe after any error."""
+        if self._state in ("committed", "aborted"):
+            return
+        self._state = "aborted"
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        if self._renamed_to is not None:
+            # Renamed but never reported committed: pull it back out of
+            # images/ in one rename before deleting it.
+            try:
+                os.rename(self._renamed_to, self.path)
+            except OSError:
+                shutil.rmtree(self._renamed_to, ignore_errors=True)
+            self._renamed_to = None
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.store._forget(self)
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._state != "committed":
+            self.abort()
+
+    def __del__(self) -> None:  # a forgotten writer must not leak its fd
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -1,0 +1,109 @@
+"""migratectl images: list, show, verify, export, rm (in process and as a
+subprocess), JSON output and exit statuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from migrated.cli import main
+from migrated.image import ImageStore
+from migrated.image.manifest import CHUNK_BYTES, PAGES_NAME
+
+from .conftest import mapping, write_pattern
+
+BASE = 0x20000000
+
+
+def _image(state: str) -> str:
+    store = ImageStore(state, min_free_bytes=0)
+    w = store.begin({"pid": 99, "cmdline": ["prog", "arg"], "exe": "/usr/bin/prog",
+                     "source_node": "node-a"}, 0)
+    w.set_layout([mapping(BASE, 64), mapping(BASE + 64 * 4096, 4, "shared-file",
+                                              "rw-s", "/srv/data")])
+    write_pattern(w, BASE, 40, 1)
+    return w.commit({"timings": {"total_ms": 3}})[0]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_images_commands(tmp_path, capsys):
+    state = str(tmp_path / "state")
+    image_id = _image(state)
+
+    rc, out, _ = run(capsys, "images", "list", "--json", "--state-dir", state)
+    rows = json.loads(out)
+    assert rc == 0 and [r["image_id"] for r in rows] == [image_id]
+    assert rows[0]["pid"] == 99 and rows[0]["data_pages"] == 40
+
+    rc, out, _ = run(capsys, "images", "--state-dir", state, "list")
+    assert rc == 0 and image_id in out and "prog arg" in out
+
+    rc, out, _ = run(capsys, "images", "show", image_id, "--json", "--state-dir", state)
+    m = json.loads(out)
+    assert rc == 0 and m["image_id"] == image_id and len(m["mappings"]) == 2
+    rc, out, _ = run(capsys, "images", "show", image_id, "--state-dir", state)
+    assert rc == 0 and "/srv/data" in out and "shared-file" in out
+
+    rc, out, _ = run(capsys, "images", "verify", image_id, "--json", "--state-dir", state)
+    assert rc == 0 and json.loads(out)["ok"] is True
+
+    core = str(tmp_path / "x.core")
+    rc, out, _ = run(capsys, "images", "export", image_id, "--core", core,
+                     "--state-dir", state)
+    assert rc == 0 and os.path.exists(core) and "ELF core" in out
+    rc, _, err = run(capsys, "images", "export", image_id, "--core", core,
+                     "--state-dir", state)
+    assert rc == 1 and "exists" in err
+
+    # One flipped bit: verify exits 1 and names the chunk.
+    pages = os.path.join(state, "images", image_id, PAGES_NAME)
+    with open(pages, "r+b") as f:
+        f.seek(m["chunks"][0]["slot"] * CHUNK_BYTES + 4096 * 3 + 9)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    rc, out, _ = run(capsys, "images", "verify", image_id, "--state-dir", state)
+    assert rc == 1 and "FAILED" in out and m["chunks"][0]["vaddr"] in out
+
+    rc, out, _ = run(capsys, "images", "rm", image_id, "--state-dir", state)
+    assert rc == 0
+    rc, out, _ = run(capsys, "images", "list", "--json", "--state-dir", state)
+    assert json.loads(out) == []
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "nope"])
+def test_bad_ids_are_clean_errors(tmp_path, capsys, bad):
+    state = str(tmp_path / "state")
+    _image(state)
+    for action in ("show", "verify", "rm"):
+        rc, out, err = run(capsys, "images", action, bad, "--state-dir", state)
+        assert rc == 1 and "invalid image id" in err and out == ""
+
+
+def test_missing_state_dir_is_not_created(tmp_path, capsys):
+    state = str(tmp_path / "absent")
+    rc, out, _ = run(capsys, "images", "list", "--json", "--state-dir", state)
+    assert rc == 0 and json.loads(out) == []
+    assert not os.path.exists(state)
+    rc, _, err = run(capsys, "images", "show", "20250101-000000.000-0123456789",
+                     "--state-dir", state)
+    assert rc == 1 and "no image" in err
+
+
+def test_subprocess_json(tmp_path):
+    state = str(tmp_path / "state")
+    image_id = _image(state)
+    r = subprocess.run([sys.executable, "-m", "migrated.cli", "images", "list",
+                        "--json", "--state-dir", state],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [x["image_id"] for x in json.loads(r.stdout)] == [image_id]
