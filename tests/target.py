@@ -1,0 +1,534 @@
+"""A controllable child process for tests: maps memory and writes known
+patterns on command.
+
+Run as ``python tests/target.py``; parent side: ``Target`` below (or the
+``target`` fixture of tests/conftest.py).  Protocol: one command line on
+stdin, one reply line on stdout, ``ok [VALUES...]`` or ``err MESSAGE``.
+Region pages are numbered from 0 within the region; NAME is any word.
+
+  map NAME NPAGES [private|shared|memfd] [guard] -> ok ADDR  (guard: a
+                                 PROT_NONE page each side, no VMA merging)
+  mapfile NAME PATH NPAGES [private|shared]   -> ok ADDR  (PATH %-quoted;
+                                                 the file is extended)
+  sysv NAME NPAGES                            -> ok ADDR  (SysV shm)
+  write NAME FIRST COUNT [SEED]   fill pages with page_pattern(addr, SEED)
+  fill NAME FIRST COUNT BYTE      memset pages to BYTE
+  touch NAME FIRST COUNT          read one byte per page (read fault)
+  sha NAME FIRST COUNT            -> ok SHA256HEX of those pages
+  unmap NAME [FIRST COUNT]        munmap all (forget NAME) or a part
+                                  (unmapping the tail shrinks NAME)
+  dontneed NAME FIRST COUNT       madvise(MADV_DONTNEED)
+  protect NAME FIRST COUNT PERMS  mprotect; PERMS like rw, r, none
+  remap NAME NEWPAGES [move]      mremap(MAYMOVE[|FIXED elsewhere]) -> ok ADDR
+  label NAME LABEL                PR_SET_VMA_ANON_NAME -> [anon:LABEL]
+  threads N                       start N sleeping threads -> ok TID...
+  churn RATE                      a thread that starts RATE short threads/s
+  spin NAME [PAGES_PER_S]         background writer over NAME (0 = flat out)
+  stopspin NAME                   -> ok PAGES_WRITTEN
+  comm NAME                       set comm (%-quoted; shows in stat)
+  tids                            -> ok TID...
+  exit [CODE]
+
+The target never imports migrated: it is the process under test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# -- the pattern both sides agree on ------------------------------------------
+
+
+def page_fill_byte(addr: int, seed: int) -> int:
+    """Fill byte of the page at ``addr`` written with ``seed``: never 0, so
+    a written page is never mistaken for a zero page."""
+    return ((addr // PAGE) * 7 + seed * 31) % 251 + 1
+
+
+def page_pattern(addr: int, seed: int) -> bytes:
+    """Content of one page written with ``seed``: the page address as 8
+    little-endian bytes (catches misplaced pages), then the fill byte."""
+    return addr.to_bytes(8, "little") + bytes([page_fill_byte(addr, seed)]) * (PAGE - 8)
+
+
+def expected(addr: int, npages: int, seed: int) -> bytes:
+    """Content of ``npages`` pages from ``addr`` written with ``seed``."""
+    import numpy as np
+    pages = np.empty((npages, PAGE), np.uint8)
+    idx = (addr // PAGE) + np.arange(npages, dtype=np.uint64)
+    pages[:] = (((idx * 7 + seed * 31) % 251) + 1).astype(np.uint8)[:, None]
+    addrs = (np.uint64(addr) + np.arange(npages, dtype=np.uint64) * np.uint64(PAGE))
+    pages[:, :8] = addrs.astype("<u8").view(np.uint8).reshape(npages, 8)
+    return pages.tobytes()
+
+
+# -- child side -----------------------------------------------------------------
+
+_PROT = {"none": 0, "r": 1, "w": 2, "rw": 3, "rx": 5, "rwx": 7}
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MADV_DONTNEED = 4
+PR_SET_PDEATHSIG = 1
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+MFD_CLOEXEC = 1
+IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                            ctypes.c_int, ctypes.c_void_p]
+    for name in ("munmap", "madvise", "mprotect"):
+        f = getattr(libc, name)
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int][: 3 if name != "munmap" else 2]
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong, ctypes.c_ulong]
+    return libc
+
+
+class _Child:
+    def __init__(self):
+        self.libc = _libc()
+        self.regions: dict[str, list[int]] = {}   # name -> [addr, npages]
+        self.keep: list = []                       # objects kept alive
+        self.spinners: dict[str, tuple[threading.Event, list[int], threading.Thread]] = {}
+        self.stop_all = threading.Event()
+
+    def _check(self, rc, what):
+        if rc in (-1, None) or rc == ctypes.c_void_p(-1).value:
+            e = ctypes.get_errno()
+            raise OSError(e, f"{what}: {os.strerror(e)}")
+        return rc
+
+    def _region(self, name, first=0, count=None):
+        addr, n = self.regions[name]
+        first = int(first)
+        count = n - first if count is None else int(count)
+        if first < 0 or count < 0 or first + count > n:
+            raise ValueError(f"pages {first}+{count} outside {name} ({n} pages)")
+        return addr + first * PAGE, count
+
+    def _mmap(self, size, prot, flags, fd=-1):
+        return self._check(self.libc.mmap(None, size, prot, flags, fd, 0), "mmap")
+
+    # commands -------------------------------------------------------------------
+
+    def cmd_map(self, name, npages, kind="private", guard=None):
+        n = int(npages)
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        if guard == "guard":
+            # PROT_NONE pages on both sides keep the kernel from merging the
+            # region with a neighbour of equal flags (exact VMA boundaries).
+            if kind != "private":
+                raise ValueError("guard only for private anonymous regions")
+            base = self._mmap((n + 2) * PAGE, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._check(self.libc.mprotect(base, PAGE, 0), "mprotect")
+            self._check(self.libc.mprotect(base + (n + 1) * PAGE, PAGE, 0), "mprotect")
+            self.regions[name] = [base + PAGE, n]
+            return f"{base + PAGE:#x}"
+        if kind == "private":
+            addr = self._mmap(n * PAGE, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        elif kind == "shared":
+            addr = self._mmap(n * PAGE, rw, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        elif kind == "memfd":
+            fd = os.memfd_create(name, MFD_CLOEXEC)
+            os.ftruncate(fd, n * PAGE)
+            addr = self._mmap(n * PAGE, rw, mmap.MAP_SHARED, fd)
+            os.close(fd)
+        else:
+            raise ValueError(f"unknown map kind {kind}")
+        self.regions[name] = [addr, n]
+        return f"{addr:#x}"
+
+    def cmd_mapfile(self, name, path, npages, kind="private"):
+        n = int(npages)
+        path = urllib.parse.unquote(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < n * PAGE:
+                os.ftruncate(fd, n * PAGE)
+            flags = mmap.MAP_SHARED if kind == "shared" else mmap.MAP_PRIVATE
+            addr = self._mmap(n * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd)
+        finally:
+            os.close(fd)
+        self.regions[name] = [addr, n]
+        return f"{addr:#x}"
+
+    def cmd_sysv(self, name, npages):
+        n = int(npages)
+        shmid = self._check(self.libc.shmget(IPC_PRIVATE, n * PAGE, IPC_CREAT | 0o600), "shmget")
+        addr = self._check(self.libc.shmat(shmid, None, 0), "shmat")
+        self.libc.shmctl(shmid, IPC_RMID, None)  # destroyed once detached
+        self.regions[name] = [addr, n]
+        return f"{addr:#x}"
+
+    def cmd_write(self, name, first, count, seed="1"):
+        import numpy as np
+        addr, count = self._region(name, first, count)
+        if count:
+            buf = (ctypes.c_uint8 * (count * PAGE)).from_address(addr)
+            dst = np.frombuffer(buf, np.uint8)
+            dst[:] = np.frombuffer(expected(addr, count, int(seed)), np.uint8)
+        return ""
+
+    def cmd_fill(self, name, first, count, byte):
+        addr, count = self._region(name, first, count)
+        ctypes.memset(addr, int(byte), count * PAGE)
+        return ""
+
+    def cmd_touch(self, name, first, count):
+        addr, count = self._region(name, first, count)
+        s = 0
+        for i in range(count):
+            s += ctypes.c_uint8.from_address(addr + i * PAGE).value
+        return str(s)
+
+    def cmd_sha(self, name, first, count):
+        addr, count = self._region(name, first, count)
+        return hashlib.sha256(ctypes.string_at(addr, count * PAGE)).hexdigest()
+
+    def cmd_unmap(self, name, first=None, count=None):
+        if first is None:
+            addr, n = self.regions.pop(name)
+            self._check(self.libc.munmap(addr, n * PAGE), "munmap")
+        else:
+            addr, count = self._region(name, first, count)
+            self._check(self.libc.munmap(addr, count * PAGE), "munmap")
+            if int(first) + count == self.regions[name][1]:
+                self.regions[name][1] = int(first)  # the tail went: shrink
+        return ""
+
+    def cmd_dontneed(self, name, first, count):
+        addr, count = self._region(name, first, count)
+        self._check(self.libc.madvise(addr, count * PAGE, MADV_DONTNEED), "madvise")
+        return ""
+
+    def cmd_protect(self, name, first, count, perms):
+        addr, count = self._region(name, first, count)
+        self._check(self.libc.mprotect(addr, count * PAGE, _PROT[perms]), "mprotect")
+        return ""
+
+    def cmd_remap(self, name, newpages, move=None):
+        addr, n = self.regions[name]
+        new = int(newpages)
+        if move == "move":
+            # Reserve a fresh range, then move the mapping onto it.
+            dest = self._mmap(new * PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            res = self.libc.mremap(addr, n * PAGE, new * PAGE,
+                                   MREMAP_MAYMOVE | MREMAP_FIXED, dest)
+        else:
+            res = self.libc.mremap(addr, n * PAGE, new * PAGE, MREMAP_MAYMOVE, None)
+        res = self._check(res, "mremap")
+        self.regions[name] = [res, new]
+        return f"{res:#x}"
+
+    def cmd_label(self, name, label):
+        addr, n = self.regions[name]
+        lab = ctypes.create_string_buffer(label.encode())
+        self.keep.append(lab)
+        rc = self.libc.prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, addr, n * PAGE,
+                             ctypes.addressof(lab))
+        self._check(rc, "prctl(PR_SET_VMA_ANON_NAME)")
+        return ""
+
+    def cmd_threads(self, n):
+        tids = []
+        ready = threading.Semaphore(0)
+
+        def sleeper():
+            tids.append(threading.get_native_id())
+            ready.release()
+            while not self.stop_all.wait(0.05):
+                pass
+
+        for _ in range(int(n)):
+            threading.Thread(target=sleeper, daemon=True).start()
+        for _ in range(int(n)):
+            ready.acquire()
+        return " ".join(map(str, sorted(tids)))
+
+    def cmd_churn(self, rate):
+        period = 1.0 / float(rate)
+
+        def churner():
+            while not self.stop_all.is_set():
+                t = threading.Thread(target=time.sleep, args=(period * 2,), daemon=True)
+                t.start()
+                time.sleep(period)
+
+        threading.Thread(target=churner, daemon=True).start()
+        return ""
+
+    def cmd_spin(self, name, rate="0"):
+        addr, n = self.regions[name]
+        stop, count = threading.Event(), [0]
+        rate = float(rate)
+
+        def spinner():
+            i = 0
+            while not stop.is_set():
+                ctypes.c_uint8.from_address(addr + (i % n) * PAGE + 8).value = i & 0xFF
+                i += 1
+                count[0] = i
+                if rate:
+                    time.sleep(1.0 / rate)
+
+        t = threading.Thread(target=spinner, daemon=True)
+        self.spinners[name] = (stop, count, t)
+        t.start()
+        return ""
+
+    def cmd_stopspin(self, name):
+        stop, count, t = self.spinners.pop(name)
+        stop.set()
+        t.join()
+        return str(count[0])
+
+    def cmd_comm(self, name):
+        # %-quoted so a test can use spaces and parentheses.
+        PR_SET_NAME = 15
+        buf = ctypes.create_string_buffer(urllib.parse.unquote(name).encode()[:15])
+        self._check(self.libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0), "prctl")
+        return ""
+
+    def cmd_tids(self):
+        return " ".join(sorted(os.listdir("/proc/self/task"), key=int))
+
+    def cmd_exit(self, code="0"):
+        sys.stdout.flush()
+        os._exit(int(code))
+
+    def run(self):
+        # Die with the parent: a crashed test run must not leave targets.
+        self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        out = sys.stdout
+        out.write(f"ready {os.getpid()}\n")
+        out.flush()
+        for line in sys.stdin:
+            words = line.split()
+            if not words:
+                continue
+            fn = getattr(self, "cmd_" + words[0], None)
+            try:
+                if fn is None:
+                    raise ValueError(f"unknown command {words[0]!r}")
+                if words[0] == "exit":
+                    out.write("ok\n")
+                    out.flush()
+                reply = fn(*words[1:])
+                out.write(f"ok {reply}".rstrip() + "\n")
+            except Exception as e:  # report, keep serving
+                out.write(f"err {type(e).__name__}: {e}".replace("\n", " ") + "\n")
+            out.flush()
+
+
+# -- parent side ---------------------------------------------------------------
+
+class TargetError(RuntimeError):
+    pass
+
+
+# How long the parent waits for one reply: generous for a loaded CI box,
+# short enough that a stopped or hung child fails the test quickly.
+REPLY_TIMEOUT_S = 20.0
+
+
+class Target:
+    """Parent-side handle on a target child.
+
+    >>> with Target() as t:
+    ...     a = t.map("buf", 16)          # address
+    ...     t.write("buf", 0, 16, seed=3)
+    ...     t.expected("buf", 0, 16, 3)   # the bytes the child now holds
+    """
+
+    def __init__(self, python: str = sys.executable):
+        self.proc = subprocess.Popen(
+            [python, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, bufsize=0, close_fds=True,
+            # numpy's BLAS would start helper threads: keep the thread list
+            # to the ones tests ask for.
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+        self.pid = self.proc.pid
+        self.regions: dict[str, tuple[int, int]] = {}
+        self._rbuf = b""
+        try:
+            first = self._readline()
+            if not first.startswith("ready "):
+                raise TargetError(f"target did not start: {first!r}")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _readline(self, timeout: float = REPLY_TIMEOUT_S) -> str:
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._rbuf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TargetError(f"target {self.pid}: no reply within {timeout}s "
+                                  "(stopped or hung?)")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise TargetError(f"target {self.pid} exited "
+                                      f"(status {self.proc.poll()})")
+                self._rbuf += chunk
+        line, _, self._rbuf = self._rbuf.partition(b"\n")
+        return line.decode()
+
+    def cmd(self, *words, timeout: float = REPLY_TIMEOUT_S) -> str:
+        """Send one command; return the reply after "ok" (TargetError on err)."""
+        self.proc.stdin.write((" ".join(str(w) for w in words) + "\n").encode())
+        reply = self._readline(timeout)
+        if reply.startswith("err"):
+            raise TargetError(f"target {self.pid}: {' '.join(map(str, words))}: {reply[4:]}")
+        return reply[3:]
+
+    # -- commands -------------------------------------------------------------
+
+    def map(self, name: str, npages: int, kind: str = "private", guard: bool = False) -> int:
+        addr = int(self.cmd("map", name, npages, kind, *(["guard"] if guard else [])), 16)
+        self.regions[name] = (addr, npages)
+        return addr
+
+    def map_file(self, name: str, path: str, npages: int, kind: str = "private") -> int:
+        # The protocol splits on whitespace: the path travels %-quoted.
+        addr = int(self.cmd("mapfile", name, urllib.parse.quote(path), npages, kind), 16)
+        self.regions[name] = (addr, npages)
+        return addr
+
+    def sysv(self, name: str, npages: int) -> int:
+        addr = int(self.cmd("sysv", name, npages), 16)
+        self.regions[name] = (addr, npages)
+        return addr
+
+    def write(self, name: str, first: int = 0, count: int | None = None, seed: int = 1) -> None:
+        self.cmd("write", name, first, self._count(name, first, count), seed)
+
+    def fill(self, name: str, first: int, count: int, byte: int) -> None:
+        self.cmd("fill", name, first, count, byte)
+
+    def touch(self, name: str, first: int = 0, count: int | None = None) -> None:
+        self.cmd("touch", name, first, self._count(name, first, count))
+
+    def sha(self, name: str, first: int = 0, count: int | None = None) -> str:
+        return self.cmd("sha", name, first, self._count(name, first, count))
+
+    def unmap(self, name: str, first: int | None = None, count: int | None = None) -> None:
+        if first is None:
+            self.cmd("unmap", name)
+            del self.regions[name]
+        else:
+            self.cmd("unmap", name, first, count)
+            addr, n = self.regions[name]
+            if first + count == n:
+                self.regions[name] = (addr, first)  # the tail went: shrink
+
+    def dontneed(self, name: str, first: int, count: int) -> None:
+        self.cmd("dontneed", name, first, count)
+
+    def protect(self, name: str, first: int, count: int, perms: str) -> None:
+        self.cmd("protect", name, first, count, perms)
+
+    def remap(self, name: str, newpages: int, move: bool = False) -> int:
+        addr = int(self.cmd("remap", name, newpages, *(["move"] if move else [])), 16)
+        self.regions[name] = (addr, newpages)
+        return addr
+
+    def label(self, name: str, label: str) -> None:
+        self.cmd("label", name, label)
+
+    def threads(self, n: int) -> list[int]:
+        return [int(t) for t in self.cmd("threads", n).split()]
+
+    def churn(self, rate: float) -> None:
+        self.cmd("churn", rate)
+
+    def spin(self, name: str, pages_per_s: float = 0) -> None:
+        self.cmd("spin", name, pages_per_s)
+
+    def stop_spin(self, name: str) -> int:
+        return int(self.cmd("stopspin", name))
+
+    def comm(self, name: str) -> None:
+        """Set the main thread's comm (15 bytes max; any characters)."""
+        self.cmd("comm", urllib.parse.quote(name))
+
+    def tids(self) -> list[int]:
+        return [int(t) for t in self.cmd("tids").split()]
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _count(self, name, first, count):
+        return self.regions[name][1] - first if count is None else count
+
+    def addr(self, name: str, page: int = 0) -> int:
+        return self.regions[name][0] + page * PAGE
+
+    def range(self, name: str, first: int = 0, count: int | None = None) -> tuple[int, int]:
+        """(start, end) addresses of pages of a region."""
+        a = self.addr(name, first)
+        return a, a + self._count(name, first, count) * PAGE
+
+    def expected(self, name: str, first: int = 0, count: int | None = None,
+                 seed: int = 1) -> bytes:
+        return expected(self.addr(name, first), self._count(name, first, count), seed)
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def exit(self, code: int = 0) -> int:
+        """Ask the child to exit; returns its exit status."""
+        self.proc.stdin.write(f"exit {code}\n".encode())
+        with _suppress():
+            self._readline(5)
+        return self.proc.wait(10)
+
+    def close(self) -> None:
+        """Kill and reap the child (works even if it is stopped)."""
+        if self.proc.poll() is None:
+            with _suppress():
+                os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            with _suppress():
+                f.close()
+
+    def __enter__(self) -> "Target":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        return et is not None and issubclass(et, Exception)
+
+
+if __name__ == "__main__":
+    _Child().run()
