@@ -1,0 +1,387 @@
+"""Sans-IO connections: one object per role, bytes in, events out.
+
+    conn = DestConnection()
+    conn.receive_data(sock.recv(65536))          # or get_buffer/buffer_updated
+    while (ev := conn.next_event()) is not NEED_DATA:
+        ...
+    sock.sendmsg(conn.send_parts(Welcome(...)))  # or sendall(conn.send(...))
+
+No sockets, no clock, no threads.  Any malformed, oversized or out-of-state
+input raises ProtocolError from next_event() (the connection then enters
+ERROR, where it only sends Error or Cancel); sending an event that breaks
+the protocol raises LocalProtocolError and changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xxhash
+
+from migrated.errors import ProtocolError
+from migrated.runs import PAGE_SIZE, PageRuns
+
+from . import events as E
+from . import limits as L
+from .frames import TYPE_LIMITS, FrameReader, encode_parts
+from .state import Role, State, legal_types, next_state
+
+
+class LocalProtocolError(ProtocolError):
+    """We (not the peer) tried to break the protocol: a bug in the caller."""
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+def _out_of_state(msg: str) -> ProtocolError:
+    return ProtocolError("out-of-state", msg)
+
+
+class _Connection:
+    our_role: Role
+
+    def __init__(self, *, versions=L.SUPPORTED_VERSIONS, page_size: int = PAGE_SIZE):
+        if page_size != PAGE_SIZE:
+            raise ValueError(f"protocol v1 runs are in host pages ({PAGE_SIZE} bytes)")
+        self._versions = tuple(versions)
+        self._reader = FrameReader()
+        self._state = State.IDLE
+        self._preamble_sent = False
+        self._error: ProtocolError | None = None
+        self._frame_limits: dict[State, int] = {}
+        self.page_size = page_size
+        # Negotiated in the handshake.
+        self.hello: E.Hello | None = None
+        self.welcome: E.Welcome | None = None
+        self.start: E.Start | None = None
+        self.accept: E.Accept | None = None
+        self.version: int | None = None
+        # Streaming bookkeeping (identical on both ends).
+        self.round = 0
+        self.layout: E.Layout | None = None
+        self._mig_starts = np.empty(0, np.uint64)  # migratable intervals,
+        self._mig_ends = np.empty(0, np.uint64)    # adjacent ones merged
+        self.round_pages = 0     # pages in Pages messages of this round
+        self.total_pages = 0     # ... of all rounds
+        self.total_bytes = 0     # page data bytes of all rounds (quota)
+        self.committed: E.Committed | None = None
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def their_role(self) -> Role:
+        return self.our_role.peer
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """Capabilities in use (those the destination echoed in Welcome)."""
+        return self.welcome.capabilities if self.welcome else ()
+
+    @property
+    def max_batch_pages(self) -> int | None:
+        return self.accept.max_batch_pages if self.accept else None
+
+    @property
+    def quota_bytes(self) -> int | None:
+        return self.accept.quota_bytes if self.accept else None
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The peer's protocol violation that put us in ERROR, if any."""
+        return self._error
+
+    # -- sending ---------------------------------------------------------------
+
+    def send_parts(self, event: E.Event) -> list:
+        """Buffers to write, in order (the first send includes our preamble).
+
+        A Pages event's data is one of the buffers, not copied: keep it
+        unchanged until they are written."""
+        try:
+            if not isinstance(event, E.Event):
+                raise E.malformed(f"cannot send {type(event).__name__}: not a message")
+            parts = encode_parts(event)
+            self._process(event, self.our_role)
+        except LocalProtocolError:
+            raise
+        except ProtocolError as e:
+            raise LocalProtocolError(e.code, f"we would break the protocol: {e.message}"
+                                     ) from None
+        if not self._preamble_sent:
+            self._preamble_sent = True
+            parts[0] = L.PREAMBLE + parts[0]
+        return parts
+
+    def send(self, event: E.Event) -> bytes:
+        """Bytes to write for ``event`` (joins send_parts: one copy)."""
+        parts = self.send_parts(event)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- receiving -------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer; b"" means end of stream.  Checks the preamble
+        and the pending frame's length and type at once."""
+        if self._state in (State.CLOSED, State.ERROR):
+            if not data:
+                self._reader.eof = True
+            return  # nothing more will be decoded; drop it
+        self._guard(self._reader.feed, data)
+        self._guard(self._check_pending)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable buffer to recv_into (asyncio BufferedProtocol style);
+        report what was written with buffer_updated()."""
+        return self._guard(self._reader.get_buffer, sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._state in (State.CLOSED, State.ERROR):
+            self._reader.discard()
+            return
+        self._guard(self._reader.buffer_updated, nbytes)
+        self._guard(self._check_pending)
+
+    def next_event(self):
+        """The next event, NEED_DATA, or ConnectionClosed at end of stream."""
+        if self._error is not None:
+            raise self._error
+        if self._state is State.CLOSED:
+            self._reader.discard()
+            return E.ConnectionClosed(clean=True) if self._reader.eof else NEED_DATA
+        event = self._guard(self._reader.next_frame, self._frame_limit(), self._admit)
+        if event is None:
+            if not self._reader.eof:
+                return NEED_DATA
+            if self._reader.partial:
+                self._fail(E.malformed("peer closed the connection in the middle of "
+                                       "a frame"))
+            clean = self._state is State.DONE
+            self._state = State.CLOSED
+            return E.ConnectionClosed(clean=clean)
+        self._guard(self._process, event, self.their_role)
+        return event
+
+    # -- internals -------------------------------------------------------------
+
+    def _fail(self, exc: ProtocolError):
+        self._error = exc
+        self._state = State.ERROR
+        self._reader.discard()
+        raise exc
+
+    def _guard(self, fn, *args):
+        if self._error is not None:
+            raise self._error
+        try:
+            return fn(*args)
+        except LocalProtocolError:
+            raise
+        except ProtocolError as e:
+            self._fail(e)
+
+    def _check_pending(self) -> None:
+        self._reader.check_pending(self._frame_limit(), self._admit)
+
+    def _frame_limit(self) -> int:
+        st = self._state
+        lim = self._frame_limits.get(st)
+        if lim is None:
+            types = legal_types(self.their_role, st)
+            lim = max((TYPE_LIMITS[t.type_name].max_frame for t in types), default=0)
+            self._frame_limits[st] = lim
+        return lim
+
+    def _admit(self, type_name: str) -> None:
+        if next_state(self.their_role, self._state, E.BY_NAME[type_name]) is None:
+            raise _out_of_state(f"{self.their_role.value} may not send {type_name} "
+                                f"in state {self._state.value}")
+
+    def _process(self, ev: E.Event, sender: Role) -> None:
+        """Check ``ev`` in context, then apply it.  Nothing changes on error."""
+        new = next_state(sender, self._state, type(ev))
+        if new is None:
+            raise _out_of_state(f"{sender.value} may not send {ev.type_name} in "
+                                f"state {self._state.value}")
+        check = getattr(self, "_on_" + ev.type_name.replace("-", "_"), None)
+        apply = check(ev, sender) if check is not None else None
+        if apply is not None:
+            apply()
+        self._state = new
+
+    # Each _on_<type> checks and returns a closure that applies the change.
+
+    def _on_hello(self, ev: E.Hello, sender: Role):
+        if sender is self.our_role and not set(ev.versions) <= set(self._versions):
+            raise ProtocolError("version", f"hello offers {sorted(ev.versions)} but this "
+                                f"connection speaks {sorted(self._versions)}")
+        common = set(ev.versions) & set(self._versions)
+        if not common:
+            raise ProtocolError(
+                "version", f"no common protocol version: {sender.value} offers "
+                f"{sorted(ev.versions)}, {sender.peer.value} speaks {sorted(self._versions)}")
+
+        def apply():
+            self.hello = ev
+            self.version = max(common)
+        return apply
+
+    def _on_welcome(self, ev: E.Welcome, sender: Role):
+        assert self.hello is not None
+        if ev.version != self.version:
+            raise ProtocolError(
+                "version", f"welcome picks version {ev.version}; the highest version "
+                f"both sides speak is {self.version}")
+        extra = set(ev.capabilities) - set(self.hello.capabilities)
+        if extra:
+            raise E.malformed(f"welcome names capabilities that hello did not offer: "
+                              f"{sorted(extra)[:4]}")
+
+        def apply():
+            self.welcome = ev
+        return apply
+
+    def _on_start(self, ev: E.Start, sender: Role):
+        if ev.page_size != self.page_size:
+            raise ProtocolError("unsupported", f"source pages are {ev.page_size} bytes, "
+                                f"destination pages {self.page_size}: v1 needs equal sizes")
+
+        def apply():
+            self.start = ev
+        return apply
+
+    def _on_accept(self, ev: E.Accept, sender: Role):
+        if ev.max_batch_pages * self.page_size > L.MAX_BATCH_BYTES:
+            raise E.too_large(f"accept.max_batch_pages={ev.max_batch_pages} x "
+                              f"{self.page_size}-byte pages exceeds {L.MAX_BATCH_BYTES} bytes")
+
+        def apply():
+            self.accept = ev
+        return apply
+
+    def _check_round(self, ev, what: str) -> None:
+        if self.layout is None:
+            raise _out_of_state(f"{what} before any layout")
+        if ev.round != self.round:
+            raise _out_of_state(f"{what} for round {ev.round} during round {self.round}")
+
+    def _check_within(self, runs: PageRuns, what: str) -> None:
+        """Every run lies inside one merged interval of migratable mappings
+        (one searchsorted for the whole message)."""
+        i = np.searchsorted(self._mig_starts, runs.starts, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ends = runs.ends()
+        ok[ok] = ends[ok] <= self._mig_ends[i[ok]]
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise ProtocolError(
+                "bad-pages", f"{what} run at {int(runs.starts[bad]):#x} "
+                f"({int(runs.counts[bad])} pages) lies outside the migratable "
+                f"mappings of the round {self.round} layout")
+
+    def _on_layout(self, ev: E.Layout, sender: Role):
+        if ev.round != self.round:
+            raise _out_of_state(f"layout for round {ev.round} during round {self.round}")
+        ms = ev.mappings
+        n = len(ms)
+        starts = np.fromiter((m.start for m in ms), np.uint64, n)
+        ends = np.fromiter((m.end for m in ms), np.uint64, n)
+        mig = np.fromiter((m.kind in E.MIGRATABLE_KINDS for m in ms), bool, n)
+        s, e = starts[mig], ends[mig]
+        if s.size:
+            first = np.ones(s.size, bool)
+            first[1:] = s[1:] != e[:-1]
+            idx = np.flatnonzero(first)
+            last = np.append(idx[1:] - 1, s.size - 1)
+            s, e = s[idx], e[last]
+
+        def apply():
+            self.layout = ev
+            self._mig_starts, self._mig_ends = s, e
+        return apply
+
+    def _on_pages(self, ev: E.Pages, sender: Role):
+        self._check_round(ev, "pages")
+        n = ev.runs.total_pages()
+        if self.accept is not None and n > self.accept.max_batch_pages:
+            raise E.too_large(f"pages batch of {n} pages exceeds the accepted "
+                              f"{self.accept.max_batch_pages}")
+        self._check_within(ev.runs, "pages")
+        nbytes = n * self.page_size
+        if self.total_bytes + nbytes > self.accept.quota_bytes:
+            raise ProtocolError("quota", f"page data would reach "
+                                f"{self.total_bytes + nbytes} bytes, over the "
+                                f"destination's quota of {self.accept.quota_bytes}")
+        if sender is not self.our_role and xxhash.xxh3_128_digest(ev.data) != ev.digest:
+            raise ProtocolError("digest", f"round {ev.round} batch at "
+                                f"{int(ev.runs.starts[0]):#x} ({n} pages): data does "
+                                "not match its xxh3-128 digest")
+
+        def apply():
+            self.round_pages += n
+            self.total_pages += n
+            self.total_bytes += nbytes
+        return apply
+
+    def _on_zeros(self, ev: E.Zeros, sender: Role):
+        self._check_round(ev, ev.type_name)
+        self._check_within(ev.runs, ev.type_name)
+
+    _on_dropped = _on_zeros
+
+    def _on_round_end(self, ev: E.RoundEnd, sender: Role):
+        self._check_round(ev, "round-end")
+        if ev.pages != self.round_pages:
+            raise ProtocolError("bad-pages", f"round-end says round {ev.round} carried "
+                                f"{ev.pages} pages, {self.round_pages} arrived")
+
+        def apply():
+            self.round += 1
+            self.round_pages = 0
+        return apply
+
+    def _on_freeze(self, ev: E.Freeze, sender: Role):
+        if ev.round != self.round:
+            raise _out_of_state(f"freeze names round {ev.round}, the next round is "
+                                f"{self.round}")
+
+        def apply():
+            self.round_pages = 0
+        return apply
+
+    def _on_final_end(self, ev: E.FinalEnd, sender: Role):
+        self._check_round(ev, "final-end")
+        if ev.total_pages != self.total_pages:
+            raise ProtocolError("bad-pages", f"final-end says {ev.total_pages} pages "
+                                f"were sent in all, {self.total_pages} arrived")
+
+    def _on_committed(self, ev: E.Committed, sender: Role):
+        def apply():
+            self.committed = ev
+        return apply
+
+    def _on_error(self, ev: E.Error, sender: Role):
+        if sender is self.our_role and ev.code not in E.ERROR_CODES:
+            raise E.malformed(f"error code {ev.code!r} is not one of the documented "
+                              f"codes {sorted(E.ERROR_CODES)}")
+
+
+class SourceConnection(_Connection):
+    """The sending side: Hello, Start, layouts and pages, Freeze, commit."""
+    our_role = Role.SOURCE
+
+
+class DestConnection(_Connection):
+    """The receiving side: Welcome, Accept, Committed.  Checks every batch
+    against the last Layout, the quota and its digest."""
+    our_role = Role.DEST

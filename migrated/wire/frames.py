@@ -1,0 +1,397 @@
+"""Framing: preamble, length-prefixed msgpack bodies, bounded decoding.
+
+Writer: ``encode_parts(event)`` -> list of buffers (the bulk field of a
+Pages message is passed through untouched, so a transport can sendmsg()
+it without joining).  Reader: ``FrameReader`` holds received bytes, checks
+the peer's preamble byte by byte, checks every length prefix and message
+type against the caller's limits *before* the body is buffered, and
+decodes bodies with msgpack limits chosen per message type.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import msgpack
+
+from migrated.errors import ProtocolError
+
+from . import events as E
+from . import limits as L
+
+_LEN = struct.Struct(">I")
+
+
+# -- per message type decoding limits ----------------------------------------
+
+@dataclass(frozen=True)
+class TypeLimits:
+    max_frame: int      # body bytes
+    max_map_len: int    # entries of any map
+    max_array_len: int  # items of any array
+    max_str_len: int    # bytes of any str (keys included)
+    max_bin_len: int    # bytes of any bin
+    max_maps: int       # maps in the whole body (top level included)
+    max_arrays: int     # arrays in the whole body
+
+
+_SMALL_STR = 32  # keys, the type name and tokens' ceiling below
+_C = L.MAX_CONTROL_FRAME
+TYPE_LIMITS: dict[str, TypeLimits] = {
+    "hello": TypeLimits(_C, 5, L.MAX_CAPABILITIES, L.MAX_NODE_BYTES, 0, 1, 2),
+    "welcome": TypeLimits(_C, 4, L.MAX_CAPABILITIES, L.MAX_NODE_BYTES, 0, 1, 1),
+    # One more map entry than MAX_OPTIONS so that too many options is
+    # reported as "too-large" by Start.from_wire, not as a msgpack error.
+    "start": TypeLimits(L.MAX_START_FRAME, L.MAX_OPTIONS + 1, 0,
+                        L.MAX_OPTION_STR_BYTES, L.MAX_CMDLINE_BYTES, 2, 0),
+    "accept": TypeLimits(_C, 3, 0, _SMALL_STR, 0, 1, 0),
+    "layout": TypeLimits(L.MAX_LAYOUT_FRAME, 10, 0, _SMALL_STR,
+                         max(L.MAX_LAYOUT_PATH_BYTES, 8 * L.MAX_MAPPINGS), 1, 0),
+    "pages": TypeLimits(L.MAX_PAGES_FRAME, 5, 0, _SMALL_STR, L.MAX_BATCH_BYTES, 1, 0),
+    "zeros": TypeLimits(L.MAX_RUNS_FRAME, 3, 0, _SMALL_STR, 16 * L.MAX_RUNS, 1, 0),
+    "dropped": TypeLimits(L.MAX_RUNS_FRAME, 3, 0, _SMALL_STR, 16 * L.MAX_RUNS, 1, 0),
+    "round-end": TypeLimits(_C, 8, 0, _SMALL_STR, 0, 1, 0),
+    "freeze": TypeLimits(_C, 2, 0, _SMALL_STR, 0, 1, 0),
+    "final-end": TypeLimits(_C, 3, 0, _SMALL_STR, 0, 1, 0),
+    "commit-request": TypeLimits(_C, 3, 0, _SMALL_STR, L.DIGEST_SIZE, 1, 0),
+    "committed": TypeLimits(_C, 3, 0, L.MAX_DIGEST_STR_BYTES, 0, 1, 0),
+    "error": TypeLimits(_C, 3, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
+    "cancel": TypeLimits(_C, 2, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
+    "keepalive": TypeLimits(_C, 2, 0, _SMALL_STR, 0, 1, 0),
+}
+assert set(TYPE_LIMITS) == set(E.BY_NAME)
+assert max(t.max_frame for t in TYPE_LIMITS.values()) == L.MAX_FRAME
+
+
+# -- writer --------------------------------------------------------------------
+
+def _check_outgoing(event: E.Event) -> dict:
+    """The wire map of ``event``, after the reader's own checks ran on it."""
+    if not isinstance(event, E.Event) or type(event) not in E.MESSAGE_TYPES:
+        raise E.malformed(f"cannot send {type(event).__name__}: not a protocol message")
+    try:
+        wire = event.to_wire()
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, OverflowError, AttributeError) as e:
+        raise E.malformed(f"cannot encode {event.type_name}: {e}") from None
+    type(event).check_wire(dict(wire))
+    return wire
+
+
+def bin_header(n: int) -> bytes:
+    """msgpack bin 8/16/32 header for ``n`` bytes (smallest form)."""
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_parts(event: E.Event) -> list:
+    """Length prefix + body as a list of buffers; bulk data is not copied."""
+    wire = _check_outgoing(event)
+    limits = TYPE_LIMITS[event.type_name]
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    bulk_key = event.bulk_field
+    bulk = wire.pop(bulk_key) if bulk_key else None
+    try:
+        packer.pack_map_header(len(wire) + (1 if bulk_key else 0))
+        for k, v in wire.items():
+            packer.pack(k)
+            packer.pack(v)
+        if bulk_key:
+            packer.pack(bulk_key)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise E.malformed(f"cannot encode {event.type_name}: {e}") from None
+    head = packer.bytes()
+    if bulk_key:
+        head += bin_header(memoryview(bulk).nbytes)
+    body_len = len(head) + (memoryview(bulk).nbytes if bulk_key else 0)
+    if body_len > limits.max_frame:
+        raise E.too_large(f"{event.type_name} frame would be {body_len} bytes, "
+                          f"limit {limits.max_frame}")
+    first = _LEN.pack(body_len) + head
+    return [first, bulk] if bulk_key else [first]
+
+
+def encode(event: E.Event) -> bytes:
+    return b"".join(encode_parts(event))
+
+
+# -- decoding ------------------------------------------------------------------
+
+def peek_type(body) -> str | None:
+    """The message type from the first bytes of a body, None if more bytes
+    are needed.  The body must be a map whose first key is "type"."""
+    n = len(body)
+    if n < 1:
+        return None
+    b0 = body[0]
+    if 0x81 <= b0 <= 0x8F:
+        pos = 1
+    elif b0 == 0xDE:
+        if n < 3:
+            return None
+        if body[1] == 0 and body[2] == 0:
+            raise E.malformed("message body is an empty map")
+        pos = 3
+    else:
+        raise E.malformed(f"message body must be a msgpack map (first byte {b0:#04x})")
+    key, pos = _peek_str(body, pos, 4)
+    if key is None:
+        return None
+    if key != b"type":
+        raise E.malformed('the first key of a message must be "type"')
+    name, pos = _peek_str(body, pos, L.MAX_TYPE_NAME_BYTES)
+    if name is None:
+        return None
+    try:
+        return name.decode("ascii")
+    except UnicodeDecodeError:
+        raise E.malformed("message type is not ASCII") from None
+
+
+def _peek_str(body, pos: int, max_len: int):
+    n = len(body)
+    if pos >= n:
+        return None, pos
+    b = body[pos]
+    if 0xA0 <= b <= 0xBF:
+        ln, pos = b & 0x1F, pos + 1
+    elif b in (0xD9, 0xDA, 0xDB):
+        width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[b]
+        if pos + 1 + width > n:
+            return None, pos
+        ln = int.from_bytes(body[pos + 1:pos + 1 + width], "big")
+        pos += 1 + width
+    else:
+        raise E.malformed(f'"type" key and value must be msgpack strings (byte {b:#04x})')
+    if ln > max_len:
+        raise E.malformed(f"string of {ln} bytes where at most {max_len} fit")
+    if pos + ln > n:
+        return None, pos
+    return bytes(body[pos:pos + ln]), pos + ln
+
+
+_LIMIT_RE = re.compile(r"exceeds max_(\w+?)_len\((\d+)\)")
+
+
+def _reject_ext(code, data):
+    raise E.malformed(f"msgpack extension type {code} is not allowed")
+
+
+def decode_body(type_name: str, body) -> E.Event:
+    """Decode one complete body (bytes or memoryview) of a known type."""
+    limits = TYPE_LIMITS[type_name]
+    counts = [0, 0]
+
+    def on_map(pairs):
+        counts[0] += 1
+        if counts[0] > limits.max_maps:
+            raise E.malformed(f"{type_name} message nests more maps than it may")
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            raise E.malformed(f"{type_name} message has a duplicate map key")
+        return d
+
+    def on_array(items):
+        counts[1] += 1
+        if counts[1] > limits.max_arrays:
+            raise E.malformed(f"{type_name} message nests more arrays than it may")
+        return items
+
+    try:
+        obj = msgpack.unpackb(
+            body, raw=False, use_list=False, strict_map_key=True,
+            object_pairs_hook=on_map, list_hook=on_array, ext_hook=_reject_ext,
+            max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len, max_map_len=limits.max_map_len,
+            max_ext_len=0)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack reports everything as ValueError & co.
+        msg = str(e)
+        m = _LIMIT_RE.search(msg)
+        # A size above a non-zero limit is "too-large"; a zero limit (or the
+        # map limit) means that kind of value or field is not allowed at all.
+        if m and m.group(1) in ("str", "bin", "array") and m.group(2) != "0":
+            raise E.too_large(f"{type_name} message: {msg}") from None
+        raise E.malformed(f"{type_name} message is not valid msgpack: "
+                          f"{type(e).__name__}: {msg[:200]}") from None
+    if type(obj) is not dict or obj.get("type") != type_name:
+        raise E.malformed(f"{type_name} message body is not the expected map")
+    return E.BY_NAME[type_name].from_wire(obj)
+
+
+# -- reader --------------------------------------------------------------------
+
+class FrameReader:
+    """Buffers received bytes and yields decoded messages one at a time.
+
+    Bytes arrive by ``feed(data)`` (one copy into our buffer) or by
+    ``get_buffer(n)`` + ``buffer_updated(n)`` (recv_into straight into it).
+    The bulk data of a Pages message is copied exactly once more, out of the
+    buffer into the event's ``bytes``.
+    """
+
+    _INITIAL = 64 * 1024
+
+    def __init__(self) -> None:
+        self._buf = bytearray(self._INITIAL)
+        self._start = 0          # first unconsumed byte
+        self._end = 0            # one past the last received byte
+        self._preamble_left = L.PREAMBLE_SIZE
+        self._type: str | None = None   # type of the frame being received
+        self._body_len = -1
+        self.eof = False
+
+    # -- input -----------------------------------------------------------------
+
+    def _space(self, n: int) -> None:
+        live = self._end - self._start
+        if live + n > L.RECEIVE_BUFFER_LIMIT:
+            raise E.too_large(f"{live + n} unconsumed received bytes, limit "
+                              f"{L.RECEIVE_BUFFER_LIMIT} (call next_event() "
+                              "until NEED_DATA between receive_data() calls)")
+        cap = len(self._buf)
+        if self._end + n <= cap:
+            return
+        if live + n <= cap and self._start:
+            # Same-size slice assignment never resizes, so it is allowed even
+            # while a caller still holds a memoryview from get_buffer().
+            self._buf[:live] = self._buf[self._start:self._end]
+        else:
+            new = bytearray(max(2 * cap, live + n))
+            new[:live] = self._buf[self._start:self._end]
+            self._buf = new
+        self._start, self._end = 0, live
+
+    def feed(self, data) -> None:
+        if self.eof:
+            raise RuntimeError("receive_data() after end of stream")
+        src = memoryview(data)
+        if src.format != "B" or src.ndim != 1:
+            src = src.cast("B")
+        n = src.nbytes
+        if n == 0:
+            self.eof = True
+            return
+        self._space(n)
+        with memoryview(self._buf) as dst:  # 3x faster than bytearray slicing
+            dst[self._end:self._end + n] = src
+        self._end += n
+        self._check_preamble()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self.eof:
+            raise RuntimeError("get_buffer() after end of stream")
+        n = sizehint if sizehint > 0 else self._INITIAL
+        n = max(1, min(n, L.RECEIVE_BUFFER_LIMIT - (self._end - self._start)))
+        self._space(n)
+        return memoryview(self._buf)[self._end:self._end + n]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        if self._end + nbytes > len(self._buf):
+            raise RuntimeError("buffer_updated() beyond the buffer handed out")
+        self._end += nbytes
+        self._check_preamble()
+
+    def discard(self) -> None:
+        """Forget everything buffered (the connection is closed)."""
+        self._start = self._end = 0
+        self._type, self._body_len = None, -1
+
+    def _check_preamble(self) -> None:
+        if not self._preamble_left:
+            return
+        done = L.PREAMBLE_SIZE - self._preamble_left
+        avail = min(self._end - self._start, self._preamble_left)
+        got = bytes(self._buf[self._start:self._start + avail])
+        want = L.PREAMBLE[done:done + avail]
+        if got != want:
+            magic_len = len(L.PREAMBLE_MAGIC)
+            if done + avail > magic_len and got[:magic_len - done] == want[:magic_len - done]:
+                raise ProtocolError(
+                    "version", f"peer speaks framing version "
+                    f"{got[magic_len - done]} of {L.PREAMBLE_MAGIC.decode()}, "
+                    f"we speak {L.FRAMING_VERSION}")
+            raise E.malformed(f"peer did not start with the {L.PREAMBLE!r} preamble "
+                              f"(got {got!r}): not a migrated peer")
+        self._start += avail
+        self._preamble_left -= avail
+
+    # -- frames ----------------------------------------------------------------
+
+    @property
+    def partial(self) -> bool:
+        """Bytes of an incomplete preamble or frame are buffered."""
+        return (self._end > self._start
+                or 0 < self._preamble_left < L.PREAMBLE_SIZE)
+
+    @property
+    def received_anything(self) -> bool:
+        return self._preamble_left < L.PREAMBLE_SIZE
+
+    def check_pending(self, max_frame: int, admit: Callable[[str], None]) -> None:
+        """Check the length and type of the frame being received as far as
+        bytes allow, without decoding it."""
+        self.next_frame(max_frame, admit, decode=False)
+
+    def next_frame(self, max_frame: int, admit: Callable[[str], None],
+                   decode: bool = True) -> E.Event | None:
+        """Decode the next complete frame, or None if it is not all here.
+
+        ``max_frame`` bounds the length prefix; ``admit(type_name)`` raises
+        if that type is not legal now.  Both run as soon as their bytes are
+        here, so an oversized or unwanted frame is refused before its body.
+        """
+        if self._preamble_left:
+            return None
+        avail = self._end - self._start
+        if self._body_len < 0:
+            if avail < L.LENGTH_PREFIX_SIZE:
+                return None
+            (n,) = _LEN.unpack_from(self._buf, self._start)
+            if n > max_frame:
+                raise E.too_large(f"peer declared a {n}-byte frame, limit {max_frame} "
+                                  "in this state")
+            if n == 0:
+                raise E.malformed("peer sent an empty frame")
+            self._body_len = n
+        n = self._body_len
+        body_at = self._start + L.LENGTH_PREFIX_SIZE
+        have = min(avail - L.LENGTH_PREFIX_SIZE, n)
+        if self._type is None:
+            with memoryview(self._buf) as mv:
+                t = peek_type(mv[body_at:body_at + have])
+            if t is None:
+                if have == n:
+                    raise E.malformed("frame ends inside its message type")
+                return None
+            limits = TYPE_LIMITS.get(t)
+            if limits is None:
+                raise E.malformed(f"unknown message type {t[:40]!r}")
+            if n > limits.max_frame:
+                raise E.too_large(f"peer declared a {n}-byte {t} frame, limit "
+                                  f"{limits.max_frame}")
+            admit(t)
+            self._type = t
+        if have < n or not decode:
+            return None
+        with memoryview(self._buf) as mv:
+            body = mv[body_at:body_at + n]
+            try:
+                event = decode_body(self._type, body)
+            finally:
+                body.release()
+        self._start = body_at + n
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._type, self._body_len = None, -1
+        return event
