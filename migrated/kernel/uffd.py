@@ -1,0 +1,582 @@
+"""The ``uffd-wp`` tracker: async userfaultfd write-protect + PAGEMAP_SCAN.
+
+Exact and race-free, with no freeze in any round (Linux 6.7+, x86_64).
+
+Setup (``UffdWp.create``): a userfaultfd belongs to the mm of the process
+that calls userfaultfd(2), so the call is injected into the target with
+ptrace (migrated.kernel.ptrace_inject) and the new fd is copied into the
+daemon with pidfd_getfd(2), then closed again in the target: its fd table
+ends as it was.  The daemon then does UFFDIO_API with WP_ASYNC (faults are
+resolved by the kernel itself: a write just clears the page's uffd-wp bit,
+nobody is woken) and WP_UNPOPULATED (which PAGEMAP_SCAN requires to
+write-protect anonymous memory), UFFDIO_REGISTER (mode WP) on each
+migratable mapping, and arms it with its first matching scan, which
+write-protects exactly the resident pages (see ``UffdWpTracker._fresh``).
+
+Each collect is one PAGEMAP_SCAN per mapping with PM_SCAN_WP_MATCHING |
+PM_SCAN_CHECK_WPASYNC, selecting present-or-swapped pages and returning
+WRITTEN|FILE: the kernel reports every resident page with its written bit
+*and* write-protects again the written ones, under the page-table lock of
+each PMD, and flushes the TLB before the call returns.  A write is either
+before that (reported now) or after it (it faults, clears the bit, and is
+reported next round): nothing is lost and the target never stops
+(pause_ms is always 0).  The same scan gives the resident set, so dropped
+pages (present at the last collect, gone now: munmap, MADV_DONTNEED) come
+with no extra call.
+
+Layout changes.  A mapping the tracker has not armed (new, or moved by
+mremap, which drops the registration, or re-created at the same address:
+the scan fails with EPERM for a VMA without async write-protect) is
+registered and scanned once with write-protect matching: all its resident pages are
+reported dirty.  A mapping that cannot be registered (no VM_MAYWRITE, an
+exotic VMA type) is listed in ``skipped`` with the reason, and all its
+resident pages are reported dirty every round -- correct, just not cheap;
+in practice these are the [vdso] and read-only mappings.
+
+Limits (shared with soft-dirty): writes into MAP_SHARED memory made by
+*other* processes do not go through this mm's page tables and are not
+seen; DMA into long-term pinned pages (RDMA, io_uring fixed buffers) is not
+seen; THP is tracked per 2 MiB page.  An exec(2) of the target ends the
+migration (the fd belongs to the old mm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import mmap
+import os
+import select
+import struct
+import time
+
+import numpy as np
+
+from migrated.errors import (AccessDenied, KernelUnsupported, MigratedError,
+                             NoSuchProcess, ZombieProcess)
+from migrated.kernel import pagemap as pm
+from migrated.kernel import probe as kprobe
+from migrated.kernel import procfs
+from migrated.kernel.freezer import Freezer
+from migrated.kernel.maps import Layout, Mapping
+from migrated.kernel.ptrace_inject import (SYS_CLOSE, SYS_USERFAULTFD, InjectionError,
+                                           Injector, check_arch, pidfd_getfd)
+from migrated.kernel.trackers import Collected, Tracker
+from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
+
+_U64 = np.uint64
+
+# -- include/uapi/linux/userfaultfd.h ------------------------------------------
+UFFD_API = 0xAA
+UFFD_USER_MODE_ONLY = 1
+UFFDIO_API = 0xC018AA3F          # struct uffdio_api {api, features, ioctls}
+UFFDIO_REGISTER = 0xC020AA00     # struct uffdio_register {start, len, mode, ioctls}
+UFFDIO_UNREGISTER = 0x8010AA01   # struct uffdio_range {start, len}
+UFFDIO_WRITEPROTECT = 0xC018AA06  # struct uffdio_writeprotect {start, len, mode}
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+REQUIRED_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+OPTIONAL_FEATURES = UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+
+# What /proc/self/fd/N of a userfaultfd reads as.
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+_API = struct.Struct("=3Q")
+_REGISTER = struct.Struct("=4Q")
+_RANGE = struct.Struct("=2Q")
+_WRITEPROTECT = struct.Struct("=3Q")
+
+# Flags of the userfaultfd created in the target: user-mode faults only
+# (allowed without CAP_SYS_PTRACE whatever vm.unprivileged_userfaultfd
+# says; async write-protect resolves kernel-mode writes too), close-on-exec
+# and non-blocking (nobody ever reads it: WP_ASYNC raises no events).
+TARGET_UFFD_FLAGS = UFFD_USER_MODE_ONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
+# One collect scan: resident pages (present or swapped), reporting whether
+# each was written and whether it is a page-cache page.
+_SCAN_FLAGS = pm.PM_SCAN_WP_MATCHING | pm.PM_SCAN_CHECK_WPASYNC
+_RESIDENT = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
+_SCAN_RETURN = pm.PAGE_IS_WRITTEN | pm.PAGE_IS_FILE
+
+
+def _ioctl(fd: int, req: int, arg: bytearray, what: str) -> bytearray:
+    try:
+        fcntl.ioctl(fd, req, arg, True)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}: {os.strerror(e.errno)}") from None
+    return arg
+
+
+class UffdWp:
+    """A userfaultfd of another process's mm, in async write-protect mode."""
+
+    def __init__(self, pid: int, fd: int, features: int):
+        self.pid = pid
+        self.fd = fd
+        self.features = features
+
+    @classmethod
+    def create(cls, pid: int, pidfd: int | None = None) -> "UffdWp":
+        """Create the fd inside ``pid`` (ptrace injection), take it out with
+        pidfd_getfd, close it there, and do the UFFDIO_API handshake.  The
+        target is released (not stopped, not traced) on every path."""
+        check_arch()
+        own_pidfd = pidfd is None
+        if own_pidfd:
+            with procfs.translate(pid, "pidfd_open"):
+                pidfd = os.pidfd_open(pid)
+        fd = -1
+        try:
+            with Injector(pid) as inj:
+                tfd = inj.call(SYS_USERFAULTFD, TARGET_UFFD_FLAGS)
+                if tfd < 0:
+                    why = os.strerror(-tfd)
+                    if tfd in (-errno.ENOSYS, -errno.EPERM):
+                        raise KernelUnsupported(
+                            f"userfaultfd() inside process {pid} failed: {why} (kernel "
+                            "without CONFIG_USERFAULTFD, or forbidden); use --tracker digest")
+                    raise InjectionError(f"userfaultfd() inside process {pid} failed: {why}")
+                try:
+                    with procfs.translate(pid, "pidfd_getfd"):
+                        fd = pidfd_getfd(pidfd, tfd)
+                    # A target thread closing and reusing fd numbers behind
+                    # our back would hand us some other file: check.
+                    kind = os.readlink(f"/proc/self/fd/{fd}")
+                    if kind != UFFD_LINK:
+                        raise InjectionError(f"process {pid}: fd {tfd} is {kind!r}, not "
+                                             "the userfaultfd just created (fd reused?)")
+                finally:
+                    # Leave the target's fd table as it was, even if the copy failed.
+                    inj.call(SYS_CLOSE, tfd)
+            self = cls(pid, fd, 0)
+            fd = -1
+            try:
+                self.api()
+            except BaseException:
+                self.close()
+                raise
+            return self
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if own_pidfd:
+                os.close(pidfd)
+
+    def api(self) -> int:
+        """UFFDIO_API handshake asking for WP_ASYNC|WP_UNPOPULATED (plus
+        WP_HUGETLBFS_SHMEM when the kernel offers it)."""
+        want = REQUIRED_FEATURES | OPTIONAL_FEATURES
+        arg = bytearray(_API.pack(UFFD_API, want, 0))
+        try:
+            _ioctl(self.fd, UFFDIO_API, arg, "UFFDIO_API")
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # An unknown feature bit is EINVAL: retry with the required ones.
+            arg = bytearray(_API.pack(UFFD_API, REQUIRED_FEATURES, 0))
+            try:
+                _ioctl(self.fd, UFFDIO_API, arg, "UFFDIO_API")
+            except OSError as e2:
+                raise KernelUnsupported(
+                    f"userfaultfd of process {self.pid}: kernel refuses WP_ASYNC|"
+                    f"WP_UNPOPULATED ({e2.strerror}); needs Linux 6.7+ with "
+                    "CONFIG_PTE_MARKER_UFFD_WP; use --tracker digest") from e2
+        _, self.features, _ = _API.unpack(arg)
+        return self.features
+
+    def register(self, start: int, end: int) -> None:
+        """UFFDIO_REGISTER [start, end) in write-protect mode (idempotent)."""
+        arg = bytearray(_REGISTER.pack(start, end - start, UFFDIO_REGISTER_MODE_WP, 0))
+        _ioctl(self.fd, UFFDIO_REGISTER, arg,
+               f"UFFDIO_REGISTER {start:#x}-{end:#x} of process {self.pid}")
+
+    def unregister(self, start: int, end: int) -> None:
+        arg = bytearray(_RANGE.pack(start, end - start))
+        _ioctl(self.fd, UFFDIO_UNREGISTER, arg,
+               f"UFFDIO_UNREGISTER {start:#x}-{end:#x} of process {self.pid}")
+
+    def protect(self, start: int, end: int, wp: bool = True) -> None:
+        """UFFDIO_WRITEPROTECT: set (or clear) write-protection on every
+        page of [start, end), including not-yet-populated ones.  The
+        tracker does not use it (see UffdWpTracker._fresh: the markers it
+        leaves in empty PTEs read as swapped pages)."""
+        arg = bytearray(_WRITEPROTECT.pack(start, end - start,
+                                           UFFDIO_WRITEPROTECT_MODE_WP if wp else 0))
+        _ioctl(self.fd, UFFDIO_WRITEPROTECT, arg,
+               f"UFFDIO_WRITEPROTECT {start:#x}-{end:#x} of process {self.pid}")
+
+    def close(self) -> None:
+        """Closing the last reference unregisters every range and drops the
+        write-protect bits (the kernel's release path)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _gone(pid: int, pidfd: int, what: str) -> None:
+    """Raise NoSuchProcess if the process behind ``pidfd`` exited (zombie
+    included): a scan of its dead mm reads as empty, not as an error."""
+    r, _, _ = select.select([pidfd], [], [], 0)
+    if r:
+        raise NoSuchProcess(pid, f"uffd-wp tracker: {what}")
+
+
+class UffdWpTracker(Tracker):
+    """Exact dirty pages with no freeze: see the module docstring.
+
+    ``skipped``: {(start, end): reason} of mappings that could not be
+    registered (reported wholly dirty each round).  ``scan_calls``: the
+    PAGEMAP_SCAN calls of the last collect.
+    """
+
+    name = kprobe.UFFD_WP
+
+    def __init__(self, pid: int, freezer: Freezer | None = None):
+        super().__init__(pid, freezer)
+        check_arch()
+        with procfs.translate(pid, "pidfd_open"):
+            self._pidfd = os.pidfd_open(pid)
+        self._pm: pm.Pagemap | None = None
+        self._uffd: UffdWp | None = None
+        try:
+            procfs.check_alive(pid, "uffd-wp tracker")
+            self._pm = pm.Pagemap(pid)
+            if not self._pm.has_scan:
+                raise KernelUnsupported("uffd-wp tracker needs PAGEMAP_SCAN (Linux 6.7+); "
+                                        "use --tracker digest")
+        except ZombieProcess as e:
+            self.close()
+            raise NoSuchProcess(pid, "uffd-wp tracker (exited, not yet reaped)") from e
+        except BaseException:
+            self.close()
+            raise
+        self._armed = PageRuns.empty()      # ranges registered + protected
+        self._known = PageRuns.empty()      # resident at the last collect
+        self._pending = PageRuns.empty()    # reported dirty, not yet sent
+        self.skipped: dict[tuple[int, int], str] = {}
+        self.scan_calls = 0
+        self.setup_ms = 0.0
+
+    # -- pieces -----------------------------------------------------------------
+
+    def _arm(self, m: Mapping) -> bool:
+        """Register one mapping (mode WP); False (and a ``skipped`` entry)
+        if the kernel refuses.  Nothing is write-protected here: the first
+        scan of the mapping protects its resident pages (see _fresh)."""
+        try:
+            self._uffd.register(m.start, m.end)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise NoSuchProcess(self.pid, "uffd-wp register") from e
+            self.skipped[(m.start, m.end)] = (
+                f"{m.path or m.kind} {m.start:#x}-{m.end:#x} {m.perms}: {e.strerror}")
+            return False
+        self.skipped.pop((m.start, m.end), None)
+        return True
+
+    def _scan_group(self, group: list[Mapping]) -> tuple[PageRuns, PageRuns] | None:
+        """(resident, written) of consecutive armed mappings with ONE scan
+        (written pages protected again); None if some VMA in the span has
+        no async write-protect (EPERM from CHECK_WPASYNC)."""
+        start, end = group[0].start, group[-1].end
+        self.scan_calls += 1
+        try:
+            reg = self._pm.scan_regions(start, end, 0, category_anyof_mask=_RESIDENT,
+                                        return_mask=_SCAN_RETURN, flags=_SCAN_FLAGS)
+        except AccessDenied as e:
+            # The pagemap fd is open already: EPERM here is CHECK_WPASYNC
+            # hitting a VMA we have not registered.
+            if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EPERM:
+                return None
+            raise
+        if not reg.starts.size:
+            return PageRuns.empty(), PageRuns.empty()
+        counts = (reg.ends - reg.starts) >> _U64(PAGE_SHIFT)
+        cats = reg.categories
+        is_w = (cats & _U64(pm.PAGE_IS_WRITTEN)) != 0
+        resident = PageRuns(reg.starts, counts)
+        written = PageRuns(reg.starts[is_w], counts[is_w])
+        files = [m for m in group if m.kind == "file"]
+        if files:
+            # Plain page-cache pages of private file mappings are not ours
+            # (regions may merge across VMAs: cut on the mappings' bounds).
+            is_f = (cats & _U64(pm.PAGE_IS_FILE)) != 0
+            cache = PageRuns(reg.starts[is_f], counts[is_f]).intersect(PageRuns(
+                np.array([m.start for m in files], _U64),
+                np.array([m.npages for m in files], _U64)))
+            if cache:
+                resident = resident.subtract(cache)
+                written = written.subtract(cache)
+        return resident, written
+
+    def _fresh(self, group: list[Mapping]) -> PageRuns:
+        """Mappings not (or no longer) armed: register them, then one
+        matching scan each reports every resident page (all dirty) and
+        write-protects it.  A write before the scan is in what is read
+        next; one after it is reported next round.
+
+        Why not UFFDIO_WRITEPROTECT over the whole mapping: with
+        WP_UNPOPULATED that fills every empty PTE with a uffd-wp marker
+        (page tables for the whole reservation: 2 MiB per GiB), and the
+        markers read as swapped pages in pagemap.  Empty PTEs need no
+        protection: the first write to one maps a page without the
+        uffd-wp bit, which PAGEMAP_SCAN reports as written."""
+        parts = []
+        for m in group:
+            armed = (m.start, m.end) not in self.skipped and self._arm(m)
+            got = self._scan_group([m]) if armed else None
+            if got is None:
+                # Not registrable (or lost the registration again, racing
+                # with the target): its resident pages are dirty every round.
+                self.scan_calls += 1
+                parts.append(self._pm.present_runs_scan(m))
+                continue
+            self._armed = self._armed.union(m.runs())
+            parts.append(got[0])
+        return PageRuns.concat(parts)
+
+    def _groups(self, layout: Layout) -> tuple[list[list[Mapping]], list[Mapping]]:
+        """(groups of address-consecutive armed mappings, one scan each;
+        mappings to arm or that cannot be armed)."""
+        migr = [m for m in layout if m.migrates]
+        if not migr:
+            return [], []
+        starts = np.array([m.start for m in migr], _U64)
+        ends = np.array([m.end for m in migr], _U64)
+        a = self._armed
+        if a:
+            i = np.searchsorted(a.starts, starts, side="right").astype(np.int64) - 1
+            ok = i >= 0
+            ii = np.maximum(i, 0)
+            armed = ok & (ends <= a.starts[ii] + a.counts[ii] * _U64(PAGE_SIZE))
+        else:
+            armed = np.zeros(len(migr), bool)
+        armed = armed.tolist()
+        groups: list[list[Mapping]] = []
+        fresh: list[Mapping] = []
+        prev_end = -1       # end of the last mapping of the open group
+        k = 0
+        for m in layout:
+            if not m.migrates:
+                prev_end = -1           # a VMA we never arm breaks the span
+                continue
+            is_armed = armed[k] and (m.start, m.end) not in self.skipped
+            k += 1
+            if not is_armed:
+                fresh.append(m)
+                prev_end = -1
+                continue
+            if prev_end >= 0 and groups:
+                groups[-1].append(m)
+            else:
+                groups.append([m])
+            prev_end = m.end
+        return groups, fresh
+
+    def _round(self, layout: Layout) -> tuple[PageRuns, PageRuns]:
+        """(resident, must-send) over the migratable mappings of layout."""
+        resident, send = [], []
+        self.scan_calls = 0
+        groups, fresh = self._groups(layout)
+        for g in groups:
+            got = self._scan_group(g)
+            if got is None:
+                # A VMA of the span lost its registration (re-created,
+                # mremap): pages protected by the failed call may not have
+                # been reported -- treat the whole span as fresh.
+                fresh.extend(g)
+            else:
+                resident.append(got[0])
+                send.append(got[1])
+        if fresh:
+            r = self._fresh(fresh)
+            resident.append(r)
+            send.append(r)
+        _gone(self.pid, self._pidfd, "collect")
+        if self.skipped:
+            keys = {(m.start, m.end) for m in layout}
+            self.skipped = {k: v for k, v in self.skipped.items() if k in keys}
+        # Forget ranges that are no longer mapped: a mapping re-created
+        # there later must be armed again.
+        self._armed = self._armed.intersect(layout.runs())
+        return PageRuns.concat(resident), PageRuns.concat(send)
+
+    # -- Tracker ------------------------------------------------------------------
+
+    def start(self, layout: Layout) -> Collected:
+        t0 = time.perf_counter()
+        _gone(self.pid, self._pidfd, "start")
+        try:
+            self._uffd = UffdWp.create(self.pid, self._pidfd)
+        except ZombieProcess as e:
+            raise NoSuchProcess(self.pid, "uffd-wp setup (exited, not yet reaped)") from e
+        self.setup_ms = (time.perf_counter() - t0) * 1000.0
+        with self._zombie_gone("start"):
+            resident, _ = self._round(layout)
+        self._known = resident
+        self._pending = resident
+        self.rounds = 1
+        return Collected(resident, PageRuns.empty(), 0.0, (time.perf_counter() - t0) * 1000.0)
+
+    def collect(self, layout: Layout) -> Collected:
+        if self._uffd is None:
+            raise RuntimeError("UffdWpTracker.collect() before start()")
+        t0 = time.perf_counter()
+        with self._zombie_gone("collect"):
+            resident, written = self._round(layout)
+        # Written pages are resident by construction; add pages resident
+        # now that were not at the last collect (armed while populated,
+        # faulted in by a read: zero page) and pages reported before but
+        # never confirmed sent.
+        dirty = written.union(resident.subtract(self._known))
+        if self._pending:
+            dirty = dirty.union(self._pending.intersect(resident))
+        dropped = self._known.subtract(resident)
+        self._known = resident
+        self._pending = dirty
+        self.rounds += 1
+        return Collected(dirty, dropped, 0.0, (time.perf_counter() - t0) * 1000.0)
+
+    def sent(self, runs: PageRuns, data=None) -> None:
+        if self._pending and runs:
+            self._pending = self._pending.subtract(runs)
+
+    def close(self) -> None:
+        try:
+            if self._uffd is not None:
+                self._uffd.close()
+                self._uffd = None
+            if self._pm is not None:
+                self._pm.close()
+                self._pm = None
+            if getattr(self, "_pidfd", -1) >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+        finally:
+            super().close()
+
+    @contextlib.contextmanager
+    def _zombie_gone(self, what: str):
+        try:
+            yield
+        except ZombieProcess as e:
+            raise NoSuchProcess(self.pid, f"uffd-wp tracker: {what} (exited, "
+                                          "not yet reaped)") from e
+        except NoSuchProcess:
+            raise
+        except MigratedError:
+            # /proc answers about a process that just died can be anything
+            # (AccessDenied on its pagemap, ...): say "gone" when it is.
+            _gone(self.pid, self._pidfd, what)
+            raise
+
+
+def uffd_wp_target_problem(pid: int) -> str | None:
+    """Why this tracker cannot be used on ``pid`` (None if it can): a
+    seccomp filter (an injected call could kill it) or another tracer.
+    NoSuchProcess if it is gone (a zombie too)."""
+    try:
+        procfs.check_alive(pid, "uffd-wp tracker")
+        status = procfs.read_status(pid)
+    except ZombieProcess as e:
+        raise NoSuchProcess(pid, "uffd-wp tracker (exited, not yet reaped)") from e
+    if status.get("Seccomp", "0") != "0":
+        return f"process {pid} runs under seccomp: syscall injection is unsafe"
+    if status.get("TracerPid", "0") != "0":
+        return f"process {pid} is traced by process {status['TracerPid']} (a debugger?)"
+    return None
+
+
+# -- capability probe ---------------------------------------------------------------
+
+# The self-test child writes this page offset of its buffer.
+_SELFTEST_PAGES = 4
+_SELFTEST_WRITE_PAGE = 2
+
+
+def _selftest() -> tuple[bool, str]:
+    """End to end on a forked child: inject, register, protect, let the
+    child write one page, expect exactly that page from one scan."""
+    buf = mmap.mmap(-1, _SELFTEST_PAGES * PAGE_SIZE,
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    go_r, go_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    pid = -1
+    try:
+        buf[:] = b"\1" * len(buf)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        pid = os.fork()
+        if pid == 0:  # child: wait, write one page, ack, wait, exit
+            try:
+                os.close(go_w)
+                os.close(ack_r)
+                if os.read(go_r, 1):
+                    off = _SELFTEST_WRITE_PAGE * PAGE_SIZE
+                    buf[off:off + 1] = b"\2"
+                    os.write(ack_w, b"k")
+                    os.read(go_r, 1)
+            finally:
+                os._exit(0)
+        os.close(go_r)
+        os.close(ack_w)
+        go_r = ack_w = -1
+        try:
+            uffd = UffdWp.create(pid)
+        except MigratedError as e:
+            return False, f"creating a userfaultfd in a child: {e}"
+        try:
+            end = addr + _SELFTEST_PAGES * PAGE_SIZE
+            uffd.register(addr, end)
+            with pm.Pagemap(pid) as pmap:
+                armed = pmap.scan(addr, end, pm.PAGE_IS_WRITTEN, flags=_SCAN_FLAGS)
+                if armed.total_pages() != _SELFTEST_PAGES:
+                    return False, f"uffd-wp self-test: arming scan found {armed}"
+                os.write(go_w, b"g")
+                if os.read(ack_r, 1) != b"k":
+                    return False, "self-test child died"
+                got = pmap.scan(addr, end, pm.PAGE_IS_WRITTEN, flags=_SCAN_FLAGS)
+                again = pmap.scan(addr, end, pm.PAGE_IS_WRITTEN, flags=_SCAN_FLAGS)
+        except OSError as e:
+            return False, f"uffd-wp self-test: {e}"
+        finally:
+            uffd.close()
+        want = [(addr + _SELFTEST_WRITE_PAGE * PAGE_SIZE, 1)]
+        if got.pairs() != want or again:
+            return False, (f"uffd-wp self-test: expected written pages {want}, got "
+                           f"{got.pairs()} then {again.pairs()}")
+        return True, "self-test passed (inject, register, write, scan)"
+    finally:
+        for fd in (go_r, go_w, ack_r, ack_w):
+            if fd >= 0:
+                os.close(fd)
+        if pid > 0:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        with contextlib.suppress(BufferError):
+            buf.close()
+
+
+@functools.lru_cache(maxsize=1)
+def uffd_wp_tracker_available() -> tuple[bool, str]:
+    """(usable, reason): x86_64, async uffd write-protect, PAGEMAP_SCAN with
+    the WPALLOWED/WRITTEN categories, ptrace allowed -- proven by a
+    self-test on a forked child.  Cached per process."""
+    try:
+        check_arch()
+    except KernelUnsupported as e:
+        return False, str(e)
+    ok, why, _ = kprobe.probe_uffd_wp_async()
+    if not ok:
+        return False, why
+    ok, cats, why = kprobe.probe_pagemap_scan()
+    if not ok:
+        return False, why
+    if not {"wpallowed", "written"} <= set(cats):
+        return False, "PAGEMAP_SCAN lacks the WPALLOWED/WRITTEN categories"
+    return _selftest()
