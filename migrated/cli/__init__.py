@@ -16,7 +16,7 @@ from migrated.errors import MigratedError
 DEFAULT_CONTROL = "/run/migrated/control.sock"
 
 # Command modules, in the order `migratectl --help` lists them.
-COMMANDS = ["probe", "images"]
+COMMANDS = ["send", "status", "list", "cancel", "probe", "images", "certs"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,188 @@
+"""First-round throughput of the engine vs the raw link, in one run.
+
+    python benchmarks/bench_throughput.py [--mib 512] [--repeat 3] [--tracker auto]
+
+For each link (loopback TCP, loopback TLS 1.3 with throwaway self-signed
+certificates) it measures, in this run:
+
+- **engine**: a live migration of an idle workload of MIB MiB (every page
+  non-zero), the destination (DestMigration into an ImageStore in a temp
+  dir) in a separate process; figure = round 0's bytes on the wire / round
+  0's duration (reading, zero detection, tracker bookkeeping, framing,
+  digests, sending -- the source's whole pipeline);
+- **raw**: one ``sendall`` stream of the same byte count over the same
+  kind of socket to a separate process that reads and discards.
+
+It prints both rates and their ratio (target >= 0.5).  The best of
+``--repeat`` runs of each is kept (timings on a shared machine are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.engine.procs import workload  # noqa: E402
+from tests.engine.tlspair import _self_signed  # noqa: E402
+
+TARGET_RATIO = 0.5
+RAW_BLOCK = 4 * 1024 * 1024
+RECV_BLOCK = 1024 * 1024
+
+
+# -- contexts ------------------------------------------------------------------------
+
+def server_ctx(certdir: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(os.path.join(certdir, "cert.pem"), os.path.join(certdir, "key.pem"))
+    return ctx
+
+
+def client_ctx(certdir: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(os.path.join(certdir, "cert.pem"))
+    return ctx
+
+
+# -- the two receiving processes -------------------------------------------------------
+
+def _listen(tls_dir: str | None):
+    srv = socket.create_server(("127.0.0.1", 0))
+    print(srv.getsockname()[1], flush=True)
+    conn, _ = srv.accept()
+    srv.close()
+    if tls_dir:
+        conn = server_ctx(tls_dir).wrap_socket(conn, server_side=True)
+    return conn
+
+
+def serve_raw(tls_dir: str | None) -> None:
+    conn = _listen(tls_dir)
+    buf = bytearray(RECV_BLOCK)
+    while conn.recv_into(buf):
+        pass
+    conn.close()
+
+
+def serve_dest(tls_dir: str | None, state_dir: str) -> None:
+    from migrated.engine.dest import DestMigration
+    from migrated.engine.transport import BlockingTransport
+    from migrated.image.store import ImageStore
+    conn = _listen(tls_dir)
+    res = DestMigration(BlockingTransport(conn, timeout=60), ImageStore(state_dir),
+                        node="bench-dest", on_event=lambda e: None).run()
+    print(json.dumps({k: res.get(k) for k in ("status", "error")}), flush=True)
+
+
+def _spawn(role: str, tls_dir: str | None, state_dir: str = "") -> tuple[subprocess.Popen, int]:
+    argv = [sys.executable, os.path.abspath(__file__), f"--serve-{role}", "--tls-dir", tls_dir or "",
+            "--state-dir", state_dir]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    port = int(p.stdout.readline())
+    return p, port
+
+
+def _connect(port: int, tls_dir: str | None):
+    s = socket.create_connection(("127.0.0.1", port))
+    if tls_dir:
+        s = client_ctx(tls_dir).wrap_socket(s, server_hostname="localhost")
+    return s
+
+
+# -- measurements -----------------------------------------------------------------------
+
+def raw_rate(nbytes: int, tls_dir: str | None) -> float:
+    p, port = _spawn("raw", tls_dir)
+    try:
+        s = _connect(port, tls_dir)
+        block = os.urandom(RAW_BLOCK)
+        left = nbytes
+        t0 = time.perf_counter()
+        while left > 0:
+            n = min(left, RAW_BLOCK)
+            s.sendall(memoryview(block)[:n])
+            left -= n
+        # The plain socket's shutdown also for TLS: a ragged EOF is fine here.
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        p.wait(60)   # the receiver has read everything
+        dt = time.perf_counter() - t0
+        s.close()
+        return nbytes / dt
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def engine_round0(pid: int, tls_dir: str | None, tracker: str) -> dict:
+    from migrated.engine.source import SendOptions, SourceMigration
+    from migrated.engine.transport import BlockingTransport
+    with tempfile.TemporaryDirectory(prefix="bench-img-") as state:
+        p, port = _spawn("dest", tls_dir, state)
+        try:
+            s = _connect(port, tls_dir)
+            rounds: list[dict] = []
+            opts = SendOptions(max_rounds=1, tracker=tracker, then="resume")
+            res = SourceMigration(pid, opts, BlockingTransport(s, timeout=60),
+                                  on_event=lambda e: rounds.append(e) if e["event"] == "round" else None).run()
+            p.wait(120)
+            if res["status"] != "completed":
+                raise SystemExit(f"engine run failed: {res.get('error')}")
+            r0 = rounds[0]
+            return {"rate": r0["bytes"] / (r0["duration_ms"] / 1000.0), "bytes": r0["bytes"],
+                    "tracker": res["tracker"]}
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tracker", default="auto")
+    ap.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-dest", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tls-dir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--state-dir", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve_raw:
+        serve_raw(a.tls_dir or None)
+        return 0
+    if a.serve_dest:
+        serve_dest(a.tls_dir or None, a.state_dir)
+        return 0
+
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as certdir, \
+            workload(mib=a.mib, rate=0) as w:
+        _self_signed(certdir)
+        print(f"workload: {a.mib} MiB idle, pid {w.pid}")
+        for name, tls in (("tcp", None), ("tls1.3", certdir)):
+            eng = [engine_round0(w.pid, tls, a.tracker) for _ in range(a.repeat)]
+            nbytes = eng[0]["bytes"]
+            raw = [raw_rate(nbytes, tls) for _ in range(a.repeat)]
+            e, r = max(x["rate"] for x in eng), max(raw)
+            ratio = e / r
+            ok &= ratio >= TARGET_RATIO
+            print(f"{name:7s} engine round 0 {e / 2**20:8.1f} MiB/s  raw {r / 2**20:8.1f} MiB/s  "
+                  f"ratio {ratio:.2f} (target >= {TARGET_RATIO})  [tracker {eng[0]['tracker']}, "
+                  f"{nbytes / 2**20:.0f} MiB]")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""`migratectl list`: migrations in flight and recently finished."""
+
+from __future__ import annotations
+
+import json
+
+from migrated.cli.client import request
+
+
+def register(sub) -> None:
+    p = sub.add_parser("list", help="migrations running and recently finished",
+                       description=__doc__)
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    res = request(args.control, {"op": "list"}) or []
+    if args.json:
+        print(json.dumps(res, default=str))
+        return 0
+    if not res:
+        print("no migrations")
+        return 0
+    fmt = "{:<14} {:<8} {:<11} {:>8} {:<22} {:>6} {:>9}  {}"
+    print(fmt.format("ID", "ROLE", "STATE", "PID", "PEER", "ROUNDS", "ELAPSED", "IMAGE/ERROR"))
+    for m in res:
+        print(fmt.format(m.get("migration_id", "?")[:14], m.get("role", "?"),
+                         m.get("state", "?"), str(m.get("pid") or "-"),
+                         str(m.get("peer") or "-")[:22], m.get("rounds", 0),
+                         f"{m.get('elapsed_s', 0):.1f}s",
+                         m.get("image_id") or m.get("error") or ""))
+    return 0

@@ -1,0 +1,281 @@
+"""The daemon's settings: defaults < TOML file < command-line flags.
+
+The TOML file uses the flags' long names as keys (``state-dir`` or
+``state_dir`` both work); an unknown key is an error so a typo never turns
+into a silently ignored setting.  A missing *default* config file is fine;
+a missing file the operator named explicitly is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import grp
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+
+from migrated.errors import MigratedError
+
+DEFAULT_CONFIG = "/etc/migrated/migrated.toml"
+DEFAULT_CONTROL = "/run/migrated/control.sock"
+DEFAULT_STATE_DIR = "/var/lib/migrated"
+# Peers reach us here.  7420 is unassigned by IANA and above 1024, so the
+# daemon needs no CAP_NET_BIND_SERVICE.  All interfaces: peers are other
+# nodes; mutual TLS decides who gets in.
+DEFAULT_PORT = 7420
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+# Concurrent migrations per direction (sending, receiving).  Each one costs
+# a thread, a socket, buffers of a few MiB and, on the destination, disk
+# bandwidth; four keeps a 2-core node responsive.
+DEFAULT_MAX_MIGRATIONS = 4
+# Sanity bound on --max-migrations: each migration is a thread with its own
+# buffers, so thousands would be a misconfiguration, not a workload.
+MAX_MAX_MIGRATIONS = 256
+LOG_FORMATS = ("kv", "json")
+
+
+class ConfigError(MigratedError):
+    pass
+
+
+@dataclass
+class Config:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    control: str = DEFAULT_CONTROL
+    state_dir: str = DEFAULT_STATE_DIR
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    allow_peer: list[str] = field(default_factory=list)
+    insecure: bool = False
+    max_migrations: int = DEFAULT_MAX_MIGRATIONS
+    log_format: str = "kv"
+    node: str = field(default_factory=socket.gethostname)
+    control_group: str | None = None
+    image_quota: int | None = None
+    min_free: int | None = None
+    thaw_journal: bool = False
+    config_file: str | None = None
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+    def control_gid(self) -> int | None:
+        if self.control_group is None:
+            return None
+        try:
+            return grp.getgrnam(self.control_group).gr_gid
+        except KeyError:
+            if self.control_group.isdigit():
+                return int(self.control_group)
+            raise ConfigError(f"control group {self.control_group!r} does not exist "
+                              "(check --control-group / control-group in the config)")
+
+    def validate(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, "
+                              f"not {self.log_format!r}")
+        if not 1 <= self.max_migrations <= MAX_MAX_MIGRATIONS:
+            raise ConfigError(f"max-migrations must be between 1 and {MAX_MAX_MIGRATIONS}, "
+                              f"not {self.max_migrations}")
+        if not self.node:
+            raise ConfigError("node name is empty (set --node)")
+        if self.thaw_journal:
+            return  # only the state dir matters for --thaw-journal
+        if not self.insecure:
+            missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if not getattr(self, n)]
+            if missing:
+                flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+                raise ConfigError(
+                    f"TLS is required but {flags} {'is' if len(missing) == 1 else 'are'} "
+                    "not set; make certificates with `migratectl certs make --dir DIR "
+                    "--nodes NAME` or run with --insecure (plaintext, trusted networks only)")
+            for n in ("tls_cert", "tls_key", "tls_ca"):
+                path = getattr(self, n)
+                if not os.path.isfile(path):
+                    raise ConfigError(f"--{n.replace('_', '-')} {path}: no such file")
+        self.control_gid()
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """"10M", "1G", "500K", "1.5G", "4096", "10MiB", "10M/s" -> bytes.
+    Suffixes are powers of 1024 (K = KiB)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"bad {what} {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        t = text.strip().upper().removesuffix("/S")
+        for tail in ("IB", "B"):
+            if t.endswith(tail) and len(t) > len(tail) and (tail == "B" or t[-3] in "KMGT"):
+                t = t[: -len(tail)]
+                break
+        unit = t[-1] if t and t[-1] in "KMGT" else ""
+        num = t[: len(t) - len(unit)]
+        try:
+            value = float(num) * _SIZE_UNITS[unit]
+        except ValueError:
+            raise ConfigError(f"bad {what} {text!r}: expected bytes or a number with "
+                              "K, M, G or T (powers of 1024), e.g. 500K, 10M, 1G") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"bad {what} {text!r}: must be positive")
+    return int(value)
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """"host", "host:port", "[v6]:port" or "v6" -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"bad address {text!r}: missing ']'")
+        port_s = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"bad address {text!r}")
+    elif text.count(":") == 1:
+        host, port_s = text.split(":")
+    else:
+        host, port_s = text, ""  # plain name, IPv4, or bare IPv6
+    if not host:
+        raise ConfigError(f"bad address {text!r}: empty host")
+    if not port_s:
+        return host, default_port
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"bad port in {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in {text!r}")
+    return host, port
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    # Every default is None so that we can tell "not given" from "given".
+    p = argparse.ArgumentParser(
+        prog="migrated",
+        description="Live-migration daemon: sends and receives process memory "
+                    "over mutual TLS; controlled by migratectl.")
+    a = p.add_argument
+    a("--config", metavar="FILE", help=f"TOML settings (default {DEFAULT_CONFIG}; "
+      "keys are the long flag names; flags override)")
+    a("--listen", metavar="HOST:PORT", help=f"where peers connect (default {DEFAULT_LISTEN})")
+    a("--control", metavar="PATH", help=f"unix socket for migratectl (default {DEFAULT_CONTROL})")
+    a("--state-dir", metavar="DIR", help=f"images and journal (default {DEFAULT_STATE_DIR})")
+    a("--tls-cert", metavar="PEM", help="this node's certificate")
+    a("--tls-key", metavar="PEM", help="this node's private key")
+    a("--tls-ca", metavar="PEM", help="the cluster CA: peers must present a cert it signed")
+    a("--allow-peer", metavar="NAME", action="append",
+      help="accept / send to only peers whose certificate CN or DNS name is NAME "
+           "(repeatable; default: any peer the CA signed)")
+    a("--insecure", action="store_true", default=None,
+      help="plaintext, no authentication (trusted test networks only)")
+    a("--max-migrations", metavar="N", type=int,
+      help=f"concurrent migrations per direction (default {DEFAULT_MAX_MIGRATIONS}); "
+           "more are refused as busy")
+    a("--log-format", choices=LOG_FORMATS, help="kv (journald friendly, default) or json")
+    a("--node", metavar="NAME", help="this node's name in logs and images (default hostname)")
+    a("--control-group", metavar="GROUP",
+      help="make the control socket 0660 for this group (default: root only, 0600)")
+    a("--thaw-journal", action="store_true", default=None,
+      help="thaw every process the journal says we froze, then exit (for ExecStopPost)")
+    a("--image-quota", metavar="SIZE",
+      help="most bytes of images kept in the state dir (e.g. 50G; default unlimited)")
+    a("--min-free", metavar="SIZE",
+      help="free space to keep on the state dir's filesystem (default: the image store's)")
+    return p
+
+
+# TOML key -> (Config attribute, expected python type(s))
+_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "listen": ("listen", (str,)),
+    "control": ("control", (str,)),
+    "state_dir": ("state_dir", (str,)),
+    "tls_cert": ("tls_cert", (str,)),
+    "tls_key": ("tls_key", (str,)),
+    "tls_ca": ("tls_ca", (str,)),
+    "allow_peer": ("allow_peer", (list, str)),
+    "insecure": ("insecure", (bool,)),
+    "max_migrations": ("max_migrations", (int,)),
+    "log_format": ("log_format", (str,)),
+    "node": ("node", (str,)),
+    "control_group": ("control_group", (str, int)),
+    "image_quota": ("image_quota", (str, int)),
+    "min_free": ("min_free", (str, int)),
+}
+
+
+def read_toml(path: str, explicit: bool) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    out = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key not in _KEYS:
+            raise ConfigError(f"config file {path}: unknown key {raw_key!r} "
+                              f"(known: {', '.join(k.replace('_', '-') for k in _KEYS)})")
+        attr, types = _KEYS[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"config file {path}: {raw_key} must not be a boolean")
+        if not isinstance(value, types):
+            raise ConfigError(f"config file {path}: {raw_key} has the wrong type "
+                              f"({type(value).__name__})")
+        if key == "allow_peer":
+            value = [value] if isinstance(value, str) else value
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"config file {path}: allow-peer must be a list of names")
+        out[key] = value
+    return out
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    args = build_arg_parser().parse_args(argv)
+    return config_from(args)
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    explicit = args.config is not None
+    path = args.config if explicit else DEFAULT_CONFIG
+    settings = read_toml(path, explicit)
+    from_file = bool(settings)
+    # Flags override the file.
+    for key in _KEYS:
+        v = getattr(args, key, None)
+        if v is not None:
+            settings[key] = v
+    cfg = Config(config_file=path if (explicit or from_file) else None)
+    for key, value in settings.items():
+        if key == "listen":
+            cfg.listen_host, cfg.listen_port = parse_hostport(value)
+        elif key == "control_group":
+            cfg.control_group = str(value)
+        elif key in ("image_quota", "min_free"):
+            setattr(cfg, key, parse_size(value, key.replace("_", "-")))
+        else:
+            setattr(cfg, _KEYS[key][0], value)
+    cfg.thaw_journal = bool(args.thaw_journal)
+    cfg.allow_peer = list(dict.fromkeys(cfg.allow_peer))
+    cfg.validate()
+    return cfg
+
+
+def as_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

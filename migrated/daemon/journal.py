@@ -1,0 +1,208 @@
+"""The frozen-PID journal: a process we froze is thawed even if we die.
+
+Format: one small JSON file per frozen PID, ``<state-dir>/frozen/<pid>.json``
+holding ``{"pid", "starttime", "boot_id", "mid", "frozen_at"}``.  A record
+is written to a temporary name, fsynced, renamed into place and the
+directory fsynced -- all *before* the engine sends SIGSTOP -- so after a
+crash at any instant the record either is complete or does not exist, and
+a process we stopped always has one.  Thawing removes it (after SIGCONT).
+
+Replay (daemon start, ``migrated --thaw-journal`` from ExecStopPost): for
+each record, open a pidfd first, then read /proc/PID/stat; only if the
+start time (and boot) match the record is it the process we froze -- a
+recycled PID has another start time and is left alone.  If it is stopped
+(state T) it gets SIGCONT through the pidfd, so the signal can never reach
+a process that took the PID over in between.  The record is then removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from migrated.errors import MigratedError, NoSuchProcess
+from migrated.kernel import procfs
+
+JOURNAL_SUBDIR = "frozen"
+# A record is a few hundred bytes; anything bigger is not ours.
+MAX_RECORD_BYTES = 4096
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Record:
+    pid: int
+    starttime: int
+    boot_id: str = ""
+    mid: str = ""
+    frozen_at: float = 0.0
+
+
+@dataclass
+class ReplayResult:
+    thawed: list[int]
+    not_stopped: list[int]      # ours, but already running again
+    gone: list[int]             # exited, or PID recycled, or another boot
+    failed: list[int]           # kept for the next replay
+
+    def as_dict(self) -> dict:
+        return {"thawed": self.thawed, "not_stopped": self.not_stopped,
+                "gone": self.gone, "failed": self.failed}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FrozenJournal:
+    def __init__(self, state_dir: str, log=None):
+        self.dir = os.path.join(state_dir, JOURNAL_SUBDIR)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.log = log
+        self._boot = boot_id()
+        self._lock = threading.Lock()
+
+    def _path(self, pid: int) -> str:
+        return os.path.join(self.dir, f"{int(pid)}.json")
+
+    # -- engine hooks (called from worker threads) --------------------------
+
+    def on_freeze(self, pid: int, starttime: int, mid: str = "") -> None:
+        """Durably record that we are about to stop ``pid``.  Raises on
+        failure: the engine must not freeze a process it could not journal."""
+        rec = {"pid": int(pid), "starttime": int(starttime), "boot_id": self._boot,
+               "mid": mid, "frozen_at": time.time()}
+        data = json.dumps(rec).encode()
+        final = self._path(pid)
+        tmp = f"{final}.tmp.{threading.get_ident()}"
+        with self._lock:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)
+                _fsync_dir(self.dir)
+            except OSError as e:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise MigratedError(
+                    f"cannot journal frozen process {pid} in {self.dir}: {e.strerror}; "
+                    "refusing to freeze it (check the state dir is writable)") from e
+
+    def on_thaw(self, pid: int) -> None:
+        with self._lock:
+            try:
+                os.unlink(self._path(pid))
+            except FileNotFoundError:
+                return
+            _fsync_dir(self.dir)
+
+    # -- reading and replay -------------------------------------------------
+
+    def records(self) -> list[Record]:
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, name)
+            if ".tmp." in name:
+                # A write that never reached its rename: the freeze it was
+                # guarding never happened (SIGSTOP follows the rename).
+                _unlink_quiet(path)
+                continue
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(MAX_RECORD_BYTES + 1)
+                d = json.loads(raw)
+                rec = Record(pid=int(d["pid"]), starttime=int(d["starttime"]),
+                             boot_id=str(d.get("boot_id", "")), mid=str(d.get("mid", "")),
+                             frozen_at=float(d.get("frozen_at", 0.0)))
+                if len(raw) > MAX_RECORD_BYTES or name != f"{rec.pid}.json":
+                    raise ValueError("not a journal record")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self._log("error", "journal_bad_record", file=path, error=str(e))
+                continue
+            out.append(rec)
+        return out
+
+    def replay(self) -> ReplayResult:
+        res = ReplayResult([], [], [], [])
+        for rec in self.records():
+            outcome = self._replay_one(rec)
+            getattr(res, outcome).append(rec.pid)
+            if outcome != "failed":
+                self.on_thaw(rec.pid)
+        return res
+
+    def _replay_one(self, rec: Record) -> str:
+        mid = rec.mid or None
+        if rec.boot_id and self._boot and rec.boot_id != self._boot:
+            self._log("info", "journal_stale", mid, pid=rec.pid, reason="record from an earlier boot")
+            return "gone"
+        try:
+            pidfd = os.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            self._log("info", "journal_gone", mid, pid=rec.pid, reason="process exited")
+            return "gone"
+        except OSError as e:
+            self._log("error", "journal_thaw_failed", mid, pid=rec.pid, error=e.strerror)
+            return "failed"
+        try:
+            try:
+                st = procfs.read_stat(rec.pid)
+            except NoSuchProcess:
+                self._log("info", "journal_gone", mid, pid=rec.pid, reason="process exited")
+                return "gone"
+            if st.starttime != rec.starttime:
+                self._log("warning", "journal_recycled", mid, pid=rec.pid,
+                          reason="PID now belongs to another process (start time differs); left alone",
+                          journal_starttime=rec.starttime, starttime=st.starttime)
+                return "gone"
+            if st.state != "T":
+                self._log("info", "journal_not_stopped", mid, pid=rec.pid, state=st.state)
+                return "not_stopped"
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+            except ProcessLookupError:
+                return "gone"
+            except OSError as e:
+                self._log("error", "journal_thaw_failed", mid, pid=rec.pid, error=e.strerror)
+                return "failed"
+            self._log("warning", "journal_thawed", mid, pid=rec.pid,
+                      frozen_s=round(time.time() - rec.frozen_at, 3) if rec.frozen_at else None)
+            return "thawed"
+        finally:
+            os.close(pidfd)
+
+    def _log(self, level: str, event: str, mid: str | None = None, **fields) -> None:
+        if self.log is not None:
+            self.log.line(event, mid, level, **fields)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,237 @@
+"""`migrated`: the daemon's entry point and lifecycle.
+
+Start: read settings, take the state-dir lock (one daemon per state dir),
+remove partial images, replay the frozen-PID journal (thaw what a previous
+instance left stopped), open the peer listener and the control socket,
+tell systemd READY=1.  SIGTERM/SIGINT: cancel every migration (the engine
+thaws its target), wait for them up to ``SHUTDOWN_GRACE_S``, replay the
+journal once more for anything left, exit 0.
+
+``migrated --thaw-journal`` only replays the journal and exits (the unit's
+ExecStopPost); it refuses to run while a daemon holds the state dir, whose
+journaled processes are frozen on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+
+from migrated.daemon.config import Config, ConfigError, build_arg_parser, config_from
+from migrated.daemon.journal import FrozenJournal
+from migrated.daemon.log import EventLog
+from migrated.daemon.sdnotify import Notifier
+from migrated.errors import MigratedError
+
+# On SIGTERM, migrations get this long to thaw their targets and close
+# cleanly; well under systemd's default TimeoutStopSec (90 s).
+SHUTDOWN_GRACE_S = 15.0
+LOCK_NAME = "migrated.lock"
+
+try:
+    from importlib.metadata import version as _pkg_version
+    VERSION = _pkg_version("migrated")
+except Exception:   # noqa: BLE001
+    VERSION = "0"
+
+
+class StateDirLocked(MigratedError):
+    pass
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """flock the state dir's lock file; the fd stays open for our lifetime."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirLocked(f"another migrated is running with state dir {state_dir} "
+                             "(its lock is held)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class Daemon:
+    def __init__(self, cfg: Config, log: EventLog):
+        self.cfg = cfg
+        self.log = log
+        self.notifier = Notifier()
+        self.journal = FrozenJournal(cfg.state_dir, log)
+        self.manager = None
+        self.listener = None
+        self.control = None
+        self._stop = None
+        self.started = time.time()
+
+    def _contexts(self):
+        if self.cfg.insecure:
+            return None, None
+        from migrated.daemon import tls
+        return (tls.server_context(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_ca),
+                tls.client_context(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_ca))
+
+    def _open_store(self):
+        try:
+            from migrated.image import ImageStore
+        except ImportError as e:
+            self.log.error("no_image_store", error=str(e), reason="receiving is disabled")
+            return None
+        kwargs = {}
+        if self.cfg.image_quota is not None:
+            kwargs["quota_bytes"] = self.cfg.image_quota
+        if self.cfg.min_free is not None:
+            kwargs["min_free_bytes"] = self.cfg.min_free
+        store = ImageStore(self.cfg.state_dir, **kwargs)
+        n = store.cleanup_partials()
+        if n:
+            self.log.warning("partials_removed", count=n,
+                             reason="incomplete images from an earlier run")
+        return store
+
+    def info(self) -> dict:
+        m = self.manager
+        return {"node": self.cfg.node, "version": VERSION, "pid": os.getpid(),
+                "listen": (f"{self.listener.address[0]}:{self.listener.address[1]}"
+                           if self.listener and self.listener.sock else self.cfg.listen),
+                "tls": not self.cfg.insecure, "allow_peer": self.cfg.allow_peer,
+                "max_migrations": self.cfg.max_migrations,
+                "sending": len(m.active("send")), "receiving": len(m.active("receive")),
+                "completed": m.completed, "failed": m.failed,
+                "uptime_s": round(time.time() - self.started, 1),
+                "state_dir": self.cfg.state_dir}
+
+    async def run(self) -> int:
+        from migrated.daemon.control import ControlServer
+        from migrated.daemon.listener import PeerListener
+        from migrated.daemon.manager import Manager
+
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        server_ctx, client_ctx = self._contexts()
+        replay = self.journal.replay()
+        if any(replay.as_dict().values()):
+            self.log.warning("journal_replayed", **{k: len(v) for k, v in replay.as_dict().items()})
+        store = self._open_store()
+        self.manager = Manager(node=cfg.node, max_migrations=cfg.max_migrations, log=self.log,
+                               journal=self.journal, notifier=self.notifier,
+                               client_ctx=client_ctx, server_ctx=server_ctx,
+                               allow_peer=cfg.allow_peer, store=store)
+        self.manager.bind_loop(loop)
+        self.listener = PeerListener(cfg.listen_host, cfg.listen_port, self.manager, self.log)
+        self.listener.open()
+        self.control = ControlServer(cfg.control, self.manager, self.log,
+                                     gid=cfg.control_gid(), info=self.info)
+        try:
+            await self.control.start()
+        except BaseException:
+            self.listener.close()
+            raise
+        self.listener.start()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        host, port = self.listener.address
+        self.log.info("ready", node=cfg.node, listen=f"{host}:{port}", control=cfg.control,
+                      tls=not cfg.insecure, allow_peer=cfg.allow_peer or None,
+                      max_migrations=cfg.max_migrations, state_dir=cfg.state_dir,
+                      version=VERSION, pid=os.getpid())
+        if cfg.insecure:
+            self.log.warning("insecure", reason="--insecure: peers are not authenticated and "
+                             "memory crosses the network in plaintext")
+        self.notifier.ready(self.manager.status_line())
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("signal", signal=signal.Signals(sig).name)
+        if self._stop is not None:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        if self.listener is not None:
+            self.listener.close()
+        n = self.manager.cancel_all("daemon shutting down") if self.manager else 0
+        if n:
+            self.log.warning("shutdown_cancel", count=n, grace_s=SHUTDOWN_GRACE_S)
+            if not await self.manager.wait_idle(SHUTDOWN_GRACE_S):
+                self.log.error("shutdown_timeout",
+                               reason="migrations did not stop in time; thawing from the journal")
+        if self.control is not None:
+            await self.control.close()
+        leftover = self.journal.replay()
+        if leftover.thawed:
+            self.log.warning("journal_replayed", thawed=leftover.thawed)
+        self.log.info("stopped")
+
+
+def thaw_journal(cfg: Config, log: EventLog) -> int:
+    try:
+        fd = lock_state_dir(cfg.state_dir)
+    except StateDirLocked as e:
+        log.error("thaw_refused", error=str(e),
+                  reason="its frozen processes belong to running migrations")
+        return 1
+    try:
+        res = FrozenJournal(cfg.state_dir, log).replay()
+        log.info("journal_replayed", **{k: len(v) for k, v in res.as_dict().items()},
+                 thawed_pids=res.thawed or None)
+        return 0 if not res.failed else 1
+    finally:
+        os.close(fd)
+
+
+def _install_uvloop():
+    try:
+        import uvloop
+        return uvloop
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from(args)
+    except ConfigError as e:
+        print(f"migrated: {e}", file=sys.stderr)
+        return 2
+    log = EventLog(cfg.log_format, node=cfg.node)
+    if cfg.thaw_journal:
+        return thaw_journal(cfg, log)
+    try:
+        lock_fd = lock_state_dir(cfg.state_dir)
+    except (StateDirLocked, OSError) as e:
+        log.error("startup_failed", error=str(e))
+        return 1
+    daemon = Daemon(cfg, log)
+    uvloop = _install_uvloop()
+    try:
+        if uvloop is not None:
+            return uvloop.run(daemon.run())
+        return asyncio.run(daemon.run())
+    except (MigratedError, OSError) as e:
+        log.error("startup_failed", error=str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""The destination side: drive a DestConnection into an image writer.
+
+:class:`DestMigration` runs in a worker thread over a blocking transport
+the daemon accepted (docs/ARCHITECTURE.md, "Engine <-> daemon seam"):
+
+    Hello -> Welcome          (versions and capabilities agreed)
+    Start -> Accept           (ImageStore.begin: quota and free space are
+                               checked here, before any page is accepted)
+    Layout/Pages/Zeros/Dropped -> the ImageWriter, as they arrive (pages go
+                               to disk at once; nothing holds the image)
+    RoundEnd, Freeze, FinalEnd -> progress events
+    CommitRequest -> writer.commit() -> Committed(image_id, digest)
+
+Any failure (protocol violation, quota, disk full, a silent or vanished
+peer, a cancel) aborts the writer -- the partial image is removed -- and,
+when the link still works, sends Error (or Cancel) to the source before
+closing.  Every wait has a timeout: a silent peer costs seconds, not a
+stuck worker.  ``run()`` never raises for a migration failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from migrated.engine.transport import (BlockingTransport, Channel, PeerClosed,
+                                       TransportError, TransportTimeout)
+from migrated.errors import ImageError, MigratedError, ProtocolError, QuotaExceeded
+from migrated.image.manifest import PAGES_NAME
+from migrated.wire import events as ev
+from migrated.wire import limits as L
+from migrated.wire.connection import NEED_DATA, DestConnection
+
+log = logging.getLogger("migrated.engine.dest")
+
+# Capabilities this destination understands (echoed if the source offers them).
+CAPABILITIES = ("zeros",)
+
+# How long we try to tell the source why we stop before closing anyway.
+GOODBYE_TIMEOUT_S = 2.0
+
+# After cancel(), the worker is woken by shutting the transport down after
+# this grace (it first tries to send Cancel at its next message).
+CANCEL_GRACE_S = 1.0
+
+_FLAG_NAMES = ((ev.MAP_FLAG_DELETED, "deleted"), (ev.MAP_FLAG_HEAP, "heap"),
+               (ev.MAP_FLAG_STACK, "stack"))
+
+
+@dataclass
+class DestLimits:
+    """Bounds the destination imposes on one incoming migration."""
+    # Pages per Pages message we accept (the protocol's maximum by default).
+    max_batch_pages: int = L.MAX_BATCH_PAGES
+    # Page data this migration may send (Accept.quota_bytes); None = what the
+    # image store has room for, capped at the protocol's u63.
+    quota_bytes: int | None = None
+    handshake_timeout_s: float = L.HANDSHAKE_TIMEOUT_S
+    # Silence tolerated between messages while streaming (the source sends
+    # keepalives every KEEPALIVE_INTERVAL_S while it is busy elsewhere).
+    idle_timeout_s: float = L.IDLE_TIMEOUT_S
+
+
+class _Flusher:
+    """Flushes the partial image's page file to disk in the background after
+    each live round, so the fsync inside commit -- which the source waits
+    for while its process is frozen -- only has the final delta left to
+    write.  One flush at a time; a kick while one runs asks for another."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._kick = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._fd = -1
+        self._thread = threading.Thread(target=self._loop, name="migrated-flush", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        self._idle.clear()
+        self._kick.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            if self._stop:
+                break
+            try:
+                if self._fd < 0:
+                    self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                os.fdatasync(self._fd)
+            except OSError:
+                pass   # commit's own fsync reports real trouble
+            if not self._kick.is_set():
+                self._idle.set()
+        self._idle.set()
+
+    def close(self, wait: bool) -> None:
+        if wait:
+            self._idle.wait()
+        self._stop = True
+        self._kick.set()
+        self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _Abort(MigratedError):
+    def __init__(self, status: str, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def mapping_record(m: ev.MappingInfo) -> dict:
+    """A wire MappingInfo as the image store's mapping record."""
+    return {"start": m.start, "end": m.end, "perms": m.perms, "offset": m.offset,
+            "kind": m.kind, "path": m.path,
+            "flags": [name for bit, name in _FLAG_NAMES if m.flags & bit],
+            "deleted": bool(m.flags & ev.MAP_FLAG_DELETED)}
+
+
+class DestMigration:
+    def __init__(self, transport: BlockingTransport, store, *, node: str = "",
+                 on_event: Callable[[dict], None] = print,
+                 limits: DestLimits | None = None):
+        self.transport = transport
+        self.store = store
+        self.node = node or socket.gethostname() or "destination"
+        self.on_event = on_event
+        self.limits = limits or DestLimits()
+        self.peer = transport.peer
+        seq = itertools.count()
+        self.channel = Channel(DestConnection(), transport, NEED_DATA,
+                               lambda: ev.Keepalive(next(seq)))
+        self.migration_id = ""
+        self.writer = None
+        self.rounds: list[dict] = []
+        self._cancel_reason: str | None = None
+        self._cancel_timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._freeze_at: float | None = None
+        self._flusher: _Flusher | None = None
+
+    def cancel(self, reason: str = "cancelled by operator") -> None:
+        with self._lock:
+            if self._cancel_reason is not None:
+                return
+            self._cancel_reason = reason or "cancelled"
+            self._cancel_timer = threading.Timer(CANCEL_GRACE_S, self.transport.shutdown)
+            self._cancel_timer.daemon = True
+            self._cancel_timer.start()
+
+    # -- run ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {"status": "failed", "image_id": None, "digest": None,
+                                  "migration_id": None, "peer": self.peer,
+                                  "source_node": None, "pid": None, "rounds": self.rounds}
+        try:
+            image_id, digest = self._receive(result)
+            result.update(status="completed", image_id=image_id, digest=digest)
+        except BaseException as e:  # noqa: BLE001 -- every failure becomes a summary
+            status, code, message = self._classify(e)
+            self._abort_writer()
+            result.update(status=status, error_code=code,
+                          error=f"incoming migration {self.migration_id or '(no id yet)'} "
+                                f"from {self.peer} {'was cancelled' if status == 'cancelled' else 'failed'}: "
+                                f"{message}; the partial image was removed")
+            self._goodbye(status, code, message, e)
+            if not isinstance(e, (MigratedError, OSError)):
+                log.exception("incoming migration from %s: unexpected error", self.peer)
+        finally:
+            with self._lock:
+                if self._cancel_timer is not None:
+                    self._cancel_timer.cancel()
+            self._stop_flusher(wait=False)
+            self.transport.close()          # first: wakes a keepalive blocked in send
+            self.channel.stop_keepalive()
+        result.update(migration_id=self.migration_id or None,
+                      total_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+                      bytes_received=self.transport.bytes_received)
+        self._emit({"event": "end", **{k: v for k, v in result.items() if k != "rounds"}})
+        return result
+
+    def _receive(self, result: dict) -> tuple[str, str]:
+        lim = self.limits
+        ch = self.channel
+        hello = self._wait(lim.handshake_timeout_s, "Hello", ev.Hello)
+        self.migration_id = hello.migration_id
+        caps = tuple(c for c in hello.capabilities if c in CAPABILITIES)
+        ch.send_event(ev.Welcome(max(set(hello.versions) & set(L.SUPPORTED_VERSIONS)),
+                                 self.node, caps))
+        start = self._wait(lim.handshake_timeout_s, "Start", ev.Start)
+        result.update(source_node=hello.node, pid=start.pid, migration_id=hello.migration_id)
+        meta = {"pid": start.pid, "cmdline": list(start.cmdline), "exe": start.exe,
+                "source_node": hello.node, "migration_id": hello.migration_id,
+                "tracker": start.tracker, "options": dict(start.options)}
+        try:
+            self.writer = self.store.begin(meta, start.estimated_bytes)
+        except QuotaExceeded as e:
+            raise _Abort("failed", "disk-full" if _is_disk_full(e) else "quota", str(e)) from e
+        quota = lim.quota_bytes
+        if quota is None:
+            quota = getattr(self.store, "quota_bytes", None)
+        quota = L.U63_MAX if quota is None else min(int(quota), L.U63_MAX)
+        ch.send_event(ev.Accept(min(lim.max_batch_pages, L.MAX_BATCH_PAGES,
+                                    L.MAX_BATCH_BYTES // start.page_size), quota))
+        self._emit({"event": "start", "peer": self.peer, "source_node": hello.node,
+                    "pid": start.pid, "tracker": start.tracker,
+                    "estimated_bytes": start.estimated_bytes, "image_id": self.writer.image_id})
+        w = self.writer
+        path = getattr(w, "path", None)
+        if path:
+            self._flusher = _Flusher(os.path.join(path, PAGES_NAME))
+        while True:
+            got = self._wait(lim.idle_timeout_s, "the next message", None)
+            if isinstance(got, ev.Pages):
+                w.write_pages(got.runs, got.data)
+            elif isinstance(got, ev.Dropped):      # (a subclass of Zeros: test first)
+                w.drop(got.runs)
+            elif isinstance(got, ev.Zeros):
+                w.write_zeros(got.runs)
+            elif isinstance(got, ev.Layout):
+                w.set_layout(mapping_record(m) for m in got.mappings)
+            elif isinstance(got, ev.RoundEnd):
+                fig = {"round": got.round, "pages": got.pages, "bytes": got.bytes,
+                       "duration_ms": round(got.duration_ms, 3),
+                       "dirty_rate": round(got.dirty_rate, 1),
+                       "bandwidth": round(got.bandwidth, 1), "pause_ms": round(got.pause_ms, 3)}
+                self.rounds.append(fig)
+                if self._flusher is not None:
+                    self._flusher.kick()
+                self._emit({"event": "round", **fig})
+            elif isinstance(got, ev.Freeze):
+                self._freeze_at = time.perf_counter()
+                self._emit({"event": "freeze", "round": got.round})
+            elif isinstance(got, ev.FinalEnd):
+                pass
+            elif isinstance(got, ev.CommitRequest):
+                return self._commit(got)
+            else:
+                self._unexpected(got)
+
+    def _commit(self, req: ev.CommitRequest) -> tuple[str, str]:
+        w = self.writer
+        totals = w.totals()
+        held = totals["data_pages"] + totals["zero_pages"]
+        if req.pages != held:
+            raise _Abort("failed", "bad-pages",
+                         f"the source says the image holds {req.pages} pages, "
+                         f"{held} arrived")
+        # fsync of a large image can take longer than the source's idle
+        # timeout: keep the link alive meanwhile.
+        self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
+        t0 = time.perf_counter()
+        try:
+            self._stop_flusher(wait=True)
+            image_id, digest = w.commit({"migration_id": self.migration_id})
+        finally:
+            self.channel.stop_keepalive()
+        commit_ms = (time.perf_counter() - t0) * 1000.0
+        self.channel.send_event(ev.Committed(image_id, digest))
+        frozen_ms = None if self._freeze_at is None else \
+            round((time.perf_counter() - self._freeze_at) * 1000.0, 3)
+        self._emit({"event": "commit", "image_id": image_id, "digest": digest,
+                    "commit_ms": round(commit_ms, 3), "since_freeze_ms": frozen_ms})
+        return image_id, digest
+
+    def _stop_flusher(self, wait: bool) -> None:
+        if self._flusher is not None:
+            self._flusher.close(wait)
+            self._flusher = None
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def _wait(self, timeout: float, what: str, want: type | None):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._cancel_reason is not None:
+                raise _Abort("cancelled", "cancelled", self._cancel_reason)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportTimeout(self.peer, f"{self.peer} sent no {what} within "
+                                                  f"{timeout:g} s")
+            got = self.channel.next_event(left)
+            if isinstance(got, ev.Keepalive):
+                deadline = time.monotonic() + timeout
+                continue
+            if want is None or isinstance(got, want):
+                return got
+            self._unexpected(got)
+
+    def _unexpected(self, got) -> None:
+        if isinstance(got, ev.Error):
+            raise _Abort("failed", got.code, f"the source reported an error ({got.code}): "
+                                             f"{got.message}")
+        if isinstance(got, ev.Cancel):
+            raise _Abort("cancelled", "cancelled", f"the source cancelled: {got.reason}")
+        if isinstance(got, ev.ConnectionClosed):
+            raise PeerClosed(self.peer, f"{self.peer} closed the connection before the "
+                                        "commit request")
+        raise ProtocolError("out-of-state", f"unexpected {type(got).__name__} from {self.peer}")
+
+    # -- failure --------------------------------------------------------------------------
+
+    def _classify(self, e: BaseException) -> tuple[str, str, str]:
+        if isinstance(e, _Abort):
+            return e.status, e.code, str(e)
+        if self._cancel_reason is not None:
+            return "cancelled", "cancelled", self._cancel_reason
+        if isinstance(e, QuotaExceeded):
+            return "failed", "disk-full" if _is_disk_full(e) else "quota", str(e)
+        if isinstance(e, ImageError):
+            code = "bad-pages" if type(e).__name__ == "LayoutViolation" else "internal"
+            return "failed", code, str(e)
+        if isinstance(e, ProtocolError):
+            return "failed", e.code, f"protocol error from {self.peer}: {e.message}"
+        if isinstance(e, TransportTimeout):
+            return "failed", "timeout", str(e)
+        if isinstance(e, TransportError):
+            return "failed", "internal", str(e)
+        if isinstance(e, MigratedError):
+            return "failed", "internal", str(e)
+        if isinstance(e, OSError):
+            return "failed", "internal", f"{e.strerror or e}"
+        return "failed", "internal", f"internal error: {type(e).__name__}: {e}"
+
+    def _abort_writer(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.abort()
+            except Exception:  # noqa: BLE001
+                log.exception("removing partial image %s", getattr(self.writer, "image_id", "?"))
+
+    def _goodbye(self, status: str, code: str, message: str, cause: BaseException) -> None:
+        if self.transport.closed or (isinstance(cause, TransportError)
+                                     and not isinstance(cause, TransportTimeout)):
+            return   # the link is gone: nothing can be said (a silent peer
+            #          may still read: try, bounded by GOODBYE_TIMEOUT_S)
+        self.channel.stop_keepalive(GOODBYE_TIMEOUT_S)
+        try:
+            self.transport.set_timeout(GOODBYE_TIMEOUT_S)
+            text = message.encode("utf-8", "replace")[:L.MAX_TEXT_BYTES].decode("utf-8", "ignore")
+            if status == "cancelled" and code == "cancelled":
+                self.channel.send_event(ev.Cancel(text))
+            else:
+                self.channel.send_event(ev.Error(code if code in ev.ERROR_CODES else "internal",
+                                                 text))
+        except Exception:  # noqa: BLE001 -- best effort
+            pass
+
+    def _emit(self, event: dict) -> None:
+        event.setdefault("migration_id", self.migration_id or None)
+        event.setdefault("role", "dest")
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001
+            log.exception("on_event callback failed")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return type(e).__name__ == "DiskFull"

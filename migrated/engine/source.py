@@ -1,0 +1,757 @@
+"""The source side of a live migration: pre-copy rounds, freeze, commit.
+
+:class:`SourceMigration` runs in a worker thread over a blocking transport
+(docs/ARCHITECTURE.md, "Engine <-> daemon seam")::
+
+    Hello -> Welcome, Start -> Accept            handshake
+    round 0: Layout, Pages/Zeros ..., RoundEnd    everything present
+    round n: [Layout], Dropped, Pages/Zeros, RoundEnd   what was written
+    ... until the ConvergencePolicy says stop (policy.py), then
+    SIGSTOP, final collect, Freeze, [Layout], Dropped, Pages/Zeros,
+    FinalEnd, CommitRequest -> Committed, then apply ``then``.
+
+Reading and sending are pipelined: a reader thread fills one buffer with
+process_vm_readv while the engine thread sends the previous one (both
+release the GIL).  Zero pages are found with numpy per buffer and sent as
+Zeros runs.  Nothing loops in Python once per page.
+
+Until the Committed acknowledgement arrives, any failure or cancel thaws
+the target if we froze it, tells the peer (Error or Cancel) when the link
+still works, and returns a summary with status "failed"/"cancelled" and an
+error for humans.  ``run()`` never raises for a migration failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from migrated.engine.policy import TIMEOUT_MESSAGE, ConvergencePolicy
+from migrated.engine.transport import (BlockingTransport, Channel, PeerClosed, TokenBucket,
+                                       TransportError, TransportTimeout)
+from migrated.errors import MigratedError, ProtocolError
+from migrated.kernel import procfs
+from migrated.kernel.freezer import Freezer
+from migrated.kernel.maps import Layout as KLayout
+from migrated.kernel.maps import read_layout
+from migrated.kernel.probe import select_tracker
+from migrated.kernel.reader import MemReader
+from migrated.kernel.trackers import make_tracker
+from migrated.runs import PAGE_SIZE, PageRuns
+from migrated.wire import events as ev
+from migrated.wire import limits as L
+from migrated.wire.connection import NEED_DATA, SourceConnection
+
+log = logging.getLogger("migrated.engine.source")
+
+THEN_CHOICES = ("stop", "resume", "kill")
+
+# Reader buffer per pipeline stage.  Two stages of 8 MiB: process_vm_readv
+# runs near memcpy speed at this size (KERNEL.md: 4.5 GB/s at 16 MiB, 1.3 at
+# 64 KiB) and two batches of 4 MiB fit in each.
+READ_BUFFER_BYTES = 8 * 1024 * 1024
+PIPELINE_DEPTH = 2
+
+# After cancel(), the worker gets this long to notice the flag between
+# batches and say Cancel to the peer; then the transport is shut down so a
+# worker blocked on a stalled peer wakes up too.
+CANCEL_GRACE_S = 1.0
+
+# The freeze must take hold within this (threads in D state may delay it);
+# longer means something is wrong with the target: fail and thaw.
+FREEZE_TIMEOUT_S = 5.0
+
+# How long we try to tell the peer why we stop before closing anyway.
+GOODBYE_TIMEOUT_S = 2.0
+
+# Capabilities this engine offers in Hello (the destination picks).
+CAPABILITIES = ("zeros",)
+
+
+@dataclass
+class SendOptions:
+    downtime_ms: int = 300
+    max_rounds: int = 30
+    max_bandwidth: float | None = None
+    tracker: str = "auto"
+    then: str = "stop"
+    timeout_s: float = 600.0
+    plateau_rounds: int = 3
+    migration_id: str = ""
+    node: str = ""
+
+
+class MigrationAborted(MigratedError):
+    """Internal: stop the migration with this status/code/message."""
+
+    def __init__(self, status: str, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PeerError(MigratedError):
+    """The destination sent Error or Cancel."""
+
+    def __init__(self, code: str, message: str, cancelled: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.cancelled = cancelled
+
+
+# -- helpers ---------------------------------------------------------------------
+
+def new_migration_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def mapping_info(m) -> ev.MappingInfo:
+    flags = 0
+    if m.deleted:
+        flags |= ev.MAP_FLAG_DELETED
+    if m.path == "[heap]":
+        flags |= ev.MAP_FLAG_HEAP
+    if m.path == "[stack]" or m.path.startswith("[stack:"):
+        flags |= ev.MAP_FLAG_STACK
+    return ev.MappingInfo(m.start, m.end, m.perms, m.offset, m.path, m.kind, flags)
+
+
+def split_zero_pages(runs: PageRuns, data: memoryview) -> tuple[PageRuns, PageRuns, memoryview]:
+    """(zero_runs, data_runs, data_bytes) for a buffer holding ``runs``.
+
+    Vectorised: first look at one word per page (a page whose first word is
+    non-zero is not a zero page: nearly all of them, in one strided pass),
+    then check only the candidates in full."""
+    n = runs.total_pages()
+    words = np.frombuffer(data, dtype=np.uint64, count=n * (PAGE_SIZE // 8)).reshape(n, PAGE_SIZE // 8)
+    cand = np.flatnonzero(words[:, 0] == 0)
+    if cand.size == 0:
+        return PageRuns.empty(), runs, data
+    zero_idx = cand[~words[cand].any(axis=1)]
+    if zero_idx.size == 0:
+        return PageRuns.empty(), runs, data
+    if zero_idx.size == n:
+        return runs, PageRuns.empty(), memoryview(b"")
+    addrs = runs.page_addresses()
+    zero_runs = PageRuns(addrs[zero_idx], np.ones(zero_idx.size, np.uint64))
+    keep = np.ones(n, bool)
+    keep[zero_idx] = False
+    return zero_runs, runs.subtract(zero_runs), memoryview(words[keep]).cast("B")
+
+
+def slice_runs(runs: PageRuns, max_runs: int) -> Iterator[PageRuns]:
+    """Pieces of at most ``max_runs`` runs (for Zeros/Dropped messages)."""
+    for i in range(0, len(runs), max_runs):
+        yield PageRuns(runs.starts[i:i + max_runs], runs.counts[i:i + max_runs], normalized=True)
+
+
+@dataclass
+class _Prepared:
+    """One buffer of pages, read and split, ready to be sent."""
+    runs: PageRuns          # pages read (data + zero)
+    failed: PageRuns        # pages that could not be read
+    zero_runs: PageRuns
+    data_runs: PageRuns
+    data: memoryview        # bytes of data_runs, back to back
+
+
+class _Pipeline:
+    """Read, split and account chunks of ``runs`` in a helper thread,
+    ``len(readers)`` buffers ahead of the consumer.  A buffer is reused only
+    after the consumer handed it back (its next ``__next__`` call).
+
+    ``on_read(runs, data)`` is called in the helper thread with the exact
+    bytes about to be sent (the tracker's ``sent``): if sending then fails,
+    the whole migration fails, so confirming a moment early is safe."""
+
+    _END = object()
+
+    def __init__(self, readers: list[MemReader], runs: PageRuns, piece_pages: int,
+                 on_read: Callable[[PageRuns, memoryview], None]):
+        self.readers = readers
+        self.on_read = on_read
+        self.q: queue.Queue = queue.Queue()
+        self.free = threading.Semaphore(len(readers))
+        self.stop = threading.Event()
+        self._held = False
+        self.thread = threading.Thread(target=self._produce, args=(runs, piece_pages),
+                                       name="migrated-reader", daemon=True)
+        self.thread.start()
+
+    def _produce(self, runs: PageRuns, piece_pages: int) -> None:
+        try:
+            for i, piece in enumerate(runs.split(piece_pages)):
+                self.free.acquire()
+                if self.stop.is_set():
+                    return
+                reader = self.readers[i % len(self.readers)]
+                for chunk in reader.read(piece):   # one chunk: piece fits the buffer
+                    if chunk.runs:
+                        zero_runs, data_runs, data = split_zero_pages(chunk.runs, chunk.data)
+                        self.on_read(chunk.runs, chunk.data)
+                    else:
+                        zero_runs, data_runs, data = chunk.runs, chunk.runs, memoryview(b"")
+                    self.q.put(_Prepared(chunk.runs, chunk.failed, zero_runs, data_runs, data))
+            self.q.put(self._END)
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+            self.q.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> _Prepared:
+        if self._held:
+            self.free.release()
+            self._held = False
+        item = self.q.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._held = True
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        for _ in self.readers:
+            self.free.release()
+        self.thread.join()
+
+
+@dataclass
+class _RoundStats:
+    round: int
+    t0: float
+    bytes0: int
+    pages: int = 0
+    zero_pages: int = 0
+    dropped_pages: int = 0
+    layout_sent: bool = False
+
+
+class SourceMigration:
+    def __init__(self, pid: int, options: SendOptions, transport: BlockingTransport, *,
+                 on_event: Callable[[dict], None] = print,
+                 on_freeze: Callable[[int, int], None] | None = None,
+                 on_thaw: Callable[[int], None] | None = None):
+        if options.then not in THEN_CHOICES:
+            raise ValueError(f"then must be one of {THEN_CHOICES}, not {options.then!r}")
+        self.pid = pid
+        self.options = options
+        self.transport = transport
+        self.on_event = on_event
+        self.on_freeze = on_freeze
+        self.on_thaw = on_thaw
+        self.migration_id = options.migration_id or new_migration_id()
+        self.node = options.node or socket.gethostname() or "source"
+        self.peer = transport.peer
+        if options.max_bandwidth and transport.bucket is None:
+            # --max-bandwidth given to the engine but not the transport.
+            transport.bucket = TokenBucket(options.max_bandwidth)
+        self.policy = ConvergencePolicy(
+            downtime_ms=options.downtime_ms, max_rounds=options.max_rounds,
+            plateau_rounds=options.plateau_rounds, timeout_s=options.timeout_s)
+        self.channel = Channel(SourceConnection(), transport, NEED_DATA, _keepalives())
+        self._cancel_reason: str | None = None
+        self._cancel_timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self.rounds: list[dict] = []
+        self.freezer: Freezer | None = None
+        self.tracker = None
+        self.tracker_name = ""
+        self.max_batch = L.MAX_BATCH_PAGES
+        self.pages_sent = 0
+        self.zero_pages_sent = 0
+        self._held = PageRuns.empty()      # pages the image holds so far
+        self._carry = PageRuns.empty()     # pages a read failed on: retry
+        self._sent_layout: KLayout | None = None
+        self._frozen_at: float | None = None
+        self._freeze_wait_ms = 0.0
+        self.freeze_breakdown: dict | None = None
+        self._readers: list[MemReader] = []
+        self._keepalive_seq = 0
+
+    # -- public ----------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled by operator") -> None:
+        """Thread-safe: stop at the next batch; the transport is shut down
+        after CANCEL_GRACE_S if the worker is blocked."""
+        with self._lock:
+            if self._cancel_reason is not None:
+                return
+            self._cancel_reason = reason or "cancelled"
+            self._cancel_timer = threading.Timer(CANCEL_GRACE_S, self.transport.shutdown)
+            self._cancel_timer.daemon = True
+            self._cancel_timer.start()
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {
+            "status": "failed", "migration_id": self.migration_id, "pid": self.pid,
+            "peer": self.peer, "image_id": None, "digest": None, "tracker": None,
+            "rounds": self.rounds, "freeze_ms": None, "total_ms": None, "bytes_sent": 0,
+            "downtime_ms": self.options.downtime_ms, "then": self.options.then,
+            "stop_reason": None,
+        }
+        self._emit({"event": "start", "pid": self.pid, "peer": self.peer,
+                    "options": asdict(self.options) | {"migration_id": self.migration_id}})
+        try:
+            image_id, digest, freeze_ms = self._migrate()
+            result.update(status="completed", image_id=image_id, digest=digest,
+                          freeze_ms=round(freeze_ms, 3), freeze_breakdown=self.freeze_breakdown)
+            # Committed: the migration succeeded whatever happens next.
+            try:
+                self._apply_then()
+            except Exception as e:  # noqa: BLE001 -- reported, not a failure
+                result["then_error"] = f"applying --then {self.options.then} to PID {self.pid}: {e}"
+                log.exception("migration %s: %s", self.migration_id, result["then_error"])
+        except BaseException as e:  # noqa: BLE001 -- every failure becomes a summary
+            status, code, message = self._classify(e)
+            thawed = self._thaw_after_failure()
+            result.update(status=status, error=self._human(status, code, message, thawed),
+                          error_code=code)
+            self._goodbye(status, code, message, e)
+            if not isinstance(e, (MigratedError, OSError, ProtocolError)):
+                log.exception("migration %s of PID %d: unexpected error", self.migration_id, self.pid)
+        finally:
+            self._cleanup()
+        result.update(
+            tracker=self.tracker_name or None,
+            total_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+            bytes_sent=self.transport.bytes_sent,
+            stop_reason=self.policy.stop_reason,
+            expected_downtime_ms=round(self.policy.expected_downtime_ms, 3),
+            pages_sent=self.pages_sent, zero_pages=self.zero_pages_sent)
+        self._emit({"event": "end", **{k: v for k, v in result.items() if k != "rounds"}})
+        return result
+
+    # -- the migration -----------------------------------------------------------------
+
+    def _migrate(self) -> tuple[str, str, float]:
+        opts = self.options
+        self.freezer = Freezer(self.pid, on_freeze=self.on_freeze, on_thaw=self.on_thaw)
+        self.tracker_name = select_tracker(opts.tracker)
+        self.tracker = make_tracker(self.tracker_name, self.pid, self.freezer)
+        self._readers = [MemReader(self.pid, buffer_bytes=READ_BUFFER_BYTES)
+                         for _ in range(PIPELINE_DEPTH)]
+
+        self._handshake_hello()
+        decision = self.policy.begin()
+        stop_and_copy = decision.stop
+        if stop_and_copy:
+            self._freeze()
+        layout = read_layout(self.pid)
+        present = self.tracker.start(layout).dirty
+        self._handshake_start(present.total_bytes())
+        self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
+
+        rnd = 0
+        t_last_collect = time.perf_counter()
+        if stop_and_copy:
+            pending = present
+            pending_dropped = PageRuns.empty()
+        else:
+            self._send_round(rnd, layout, present, PageRuns.empty(), pause_ms=0.0,
+                             dirty_rate=0.0, t_collect=t_last_collect)
+            t_last_collect = time.perf_counter()
+            while True:
+                rnd += 1
+                t_collect = time.perf_counter()
+                layout = read_layout(self.pid)
+                got = self.tracker.collect(layout)
+                now = time.perf_counter()
+                collect_ms = (now - t_collect) * 1000.0
+                dirty = got.dirty
+                dirty_rate = dirty.total_bytes() / max(now - t_last_collect, 1e-6)
+                t_last_collect = now
+                d = self.policy.after_collect(dirty.union(self._carry).total_pages(),
+                                              fixed_ms=collect_ms)
+                if d.fail:
+                    raise MigrationAborted("failed", "timeout", self._timeout_message(d))
+                if d.stop:
+                    pending, pending_dropped = dirty, got.dropped
+                    break
+                self._send_round(rnd, layout, dirty, got.dropped, pause_ms=got.pause_ms,
+                                 dirty_rate=dirty_rate, t_collect=t_collect,
+                                 expected_ms=d.expected_downtime_ms)
+            self._freeze()
+
+        # -- frozen: the final delta --------------------------------------------------
+        t_final = time.perf_counter()
+        layout = read_layout(self.pid)
+        final_rate = 0.0
+        if stop_and_copy:
+            final_dirty, final_dropped, pause = PageRuns.empty(), PageRuns.empty(), 0.0
+        else:
+            got = self.tracker.collect(layout)
+            final_dirty, final_dropped, pause = got.dirty, got.dropped, got.pause_ms
+            final_rate = final_dirty.total_bytes() / max(t_final - t_last_collect, 1e-6)
+        t_sent_final = time.perf_counter()
+        dirty = pending.subtract(final_dropped).union(final_dirty)
+        dropped = pending_dropped.union(final_dropped).subtract(dirty)
+        self._emit({"event": "freeze", "round": rnd, "stop_reason": self.policy.stop_reason,
+                    "expected_downtime_ms": round(self.policy.expected_downtime_ms, 3),
+                    "pending_pages": dirty.total_pages(),
+                    "freeze_wait_ms": round(self._freeze_wait_ms, 3)})
+        self.channel.send_event(ev.Freeze(rnd))
+        self._send_round(rnd, layout, dirty, dropped, pause_ms=pause,
+                         dirty_rate=final_rate, t_collect=t_final, final=True,
+                         expected_ms=self.policy.expected_downtime_ms)
+        self.channel.send_event(ev.FinalEnd(rnd, self.pages_sent))
+        self.channel.send_event(ev.CommitRequest(self._held.total_pages()))
+        t_commit = time.perf_counter()
+        reply = self._wait(L.COMMIT_TIMEOUT_S, "the commit acknowledgement", ev.Committed)
+        t_done = time.perf_counter()
+        freeze_ms = (t_done - self._frozen_at) * 1000.0
+        # Where the freeze went (stop, final collection, final delta, commit).
+        self.freeze_breakdown = {
+            "stop_ms": round(self._freeze_wait_ms, 3),
+            "collect_ms": round((t_sent_final - t_final) * 1000.0, 3),
+            "delta_ms": round((t_commit - t_sent_final) * 1000.0, 3),
+            "commit_ms": round((t_done - t_commit) * 1000.0, 3)}
+        self.channel.stop_keepalive()
+        self._emit({"event": "commit", "image_id": reply.image_id, "digest": reply.digest,
+                    "freeze_ms": round(freeze_ms, 3), "then": self.options.then,
+                    **self.freeze_breakdown})
+        return reply.image_id, reply.digest, freeze_ms
+
+    # -- handshake -----------------------------------------------------------------------
+
+    def _handshake_hello(self) -> None:
+        self.channel.send_event(ev.Hello(L.SUPPORTED_VERSIONS, self.node, CAPABILITIES,
+                                         self.migration_id))
+        welcome = self._wait(L.HANDSHAKE_TIMEOUT_S, "the handshake (Welcome)", ev.Welcome)
+        self.peer_node = welcome.node
+
+    def _handshake_start(self, estimated: int) -> None:
+        try:
+            cmdline = procfs.read_cmdline(self.pid)
+            exe = procfs.read_exe(self.pid)
+        except MigratedError:
+            raise
+        cmdline = _fit_cmdline(cmdline, L.MAX_CMDLINE_BYTES)
+        o = self.options
+        options = {"downtime_ms": int(o.downtime_ms), "max_rounds": int(o.max_rounds),
+                   "then": o.then, "timeout_s": float(o.timeout_s),
+                   "source_node": self.node}
+        self.channel.send_event(ev.Start(self.pid, tuple(cmdline), exe, PAGE_SIZE,
+                                         self.tracker_name, int(estimated), options))
+        accept = self._wait(L.HANDSHAKE_TIMEOUT_S, "the destination's Accept", ev.Accept)
+        self.max_batch = min(accept.max_batch_pages, L.MAX_BATCH_PAGES,
+                             L.MAX_BATCH_BYTES // PAGE_SIZE)
+
+    # -- rounds --------------------------------------------------------------------------
+
+    def _send_round(self, rnd: int, layout: KLayout, dirty: PageRuns, dropped: PageRuns, *,
+                    pause_ms: float, dirty_rate: float, t_collect: float,
+                    final: bool = False, expected_ms: float | None = None) -> None:
+        st = _RoundStats(rnd, time.perf_counter(), self.transport.bytes_sent)
+        ch = self.channel
+        if layout != self._sent_layout:
+            ch.send_event(ev.Layout(rnd, tuple(mapping_info(m) for m in layout)))
+            self._sent_layout = layout
+            st.layout_sent = True
+        area = layout.runs()
+        # Pages a read failed on last round are re-read if still mapped.
+        todo = dirty.union(self._carry).intersect(area)
+        self._carry = PageRuns.empty()
+        dropped = dropped.intersect(area).subtract(todo)
+        # Held pages outside the new layout are gone with their mappings.
+        self._held = self._held.intersect(area)
+        if dropped:
+            for piece in slice_runs(dropped, L.MAX_RUNS):
+                ch.send_event(ev.Dropped(rnd, piece))
+            st.dropped_pages = dropped.total_pages()
+            self._held = self._held.subtract(dropped)
+        failed = self._stream_pages(rnd, todo, st, live=not final)
+        if failed:
+            if final:
+                a, n = failed.pairs()[0]
+                raise MigrationAborted(
+                    "failed", "internal",
+                    f"{failed.total_pages()} page(s) of PID {self.pid} could not be read "
+                    f"while it was frozen (first at {a:#x}, {n} pages): a mapping is not "
+                    "readable with process_vm_readv; the image would not be exact")
+            self._carry = failed
+        now = time.perf_counter()
+        send_s = now - st.t0
+        nbytes = self.transport.bytes_sent - st.bytes0
+        bandwidth = nbytes / max(send_s, 1e-6)
+        if not final:
+            self.policy.round_sent(nbytes, send_s, round_seconds=now - t_collect,
+                                   pages=st.pages + st.zero_pages)
+            ch.send_event(ev.RoundEnd(rnd, st.pages, nbytes, send_s * 1000.0,
+                                      float(dirty_rate), float(bandwidth), float(pause_ms)))
+        fig = {"round": rnd, "pages": st.pages + st.zero_pages, "bytes": nbytes,
+               "duration_ms": round(send_s * 1000.0, 3), "dirty_rate": round(dirty_rate, 1),
+               "bandwidth": round(bandwidth, 1), "pause_ms": round(float(pause_ms), 3),
+               "data_pages": st.pages, "zero_pages": st.zero_pages,
+               "dropped_pages": st.dropped_pages, "layout": st.layout_sent,
+               "final": final,
+               # the estimate from the collection that produced this round
+               "expected_downtime_ms": None if expected_ms is None else round(expected_ms, 3)}
+        self.rounds.append(fig)
+        self._emit({"event": "round", **fig})
+
+    def _stream_pages(self, rnd: int, runs: PageRuns, st: _RoundStats, live: bool) -> PageRuns:
+        """Read and send ``runs``; returns the pages that could not be read."""
+        if not runs:
+            return PageRuns.empty()
+        ch = self.channel
+        failed: list[PageRuns] = []
+        sent: list[PageRuns] = []
+        pipe = _Pipeline(self._readers, runs, READ_BUFFER_BYTES // PAGE_SIZE, self.tracker.sent)
+        try:
+            for item in pipe:
+                self._check_abort(live)
+                if item.failed:
+                    failed.append(item.failed)
+                if item.zero_runs:
+                    for piece in slice_runs(item.zero_runs, L.MAX_RUNS):
+                        ch.send_event(ev.Zeros(rnd, piece))
+                    st.zero_pages += item.zero_runs.total_pages()
+                off = 0
+                data = item.data
+                for piece in item.data_runs.split(self.max_batch):
+                    nb = piece.total_pages() * PAGE_SIZE
+                    ch.send_event(ev.Pages.build(rnd, piece, data[off:off + nb]))
+                    off += nb
+                st.pages += item.data_runs.total_pages()
+                if item.runs:
+                    sent.append(item.runs)
+        finally:
+            pipe.close()
+            if sent:
+                self._held = self._held.union(PageRuns.concat(sent))
+        self.pages_sent += st.pages
+        self.zero_pages_sent += st.zero_pages
+        return PageRuns.concat(failed) if failed else PageRuns.empty()
+
+    def _check_abort(self, live: bool) -> None:
+        if self._cancel_reason is not None:
+            raise MigrationAborted("cancelled", "cancelled", self._cancel_reason)
+        if live and self.policy.expired():
+            raise MigrationAborted("failed", "timeout",
+                                   f"{TIMEOUT_MESSAGE} ({self.options.timeout_s:g} s): "
+                                   "the timeout ran out during a live round")
+        got = self.channel.poll_event()
+        if got is not self.channel.need_data:
+            self._unexpected(got, "while sending pages")
+
+    # -- freezing ---------------------------------------------------------------------
+
+    def _freeze(self) -> None:
+        assert self.freezer is not None
+        self._check_abort(False)
+        self._frozen_at = time.perf_counter()
+        self._freeze_wait_ms = self.freezer.freeze(FREEZE_TIMEOUT_S)
+
+    def _apply_then(self) -> None:
+        fz = self.freezer
+        assert fz is not None
+        then = self.options.then
+        if then == "resume":
+            fz.thaw()
+        elif then == "kill":
+            try:
+                signal.pidfd_send_signal(fz.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            fz.thaw()   # clears our freeze state and the journal entry
+        else:
+            _keep_stopped(fz)
+
+    def _thaw_after_failure(self) -> bool:
+        fz = self.freezer
+        if fz is None:
+            return False
+        try:
+            return bool(fz.thaw())
+        except Exception:  # noqa: BLE001 -- reported in the summary text
+            log.exception("thawing PID %d failed", self.pid)
+            return False
+
+    # -- waiting for the peer ----------------------------------------------------------
+
+    def _wait(self, timeout: float, what: str, want: type):
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportTimeout(self.peer, f"{self.peer} did not send {what} within "
+                                                  f"{timeout:g} s")
+            if self._cancel_reason is not None:
+                raise MigrationAborted("cancelled", "cancelled", self._cancel_reason)
+            got = self.channel.next_event(left)
+            if isinstance(got, want):
+                return got
+            if isinstance(got, ev.Keepalive):
+                continue
+            self._unexpected(got, f"while waiting for {what}")
+
+    def _unexpected(self, got, when: str) -> None:
+        if isinstance(got, ev.Keepalive):
+            return
+        if isinstance(got, ev.Error):
+            raise PeerError(got.code, f"the destination {self.peer} reported an error "
+                                      f"({got.code}): {got.message}")
+        if isinstance(got, ev.Cancel):
+            raise PeerError("cancelled", f"the destination {self.peer} cancelled the "
+                                         f"migration: {got.reason}", cancelled=True)
+        if isinstance(got, ev.ConnectionClosed):
+            raise PeerClosed(self.peer, f"{self.peer} closed the connection {when}")
+        raise ProtocolError("out-of-state", f"unexpected {type(got).__name__} from "
+                                            f"{self.peer} {when}")
+
+    # -- failure handling ---------------------------------------------------------------
+
+    def _classify(self, e: BaseException) -> tuple[str, str, str]:
+        if self._cancel_reason is not None and not isinstance(e, PeerError):
+            return "cancelled", "cancelled", self._cancel_reason
+        if isinstance(e, MigrationAborted):
+            return e.status, e.code, str(e)
+        if isinstance(e, PeerError):
+            return ("cancelled" if e.cancelled else "failed"), e.code, str(e)
+        if isinstance(e, TransportTimeout):
+            return "failed", "timeout", str(e)
+        if isinstance(e, TransportError):
+            return "failed", "internal", str(e)
+        if isinstance(e, ProtocolError):
+            return "failed", e.code, f"protocol error talking to {self.peer}: {e}"
+        if isinstance(e, MigratedError):
+            return "failed", "internal", str(e)
+        if isinstance(e, OSError):
+            return "failed", "internal", f"{e.strerror or e} ({type(e).__name__})"
+        return "failed", "internal", f"internal error: {type(e).__name__}: {e}"
+
+    def _human(self, status: str, code: str, message: str, thawed: bool) -> str:
+        verb = "was cancelled" if status == "cancelled" else "failed"
+        fz = self.freezer
+        if thawed:
+            where = "the process was thawed and keeps running here"
+        elif fz is not None and fz.exited():
+            where = "the process has exited"
+        elif fz is not None and fz.was_stopped and self._frozen_at is not None:
+            where = "the process was already stopped before the migration and stays stopped"
+        else:
+            where = "the process keeps running here"
+        text = (f"migration {self.migration_id} of PID {self.pid} to {self.peer} {verb}: "
+                f"{message}; {where}")
+        hint = _HINTS.get(code)
+        if status != "cancelled" and hint:
+            text += f"; {hint}"
+        return text
+
+    def _goodbye(self, status: str, code: str, message: str, cause: BaseException) -> None:
+        """Tell the peer why we stop, if the link still works; never raises."""
+        if self.transport.closed or (isinstance(cause, TransportError)
+                                     and not isinstance(cause, TransportTimeout)):
+            return   # the link is gone: nothing can be said (a silent peer
+            #          may still read: try, bounded by GOODBYE_TIMEOUT_S)
+        self.channel.stop_keepalive(GOODBYE_TIMEOUT_S)
+        try:
+            self.transport.set_timeout(GOODBYE_TIMEOUT_S)
+            if status == "cancelled" and code == "cancelled":
+                self.channel.send_event(ev.Cancel(_clip(message)))
+            else:
+                send_code = code if code in ev.ERROR_CODES else "internal"
+                self.channel.send_event(ev.Error(send_code, _clip(message)))
+        except Exception:  # noqa: BLE001 -- best effort
+            pass
+
+    def _cleanup(self) -> None:
+        with self._lock:
+            if self._cancel_timer is not None:
+                self._cancel_timer.cancel()
+        self.transport.close()          # first: wakes a keepalive blocked in send
+        self.channel.stop_keepalive()
+        close = getattr(self.tracker, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the tracker of PID %d", self.pid)
+        fz = self.freezer
+        if fz is not None:
+            # A stopped-on-success target stays stopped (_keep_stopped made
+            # the freezer forget it); otherwise close() thaws what we froze.
+            try:
+                fz.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the freezer of PID %d", self.pid)
+
+    def _timeout_message(self, d) -> str:
+        bw = self.policy.bandwidth
+        return (f"{TIMEOUT_MESSAGE} ({self.options.timeout_s:g} s): the final delta would "
+                f"take about {d.expected_downtime_ms:.0f} ms at {bw / 2**20:.1f} MiB/s and "
+                "does not fit in what is left; the process was never frozen. Raise "
+                "--timeout or --downtime-ms, give the link more bandwidth, or migrate "
+                "when the process writes less")
+
+    def _emit(self, event: dict) -> None:
+        event.setdefault("migration_id", self.migration_id)
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001 -- a broken observer must not break the migration
+            log.exception("on_event callback failed")
+
+
+# What an operator can do, by error code (appended to failure messages).
+_HINTS = {
+    "timeout": ("check the link to the destination and that its migrated is healthy; "
+                "raise --timeout for big or busy processes"),
+    "quota": "free space on the destination (`migratectl images rm ID`) or raise its quota",
+    "disk-full": "free space in the destination's state directory",
+    "version": "run the same migrated version on both nodes",
+    "auth": "check the certificates and --allow-peer on both nodes",
+    "busy": "the destination runs its maximum of migrations; retry later",
+    "digest": "data was corrupted in transit; retry and check the network",
+}
+
+
+def _keep_stopped(fz: Freezer) -> None:
+    """Success with then=stop: the target stays stopped (like QEMU's paused
+    source), so the freezer must not thaw it on close, and the journal must
+    forget it (a restarted daemon must not resume a migrated process)."""
+    detach = getattr(fz, "detach", None)
+    if detach is not None:
+        detach()
+        return
+    fz._frozen_by_us = False   # noqa: SLF001 -- until Freezer grows detach()
+    fz._frozen = False         # noqa: SLF001
+    if fz.on_thaw is not None:
+        fz.on_thaw(fz.pid)
+
+
+def _fit_cmdline(args: list[str], limit: int) -> list[str]:
+    out, used = [], 0
+    for a in args:
+        n = len(a.encode("utf-8", "surrogateescape")) + 1
+        if used + n > limit:
+            break
+        out.append(a)
+        used += n
+    return out
+
+
+def _clip(text: str) -> str:
+    b = text.encode("utf-8", "replace")
+    if len(b) <= L.MAX_TEXT_BYTES:
+        return text
+    return b[:L.MAX_TEXT_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+def _keepalives() -> Callable[[], ev.Keepalive]:
+    seq = itertools.count()
+    return lambda: ev.Keepalive(next(seq))
+

@@ -1,0 +1,451 @@
+"""A blocking byte transport for the engine's worker threads.
+
+The engine streams pages from a worker thread over a plain blocking socket
+(or ``ssl.SSLSocket``) so the page stream is never throttled by an event
+loop.  :class:`BlockingTransport` is the seam the daemon hands over
+(docs/ARCHITECTURE.md, "Engine <-> daemon seam"):
+
+- ``send(parts)`` writes every part or raises: one ``sendmsg`` per group of
+  up to ``IOV_MAX`` parts with partial sends resumed where they stopped; an
+  SSLSocket has no sendmsg, so small parts are coalesced into one record and
+  large ones written with ``sendall``;
+- ``recv(n)`` returns up to n bytes, ``b""`` at EOF;
+- a timeout on either raises :class:`TransportTimeout` naming the peer;
+- ``max_bandwidth`` (bytes/s) paces sends with a token bucket;
+- ``close()`` (and ``shutdown()``) first shut the socket down in both
+  directions so a thread blocked in recv/send on it wakes up at once --
+  this is how cancel interrupts a migration, as in QEMU.
+
+:class:`Channel` glues a sans-IO connection (migrated.wire) to a transport:
+``send_event(ev)`` and ``next_event(timeout)``; it can send keepalives from a
+small timer thread while the engine is busy without talking.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Sequence
+
+from migrated.errors import MigratedError
+
+# sendmsg accepts at most IOV_MAX (1024 on Linux) buffers per call.
+IOV_MAX = 1024
+
+# Parts smaller than this are joined before an SSL write: each SSLSocket
+# write is at least one TLS record (header + MAC); joining a 40-byte frame
+# header with its neighbours avoids a record per header.  Large parts are
+# written directly (no copy).
+SSL_COALESCE_BYTES = 64 * 1024
+
+# Bytes asked for per recv: a 4 MiB page batch arrives in a few calls; the
+# connection's receive buffer is bounded by the wire limits anyway.
+RECV_CHUNK = 1024 * 1024
+
+# Room asked of a sans-IO connection's receive buffer before each recv_into:
+# one largest Pages frame (4 MiB + header).  A buffer with room for a whole
+# frame past what is buffered rarely has to move a partial frame around.
+RECV_BUFFER_HINT = 4 * 1024 * 1024 + 64 * 1024 + 4
+
+# Token-bucket depth in seconds of the configured rate: allows short bursts
+# (a frame header plus part of a batch) while keeping the average exact.
+BUCKET_DEPTH_S = 0.05
+
+# Largest single write while rate-limited: a big batch is cut into pieces
+# this size so pacing is smooth instead of one long burst and a long sleep.
+PACED_WRITE_BYTES = 256 * 1024
+
+
+class TransportError(MigratedError):
+    """The connection to the peer failed (reset, closed, shut down)."""
+
+    def __init__(self, peer: str, message: str):
+        super().__init__(message)
+        self.peer = peer
+
+
+class TransportTimeout(TransportError):
+    """The peer stayed silent (or did not drain) for longer than the timeout."""
+
+
+class TransportClosed(TransportError):
+    """The transport was shut down locally (cancel) or the peer closed it."""
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "peer"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr) or "peer"
+
+
+class TokenBucket:
+    """Pace writes to ``rate`` bytes/s on average (thread-safe enough for one
+    writer; ``wake`` interrupts a sleeping writer)."""
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        if rate <= 0:
+            raise ValueError("max_bandwidth must be positive")
+        self.rate = float(rate)
+        self.capacity = max(self.rate * BUCKET_DEPTH_S, 4096.0)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.last = clock()
+        self._wake = threading.Event()
+
+    def consume(self, n: int) -> None:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= n
+        if self.tokens < 0:
+            # Interruptible sleep: close() sets the event.
+            self._wake.wait(-self.tokens / self.rate)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+
+class BlockingTransport:
+    """Wraps a connected blocking socket or SSLSocket (see module doc)."""
+
+    def __init__(self, sock: socket.socket, *, timeout: float = 30.0,
+                 max_bandwidth: float | None = None, peer: str | None = None):
+        self.sock = sock
+        self.timeout = float(timeout)
+        self.peer = peer or _peer_name(sock)
+        self.is_ssl = isinstance(sock, ssl.SSLSocket)
+        self.bucket = TokenBucket(max_bandwidth) if max_bandwidth else None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._lock = threading.Lock()       # close/shutdown
+        self._send_lock = threading.Lock()  # one writer at a time (keepalives)
+        self._shut = False
+        self._closed = False
+        sock.settimeout(self.timeout)
+
+    # -- sending ----------------------------------------------------------------
+
+    def send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write all of ``parts`` in order, or raise."""
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        if not views:
+            return
+        with self._send_lock:
+            self._check_open("send")
+            try:
+                if self.bucket is not None:
+                    self._send_paced(views)
+                elif self.is_ssl:
+                    self._send_ssl(views)
+                else:
+                    self._sendmsg_all(views)
+            except (socket.timeout, TimeoutError) as e:
+                raise TransportTimeout(
+                    self.peer, f"sending to {self.peer} timed out after {self.timeout:g} s: "
+                    "the peer stopped reading (stalled or link down)") from e
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise self._failure("sending to", e) from e
+
+    def _sendmsg_all(self, views: list[memoryview]) -> None:
+        i = 0
+        while i < len(views):
+            group = views[i:i + IOV_MAX]
+            sent = self.sock.sendmsg(group)
+            self.bytes_sent += sent
+            # Skip whole parts already sent; trim the first partial one.
+            while group and sent >= len(group[0]):
+                sent -= len(group[0])
+                group.pop(0)
+                i += 1
+            if sent:
+                views[i] = views[i][sent:]
+
+    def _send_ssl(self, views: list[memoryview]) -> None:
+        small: list[memoryview] = []
+        small_n = 0
+        for v in views:
+            if len(v) >= SSL_COALESCE_BYTES:
+                if small:
+                    self._ssl_write(b"".join(small))
+                    small, small_n = [], 0
+                self._ssl_write(v)
+                continue
+            small.append(v)
+            small_n += len(v)
+            if small_n >= SSL_COALESCE_BYTES:
+                self._ssl_write(b"".join(small))
+                small, small_n = [], 0
+        if small:
+            self._ssl_write(b"".join(small))
+
+    def _ssl_write(self, data) -> None:
+        self.sock.sendall(data)
+        self.bytes_sent += len(data)
+
+    def _send_paced(self, views: list[memoryview]) -> None:
+        assert self.bucket is not None
+        for v in views:
+            for off in range(0, len(v), PACED_WRITE_BYTES):
+                piece = v[off:off + PACED_WRITE_BYTES]
+                self.bucket.consume(len(piece))
+                self._check_open("send")
+                if self.is_ssl:
+                    self._ssl_write(piece)
+                else:
+                    self.sock.sendall(piece)
+                    self.bytes_sent += len(piece)
+
+    # -- receiving ----------------------------------------------------------------
+
+    def recv(self, n: int = RECV_CHUNK) -> bytes:
+        """Up to ``n`` bytes; ``b""`` when the peer closed the connection."""
+        self._check_open("receive")
+        try:
+            data = self.sock.recv(n)
+        except (socket.timeout, TimeoutError) as e:
+            raise TransportTimeout(
+                self.peer, f"no data from {self.peer} for {self.timeout:g} s: "
+                "the peer is stalled or the link is down") from e
+        except (OSError, ssl.SSLError, ValueError) as e:
+            if self._shut:
+                return b""
+            raise self._failure("receiving from", e) from e
+        self.bytes_received += len(data)
+        return data
+
+    def recv_into(self, buf) -> int:
+        """recv straight into ``buf``; 0 when the peer closed the connection.
+
+        Over TLS one read returns at most one record (16 KiB): records that
+        already arrived are read on in the same call, so the caller's
+        per-read work is paid per buffer, not per record."""
+        self._check_open("receive")
+        try:
+            n = self.sock.recv_into(buf)
+            if self.is_ssl and n:
+                n += self._ssl_drain(buf, n)
+        except (socket.timeout, TimeoutError) as e:
+            raise TransportTimeout(
+                self.peer, f"no data from {self.peer} for {self.timeout:g} s: "
+                "the peer is stalled or the link is down") from e
+        except (OSError, ssl.SSLError, ValueError) as e:
+            if self._shut:
+                return 0
+            raise self._failure("receiving from", e) from e
+        self.bytes_received += n
+        return n
+
+    def _ssl_drain(self, buf, have: int) -> int:
+        sock = self.sock
+        mv = memoryview(buf)
+        got = 0
+        try:
+            while have + got < len(mv):
+                if not sock.pending():
+                    r, _, _ = select.select([sock], [], [], 0)
+                    if not r:
+                        break
+                k = sock.recv_into(mv[have + got:])
+                if not k:
+                    break
+                got += k
+        finally:
+            mv.release()
+        return got
+
+    # -- closing ------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Wake every thread blocked on this transport (thread-safe,
+        idempotent); later sends raise TransportClosed, recvs return b""."""
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+        if self.bucket is not None:
+            self.bucket.wake()
+        try:
+            # The plain socket method on purpose: SSLSocket.shutdown drops
+            # its SSL object under a thread that may be inside SSL_read.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.shutdown()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def set_timeout(self, timeout: float) -> None:
+        self.timeout = float(timeout)
+        try:
+            self.sock.settimeout(self.timeout)
+        except OSError:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._shut
+
+    def _check_open(self, what: str) -> None:
+        if self._shut:
+            raise TransportClosed(self.peer, f"cannot {what} {self.peer}: the connection was shut down")
+
+    def _failure(self, what: str, e: BaseException) -> TransportError:
+        if self._shut:
+            return TransportClosed(self.peer, f"{what} {self.peer}: the connection was shut down")
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return TransportError(self.peer, f"{what} {self.peer} failed: {reason}")
+
+
+class PeerClosed(TransportError):
+    """The peer closed the connection in the middle of the protocol."""
+
+
+class Channel:
+    """A sans-IO connection driven over a BlockingTransport.
+
+    ``conn`` is a migrated.wire SourceConnection or DestConnection: it has
+    ``send(event) -> bytes``, optionally ``send_parts(event) -> list`` (no
+    copy of page data), ``receive_data(bytes)`` and ``next_event()`` which
+    returns the ``need_data`` sentinel when it wants more bytes.
+    """
+
+    def __init__(self, conn: Any, transport: BlockingTransport, need_data: Any,
+                 keepalive_event: Any = None):
+        self.conn = conn
+        self.transport = transport
+        self.need_data = need_data
+        self.keepalive_event = keepalive_event
+        self._conn_lock = threading.Lock()   # the state machine is not thread-safe
+        self._last_send = time.monotonic()
+        self._ka_stop = threading.Event()
+        self._ka_thread: threading.Thread | None = None
+        self._ka_error: BaseException | None = None
+        self._eof = False
+
+    # -- sending ----------------------------------------------------------------
+
+    def send_event(self, event: Any) -> None:
+        with self._conn_lock:
+            send_parts = getattr(self.conn, "send_parts", None)
+            parts = send_parts(event) if send_parts is not None else [self.conn.send(event)]
+            # Sending under the same lock keeps the frame order equal to the
+            # state machine's order when the keepalive thread also sends.
+            self.transport.send(parts)
+            self._last_send = time.monotonic()
+
+    # -- receiving ----------------------------------------------------------------
+
+    def next_event(self, timeout: float | None = None) -> Any:
+        """The next event from the peer.  Waits at most ``timeout`` seconds
+        in total (default: the transport's timeout per silent stretch).
+        Raises PeerClosed at EOF, TransportTimeout on silence."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._conn_lock:
+                ev = self.conn.next_event()
+            if ev is not self.need_data:
+                return ev
+            if self._eof:
+                raise PeerClosed(self.transport.peer,
+                                 f"{self.transport.peer} closed the connection mid-migration")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TransportTimeout(self.transport.peer,
+                                       f"no message from {self.transport.peer} within {timeout:g} s")
+            self._pull()
+
+    def _pull(self) -> None:
+        """One recv into the connection (zero-copy when it offers a buffer)."""
+        get_buffer = getattr(self.conn, "get_buffer", None)
+        if get_buffer is not None:
+            with self._conn_lock:
+                buf = get_buffer(RECV_BUFFER_HINT)
+            try:
+                n = self.transport.recv_into(buf)
+            finally:
+                buf.release()
+            with self._conn_lock:
+                if n:
+                    self.conn.buffer_updated(n)
+                else:
+                    self._eof = True
+                    self.conn.receive_data(b"")
+            return
+        data = self.transport.recv(RECV_CHUNK)
+        if not data:
+            self._eof = True
+        with self._conn_lock:
+            self.conn.receive_data(data)
+
+    def poll_event(self) -> Any:
+        """An event already buffered or readable without blocking, else the
+        need_data sentinel.  Used between batches to notice Error/Cancel."""
+        with self._conn_lock:
+            ev = self.conn.next_event()
+        if ev is not self.need_data or self._eof:
+            return ev
+        sock = self.transport.sock
+        try:
+            pending = sock.pending() if self.transport.is_ssl else 0
+        except (OSError, ValueError):
+            pending = 0
+        if not pending:
+            try:
+                r, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
+                return self.need_data
+            if not r:
+                return self.need_data
+        self._pull()
+        with self._conn_lock:
+            return self.conn.next_event()
+
+    # -- keepalives ---------------------------------------------------------------
+
+    def start_keepalive(self, interval: float) -> None:
+        """Send a keepalive event whenever nothing was sent for ``interval``
+        seconds, until stop_keepalive().  Errors are kept, not raised: the
+        main thread notices a dead link on its own next send."""
+        if self.keepalive_event is None or self._ka_thread is not None:
+            return
+        self._ka_stop.clear()
+
+        def loop() -> None:
+            while not self._ka_stop.wait(interval / 2):
+                if time.monotonic() - self._last_send < interval:
+                    continue
+                ka = self.keepalive_event
+                try:
+                    self.send_event(ka() if callable(ka) else ka)
+                except BaseException as e:  # noqa: BLE001 -- reported by the owner
+                    self._ka_error = e
+                    return
+
+        self._ka_thread = threading.Thread(target=loop, name="migrated-keepalive", daemon=True)
+        self._ka_thread.start()
+
+    def stop_keepalive(self, timeout: float | None = None) -> None:
+        """Stop the keepalive thread; wait for it at most ``timeout`` seconds
+        (it may be inside a send to a stalled peer: shutting the transport
+        down wakes it)."""
+        t = self._ka_thread
+        if t is None:
+            return
+        self._ka_stop.set()
+        t.join(timeout)
+        self._ka_thread = None

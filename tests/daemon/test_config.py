@@ -1,0 +1,99 @@
+"""Settings: defaults < TOML file < flags; bad input is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrated.daemon.config import (DEFAULT_CONTROL, DEFAULT_PORT, ConfigError,
+                                    load_config, parse_hostport, parse_size)
+
+
+def write(tmp_path, text: str) -> str:
+    p = tmp_path / "migrated.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_with_empty_file():
+    cfg = load_config(["--config", "/dev/null", "--insecure"])
+    assert cfg.listen_port == DEFAULT_PORT and cfg.listen_host == "0.0.0.0"
+    assert cfg.control == DEFAULT_CONTROL
+    assert cfg.state_dir == "/var/lib/migrated"
+    assert cfg.log_format == "kv" and cfg.max_migrations == 4
+    assert cfg.node  # the hostname
+
+
+def test_file_then_flags_override(tmp_path):
+    ca = tmp_path / "ca.pem"
+    for n in ("ca.pem", "n.pem", "n.key"):
+        (tmp_path / n).write_text("x")
+    path = write(tmp_path, f"""
+listen = "10.1.2.3:9000"
+state-dir = "/srv/m"
+tls_cert = "{tmp_path}/n.pem"
+tls-key = "{tmp_path}/n.key"
+tls-ca = "{ca}"
+allow-peer = ["b", "c"]
+max-migrations = 7
+log-format = "json"
+node = "from-file"
+image-quota = "2G"
+""")
+    cfg = load_config(["--config", path])
+    assert (cfg.listen_host, cfg.listen_port) == ("10.1.2.3", 9000)
+    assert cfg.state_dir == "/srv/m" and cfg.allow_peer == ["b", "c"]
+    assert cfg.max_migrations == 7 and cfg.log_format == "json" and cfg.node == "from-file"
+    assert cfg.image_quota == 2 << 30 and not cfg.insecure
+    cfg = load_config(["--config", path, "--listen", "[::1]:7000", "--max-migrations", "2",
+                       "--node", "flag", "--allow-peer", "z", "--log-format", "kv"])
+    assert (cfg.listen_host, cfg.listen_port) == ("::1", 7000)
+    assert cfg.max_migrations == 2 and cfg.node == "flag" and cfg.log_format == "kv"
+    assert cfg.allow_peer == ["z"]          # flags replace, not extend
+    assert cfg.state_dir == "/srv/m"        # untouched keys keep the file's value
+
+
+def test_missing_explicit_config_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(["--config", str(tmp_path / "nope.toml"), "--insecure"])
+
+
+def test_unknown_key_and_wrong_type(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'lisen'"):
+        load_config(["--config", write(tmp_path, 'lisen = "x:1"\n'), "--insecure"])
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_config(["--config", write(tmp_path, 'max-migrations = "4"\n'), "--insecure"])
+    with pytest.raises(ConfigError, match="TOML|Expected|Invalid|config file"):
+        load_config(["--config", write(tmp_path, 'listen = \n'), "--insecure"])
+
+
+def test_tls_required_unless_insecure(tmp_path):
+    with pytest.raises(ConfigError, match="--tls-cert, --tls-key, --tls-ca are not set"):
+        load_config(["--config", "/dev/null"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(["--config", "/dev/null", "--tls-cert", "/nope", "--tls-key", "/nope",
+                     "--tls-ca", "/nope"])
+    # --thaw-journal needs no TLS
+    assert load_config(["--config", "/dev/null", "--thaw-journal"]).thaw_journal
+
+
+def test_bad_values():
+    with pytest.raises(ConfigError, match="max-migrations"):
+        load_config(["--config", "/dev/null", "--insecure", "--max-migrations", "0"])
+    with pytest.raises(ConfigError, match="control group"):
+        load_config(["--config", "/dev/null", "--insecure", "--control-group", "no-such-grp-x"])
+
+
+def test_hostport_and_sizes():
+    assert parse_hostport("h") == ("h", DEFAULT_PORT)
+    assert parse_hostport("h:1") == ("h", 1)
+    assert parse_hostport("[fe80::1]:5") == ("fe80::1", 5)
+    assert parse_hostport("::1") == ("::1", DEFAULT_PORT)
+    for bad in ("h:x", "h:70000", ":5", "[::1"):
+        with pytest.raises(ConfigError):
+            parse_hostport(bad)
+    assert parse_size("10M") == 10 << 20 and parse_size("1G") == 1 << 30
+    assert parse_size("500K") == 500 << 10 and parse_size("4096") == 4096
+    assert parse_size("2MiB/s") == 2 << 20
+    for bad in ("0", "-5", "M", "ten"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)

@@ -1,0 +1,51 @@
+"""Source in one network namespace, destination in another, the veth link
+between them shaped with tc tbf: convergence against a real bandwidth
+limit (not our own pacing).  Needs root and iproute2."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from migrated.engine.source import SendOptions, SourceMigration
+from migrated.engine.transport import BlockingTransport
+from migrated.image.store import ImageStore
+from tests import netns
+from tests.engine.imagecheck import compare
+from tests.engine.netns_side import DestProcess, socket_in
+from tests.engine.procs import workload
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(not netns.available(), reason="needs root, ip and tc")]
+
+LINK_RATE = "200mbit"                 # 25 MB/s
+LINK_BYTES_PER_S = 200e6 / 8
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_shaped_link_converges_and_is_exact(tmp_path):
+    state = str(tmp_path / "dest")
+    with netns.TwoHosts(rate=LINK_RATE) as hosts, workload(mib=16, rate=1000) as w:
+        dest = DestProcess(hosts.b, hosts.b_ip, state)
+        try:
+            sock = socket_in(hosts.a, hosts.b_ip, dest.port)
+            res = SourceMigration(w.pid, SendOptions(then="stop"),
+                                  BlockingTransport(sock, timeout=30),
+                                  on_event=lambda e: None).run()
+            d = dest.result()
+        finally:
+            dest.close()
+        assert res["status"] == "completed", res.get("error")
+        assert d["status"] == "completed", d.get("error")
+        assert _state(w.pid) == "T"
+        # The link, not the machine, set the pace of round 0.
+        bw0 = res["rounds"][0]["bandwidth"]
+        assert bw0 < 2 * LINK_BYTES_PER_S
+        compare(ImageStore(state), res["image_id"], w.pid)
+        os.kill(w.pid, signal.SIGCONT)

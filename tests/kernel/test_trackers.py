@@ -1,0 +1,447 @@
+"""Dirty trackers on real child processes.
+
+Every behavioural test runs for both trackers: ``digest`` on the host, and
+``soft-dirty`` marked ``lab`` (it needs CONFIG_MEM_SOFT_DIRTY, so it runs in
+the lab VM: tests/lab/run.py).  Test regions are guarded (PROT_NONE page on
+each side) and smaller than 2 MiB, so they never merge with a neighbour
+and never get a transparent huge page: the dirty sets there are exact.
+
+``MiniEngine`` does with a tracker what the source engine does, with a
+dict of pages standing in for the destination; its ``verify`` checks the
+invariant that matters: after the final frozen collect, what was sent
+(minus what was dropped) equals the target's memory, page for page.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from migrated.errors import KernelUnsupported, MigratedError, NoSuchProcess
+from migrated.kernel import probe as kprobe
+from migrated.kernel.freezer import Freezer
+from migrated.kernel.maps import read_layout
+from migrated.kernel.pagemap import Pagemap
+from migrated.kernel.reader import MemReader
+from migrated.kernel.trackers import (Collected, DigestTracker, PageDigests,
+                                      SoftDirtyTracker, make_tracker, page_digests,
+                                      runs_from_addrs)
+from migrated.runs import PAGE_SIZE, PageRuns
+
+P = PAGE_SIZE
+
+TRACKERS = [
+    pytest.param("digest", id="digest"),
+    pytest.param("soft-dirty", id="soft-dirty", marks=pytest.mark.lab),
+]
+
+
+def pages(target, name, *spans) -> PageRuns:
+    """Runs of region ``name`` for (first, count) spans."""
+    return PageRuns.from_pairs([(target.addr(name, f), n) for f, n in spans])
+
+
+def region(target, name) -> tuple[int, int]:
+    return target.range(name)
+
+
+class MiniEngine:
+    """The engine's use of a tracker, with a page dict as destination."""
+
+    def __init__(self, tracker, pid: int):
+        self.tracker = tracker
+        self.pid = pid
+        self.reader = MemReader(pid)
+        self.mirror: dict[int, bytes] = {}
+        self.rounds: list[Collected] = []
+
+    def send(self, c: Collected, *, skip: PageRuns | None = None) -> None:
+        """Apply a collect: forget dropped pages, send dirty ones (minus
+        ``skip``: pages we pretend failed to send)."""
+        for a in c.dropped.page_addresses().tolist():
+            self.mirror.pop(a, None)
+        todo = c.dirty.subtract(skip) if skip is not None else c.dirty
+        for chunk in self.reader.read(todo):
+            data = bytes(chunk.data)
+            for i, a in enumerate(chunk.runs.page_addresses().tolist()):
+                self.mirror[a] = data[i * P:(i + 1) * P]
+            self.tracker.sent(chunk.runs, chunk.data)
+        self.rounds.append(c)
+
+    def start(self) -> Collected:
+        c = self.tracker.start(read_layout(self.pid))
+        self.send(c)
+        return c
+
+    def round(self, **kw) -> Collected:
+        c = self.tracker.collect(read_layout(self.pid))
+        self.send(c, **kw)
+        return c
+
+    def verify(self) -> None:
+        """Target must be frozen.  Mirror == memory over every present page
+        of every migratable mapping, and the mirror holds nothing else."""
+        layout = read_layout(self.pid)
+        with Pagemap(self.pid) as pm:
+            present = pm.present_in(layout)
+        addrs = present.page_addresses().tolist()
+        extra = set(self.mirror) - set(addrs)
+        assert not extra, (f"{len(extra)} pages kept that the target no longer has, "
+                           f"e.g. {sorted(extra)[:3]}")
+        missing = set(addrs) - set(self.mirror)
+        assert not missing, (f"{len(missing)} present pages never sent, "
+                             f"e.g. {[hex(a) for a in sorted(missing)[:3]]}")
+        bad = []
+        for chunk in self.reader.read(present):
+            assert not chunk.failed
+            data = bytes(chunk.data)
+            for i, a in enumerate(chunk.runs.page_addresses().tolist()):
+                if self.mirror[a] != data[i * P:(i + 1) * P]:
+                    bad.append(a)
+        assert not bad, (f"{len(bad)} pages differ from what was sent (lost writes), "
+                         f"e.g. {[hex(a) for a in bad[:3]]}")
+
+
+@pytest.fixture(params=TRACKERS)
+def kind(request):
+    return request.param
+
+
+# The target imports numpy on its first `write`: seconds under the lab VM's
+# software emulation, more than Target's default reply timeout when the
+# machine is busy.  One warm-up write with this timeout pays it up front.
+WARMUP_TIMEOUT_S = 300
+
+
+@pytest.fixture
+def setup(kind, target):
+    """(target, freezer, tracker, engine); everything closed afterwards and
+    the target never left stopped."""
+    target.map("warmup", 1, guard=True)
+    target.cmd("write", "warmup", 0, 1, 1, timeout=WARMUP_TIMEOUT_S)
+    fz = Freezer(target.pid)
+    tr = make_tracker(kind, target.pid, fz)
+    eng = MiniEngine(tr, target.pid)
+    try:
+        yield target, fz, tr, eng
+    finally:
+        tr.close()
+        fz.close()
+
+
+def final_round(fz, eng) -> Collected:
+    fz.freeze()
+    try:
+        c = eng.round()
+        assert c.pause_ms == 0.0          # the caller's freeze, not ours
+        assert fz.verify_frozen()          # the tracker did not thaw it
+        eng.verify()
+        return c
+    finally:
+        fz.thaw()
+
+
+# -- behaviour, both trackers ---------------------------------------------------------
+
+
+def test_start_reports_everything_present(setup, kind):
+    t, fz, tr, eng = setup
+    t.map("a", 64, guard=True)
+    t.write("a", 0, 10)
+    t.write("a", 40, 5)
+    c = eng.start()
+    assert tr.name == kind
+    a0, a1 = region(t, "a")
+    assert c.dirty.clip(a0, a1) == pages(t, "a", (0, 10), (40, 5))
+    assert not c.dropped
+    final_round(fz, eng)
+
+
+def test_exact_dirty_set(setup):
+    t, fz, tr, eng = setup
+    t.map("a", 200, guard=True)
+    t.write("a", 0, 200, seed=1)
+    eng.start()
+    a0, a1 = region(t, "a")
+    c = eng.round()
+    assert not c.dirty.clip(a0, a1), "nothing written: nothing dirty in the region"
+    t.write("a", 3, 1, seed=2)
+    t.write("a", 7, 1, seed=2)
+    t.write("a", 100, 51, seed=2)
+    c = eng.round()
+    assert c.dirty.clip(a0, a1) == pages(t, "a", (3, 1), (7, 1), (100, 51))
+    assert not c.dropped.clip(a0, a1)
+    if tr.name == "soft-dirty":
+        assert c.pause_ms > 0              # it stopped the target itself
+    else:
+        assert c.pause_ms == 0.0
+    c = eng.round()
+    assert not c.dirty.clip(a0, a1), "reset after collect: nothing new"
+    final_round(fz, eng)
+
+
+def test_dropped_after_dontneed_and_munmap(setup):
+    t, fz, tr, eng = setup
+    t.map("a", 64, guard=True)
+    t.map("b", 16, guard=True)
+    t.write("a", 0, 64)
+    t.write("b", 0, 16)
+    eng.start()
+    t.dontneed("a", 10, 5)
+    t.unmap("a", 60, 4)        # the tail: munmap inside a mapping
+    b0, b1 = region(t, "b")
+    t.unmap("b")
+    c = eng.round()
+    a0 = t.addr("a")
+    assert c.dropped.clip(a0, a0 + 64 * P) == pages(t, "a", (10, 5), (60, 4))
+    assert c.dropped.clip(b0, b1) == PageRuns.from_range(b0, b1)
+    assert not c.dirty.clip(a0, a0 + 64 * P)
+    assert not c.dirty.clip(b0, b1)
+    final_round(fz, eng)
+
+
+def test_dontneed_then_read_fault_is_dirty(setup):
+    """MADV_DONTNEED then a read maps the zero page: no write, no soft-dirty
+    bit, yet the content changed to zeros -- it must be resent (or
+    dropped), never kept stale."""
+    t, fz, tr, eng = setup
+    t.map("a", 32, guard=True)
+    t.write("a", 0, 32)
+    eng.start()
+    t.dontneed("a", 20, 2)
+    t.touch("a", 20, 2)
+    c = eng.round()
+    a0, a1 = region(t, "a")
+    stale = pages(t, "a", (20, 2))
+    assert c.dirty.clip(a0, a1).union(c.dropped.clip(a0, a1)) == stale
+    final_round(fz, eng)
+
+
+def test_vma_churn_between_rounds(setup):
+    t, fz, tr, eng = setup
+    t.map("keep", 32, guard=True)
+    t.map("gone", 16, guard=True)
+    t.map("grow", 16)
+    t.write("keep", 0, 32)
+    t.write("gone", 0, 16)
+    t.write("grow", 0, 16)
+    eng.start()
+    old_grow = region(t, "grow")
+    gone = region(t, "gone")
+    t.unmap("gone")
+    t.map("new", 24, guard=True)
+    t.write("new", 2, 10, seed=5)
+    t.remap("grow", 48)                 # grow (in place or moved)
+    t.write("grow", 40, 8, seed=6)
+    c = eng.round()
+    assert c.dropped.clip(*gone) == PageRuns.from_range(*gone)
+    assert not c.dirty.clip(*gone)
+    assert c.dirty.contains(pages(t, "new", (2, 10)))
+    assert c.dirty.contains(pages(t, "grow", (40, 8)))
+    n0, n1 = region(t, "new")
+    if tr.name == "digest":
+        # Content based: exactly the written pages, wherever they sit.
+        assert c.dirty.clip(n0, n1) == pages(t, "new", (2, 10))
+        assert not c.dirty.clip(*region(t, "keep"))
+        if t.addr("grow") == old_grow[0]:
+            assert c.dirty.clip(*region(t, "grow")) == pages(t, "grow", (40, 8))
+    else:
+        # The kernel marks a new VMA wholly soft-dirty: a documented superset,
+        # but only present pages are ever reported.
+        assert c.dirty.clip(n0, n1) == pages(t, "new", (2, 10))
+        assert not c.dirty.clip(*region(t, "keep"))
+    if t.addr("grow") != old_grow[0]:   # moved: the old place is gone
+        old = PageRuns.from_range(*old_grow).subtract(PageRuns.from_range(*region(t, "grow")))
+        assert c.dropped.contains(old)
+    final_round(fz, eng)
+
+
+def test_unsent_pages_are_reported_again(setup):
+    t, fz, tr, eng = setup
+    t.map("a", 64, guard=True)
+    t.write("a", 0, 64)
+    c = tr.start(read_layout(t.pid))
+    skipped = pages(t, "a", (8, 8))
+    eng.send(c, skip=skipped)            # pretend those failed to send
+    c = eng.round()
+    a0, a1 = region(t, "a")
+    assert c.dirty.clip(a0, a1) == skipped
+    final_round(fz, eng)
+
+
+def test_caller_frozen_collect_does_not_thaw(setup):
+    t, fz, tr, eng = setup
+    t.map("a", 16, guard=True)
+    t.write("a", 0, 16)
+    eng.start()
+    t.write("a", 5, 2, seed=9)
+    c = final_round(fz, eng)
+    a0, a1 = region(t, "a")
+    assert c.dirty.clip(a0, a1) == pages(t, "a", (5, 2))
+
+
+def test_continuous_writer_loses_nothing(setup):
+    """A target writing flat out while rounds run: every write is caught by
+    some round, and after the final frozen round mirror == memory."""
+    t, fz, tr, eng = setup
+    # The writer stores (i & 0xFF) into page i % n: with n prime to 256 each
+    # lap writes new values (n = 256 would rewrite identical bytes forever).
+    n = 251
+    t.map("hot", n, guard=True)
+    t.write("hot", 0, n)
+    t.spin("hot")
+    try:
+        eng.start()
+        caught = 0
+        for _ in range(3):
+            time.sleep(0.05)
+            c = eng.round()
+            caught += c.dirty.clip(*region(t, "hot")).total_pages()
+        assert caught > 0, "the live rounds saw none of the writer's pages"
+        final_round(fz, eng)
+    finally:
+        written = t.stop_spin("hot")
+    assert written > n, "the writer did not even lap the region once"
+
+
+@pytest.mark.parametrize("how", ["exit", "zombie"])
+def test_pid_exits_mid_round(setup, how):
+    t, fz, tr, eng = setup
+    t.map("a", 8, guard=True)
+    t.write("a", 0, 8)
+    layout = read_layout(t.pid)
+    eng.start()
+    if how == "exit":
+        t.exit(0)                        # exits and is reaped
+    else:
+        os.kill(t.pid, signal.SIGKILL)   # exits, not reaped: a zombie
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{t.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+    with pytest.raises(NoSuchProcess) as ei:
+        tr.collect(layout)
+    assert str(t.pid) in str(ei.value)
+    assert ei.value.pid == t.pid
+
+
+def test_new_tracker_on_gone_pid(kind, target):
+    pid = target.pid
+    target.exit(0)
+    with pytest.raises(NoSuchProcess):
+        make_tracker(kind, pid).start(read_layout(os.getpid()))
+
+
+# -- host facts and the factory --------------------------------------------------------
+
+
+def _host_has_soft_dirty() -> bool:
+    return kprobe.cached_probe()["soft_dirty"]
+
+
+def test_auto_picks_by_probe(target):
+    want = "soft-dirty" if _host_has_soft_dirty() else "digest"
+    with make_tracker("auto", target.pid) as tr:
+        assert tr.name == want
+        assert isinstance(tr, SoftDirtyTracker if want == "soft-dirty" else DigestTracker)
+
+
+def test_forced_soft_dirty_refused_without_kernel_support(target):
+    if _host_has_soft_dirty():
+        pytest.skip("this kernel has soft-dirty")
+    with pytest.raises(KernelUnsupported) as ei:
+        make_tracker("soft-dirty", target.pid)
+    msg = str(ei.value)
+    assert "soft-dirty" in msg and "digest" in msg and os.uname().release in msg
+
+
+def test_unknown_tracker_name(target):
+    with pytest.raises(MigratedError, match="unknown tracker 'bogus'"):
+        make_tracker("bogus", target.pid)
+
+
+def test_digest_sent_size_mismatch(target):
+    t = target
+    t.map("a", 4, guard=True)
+    with DigestTracker(t.pid) as tr:
+        tr.start(read_layout(t.pid))
+        with pytest.raises(ValueError):
+            tr.sent(pages(t, "a", (0, 2)), bytes(P))
+
+
+# -- digest internals -------------------------------------------------------------------
+
+
+def test_single_word_change_always_changes_digest():
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**64, size=512, dtype=np.uint64)
+    # One page per (word position, delta): every position, several deltas
+    # including the top bit alone and the lowest bit alone.
+    deltas = np.array([1, 1 << 63, 0xFFFFFFFFFFFFFFFF, 1 << 32, 12345], np.uint64)
+    pos = np.repeat(np.arange(512), deltas.size)
+    pages_ = np.tile(base, (pos.size, 1))
+    pages_[np.arange(pos.size), pos] ^= np.tile(deltas, 512)
+    d0 = page_digests(base.tobytes())
+    d = page_digests(pages_.tobytes())
+    assert (d != d0).any(axis=1).all()
+    assert (d[:, 0] != d0[0, 0]).all(), "the linear lane alone must catch one word"
+
+
+def test_two_top_bit_flips_change_digest():
+    base = np.arange(512, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    i, j = np.triu_indices(512, 1)
+    sel = np.random.default_rng(3).choice(i.size, 4000, replace=False)
+    pages_ = np.tile(base, (sel.size, 1))
+    rows = np.arange(sel.size)
+    top = np.uint64(1 << 63)
+    pages_[rows, i[sel]] ^= top
+    pages_[rows, j[sel]] ^= top      # sign flip of two doubles
+    d0 = page_digests(base.tobytes())
+    assert (page_digests(pages_.tobytes()) != d0).any(axis=1).all()
+
+
+def test_half_word_constants_never_cancel_in_pairs():
+    """Two top-bit flips (lane 0 is blind) cancel in lane 1 only if two
+    constants are equal or opposite mod 2^33: none are."""
+    from migrated.kernel.trackers import K_HALF, K_WORD
+    assert (K_WORD & np.uint64(1)).all() and (K_HALF & np.uint64(1)).all()
+    m = K_HALF & np.uint64((1 << 33) - 1)
+    neg = (np.uint64(1 << 33) - m) & np.uint64((1 << 33) - 1)
+    assert np.unique(m).size == m.size
+    assert not np.isin(neg, m).any()
+
+
+def test_digest_deterministic_and_per_page():
+    data = np.random.default_rng(1).integers(0, 255, size=5 * P, dtype=np.uint8).tobytes()
+    a = page_digests(data)
+    assert a.shape == (5, 2)
+    assert np.array_equal(a, page_digests(data))
+    assert np.array_equal(a[2], page_digests(data[2 * P:3 * P])[0])
+    with pytest.raises(ValueError):
+        page_digests(data[:-1])
+
+
+def test_page_digests_store_merge_and_forget():
+    s = PageDigests()
+    a = np.array([0x1000, 0x3000, 0x5000], np.uint64)
+    s.update(a, np.arange(6, dtype=np.uint64).reshape(3, 2))
+    s.update(np.array([0x2000, 0x3000], np.uint64),
+             np.array([[9, 9], [7, 7]], np.uint64))
+    assert s.addrs.tolist() == [0x1000, 0x2000, 0x3000, 0x5000]
+    found, d = s.lookup(np.array([0x3000, 0x4000], np.uint64))
+    assert found.tolist() == [True, False] and d[0].tolist() == [7, 7]
+    gone = s.keep_only(PageRuns.from_pairs([(0x1000, 2)]))
+    assert gone.pairs() == [(0x3000, 1), (0x5000, 1)]
+    assert s.addrs.tolist() == [0x1000, 0x2000]
+
+
+def test_runs_from_addrs():
+    a = np.array([0x1000, 0x2000, 0x3000, 0x8000, 0xa000, 0xb000], np.uint64)
+    assert runs_from_addrs(a).pairs() == [(0x1000, 3), (0x8000, 1), (0xa000, 2)]
+    assert not runs_from_addrs(np.empty(0, np.uint64))
