@@ -44,7 +44,6 @@ from migrated.kernel import procfs
 from migrated.kernel.freezer import Freezer
 from migrated.kernel.maps import Layout as KLayout
 from migrated.kernel.maps import read_layout
-from migrated.kernel.probe import select_tracker
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import make_tracker
 from migrated.runs import PAGE_SIZE, PageRuns
@@ -340,8 +339,8 @@ class SourceMigration:
     def _migrate(self) -> tuple[str, str, float]:
         opts = self.options
         self.freezer = Freezer(self.pid, on_freeze=self.on_freeze, on_thaw=self.on_thaw)
-        self.tracker_name = select_tracker(opts.tracker)
-        self.tracker = make_tracker(self.tracker_name, self.pid, self.freezer)
+        self.tracker = make_tracker(opts.tracker, self.pid, self.freezer)
+        self.tracker_name = self.tracker.name
         self._readers = [MemReader(self.pid, buffer_bytes=READ_BUFFER_BYTES)
                          for _ in range(PIPELINE_DEPTH)]
 

@@ -27,9 +27,11 @@ PAGE_SIZE = mmap.PAGESIZE
 
 SOFT_DIRTY = "soft-dirty"
 DIGEST = "digest"
-UFFD_WP = "uffd-wp"          # reserved: async userfaultfd write-protect (later)
+UFFD_WP = "uffd-wp"          # async userfaultfd write-protect (migrated/kernel/uffd.py)
 AUTO = "auto"
-TRACKERS = (SOFT_DIRTY, DIGEST)          # implemented today, best first
+# Best first: uffd-wp collects and re-protects in one ioctl with no freeze;
+# soft-dirty needs a short freeze per round; digest hashes all memory.
+TRACKERS = (UFFD_WP, SOFT_DIRTY, DIGEST)
 KNOWN_TRACKERS = (SOFT_DIRTY, DIGEST, UFFD_WP)
 
 # -- pagemap bits (Documentation/admin-guide/mm/pagemap.rst) ----------------
@@ -348,6 +350,8 @@ def probe() -> dict:
         "process_vm_readv_reason": pvr_reason,
         "ptrace_scope": _ptrace_scope(),
     }
+    from migrated.kernel.uffd import uffd_wp_tracker_available  # lazy: uffd imports probe
+    result["uffd_wp_tracker"], result["uffd_wp_tracker_reason"] = uffd_wp_tracker_available()
     result["trackers_available"] = available_trackers(result)
     result["tracker"] = select_tracker(AUTO, result)
     return result
@@ -365,6 +369,8 @@ def cached_probe() -> dict:
 
 def available_trackers(result: dict) -> list[str]:
     out = []
+    if result.get("uffd_wp_tracker"):
+        out.append(UFFD_WP)
     if result.get("soft_dirty") and result.get("pagemap") != "disabled":
         out.append(SOFT_DIRTY)
     out.append(DIGEST)   # needs nothing beyond reading memory
@@ -374,8 +380,9 @@ def available_trackers(result: dict) -> list[str]:
 def select_tracker(name: str, result: dict | None = None) -> str:
     """The tracker to use for option ``name`` ("auto" or a tracker name).
 
-    "auto" takes the best tracker this kernel runs (soft-dirty when its
-    self-test passed, else digest).  A forced tracker the kernel cannot run
+    "auto" takes the best tracker this kernel runs (uffd-wp when async
+    write-protect works, else soft-dirty when its self-test passed, else
+    digest).  A forced tracker the kernel cannot run
     raises KernelUnsupported saying why and what to use instead.
     """
     name = (name or AUTO).strip().lower()
@@ -397,8 +404,9 @@ def select_tracker(name: str, result: dict | None = None) -> str:
             f"tracker soft-dirty is not supported on kernel {result.get('kernel')}: "
             f"{why}; use --tracker digest or auto")
     if name == UFFD_WP:
+        why = (result.get("uffd_wp_tracker_reason") or result.get("uffd_wp_async_reason")
+               or "async userfaultfd write-protect unavailable")
         raise KernelUnsupported(
-            "tracker uffd-wp is not implemented yet (kernel support: "
-            f"{'yes' if result.get('uffd_wp_async') else 'no'}); "
-            "use --tracker auto")
+            f"tracker uffd-wp is not supported on kernel {result.get('kernel')}: {why}; "
+            "use --tracker digest or auto")
     raise KernelUnsupported(f"tracker {name} is not available on this kernel")

@@ -41,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from migrated.errors import NoSuchProcess, ZombieProcess
+from migrated.errors import KernelUnsupported, NoSuchProcess, ZombieProcess
 from migrated.kernel import pagemap as pm
 from migrated.kernel import probe as kprobe
 from migrated.kernel.freezer import Freezer
@@ -487,10 +487,21 @@ TRACKER_CLASSES: dict[str, type[Tracker]] = {
 
 def make_tracker(name: str, pid: int, freezer: Freezer | None = None,
                  probe_result: dict | None = None) -> Tracker:
-    """Tracker ``name`` ("auto", "soft-dirty", "digest") for ``pid``.
+    """Tracker ``name`` ("auto", "uffd-wp", "soft-dirty", "digest") for ``pid``.
 
     "auto" asks the kernel probe (cached per process).  A forced tracker
     this kernel cannot run raises KernelUnsupported explaining why.
     """
     chosen = kprobe.select_tracker(name, probe_result)
+    if chosen == kprobe.UFFD_WP:
+        # Imported here: uffd.py imports this module (Tracker, Collected).
+        from migrated.kernel.uffd import UffdWpTracker, uffd_wp_target_problem
+        problem = uffd_wp_target_problem(pid)
+        if problem is None:
+            return UffdWpTracker(pid, freezer)
+        if (name or kprobe.AUTO).strip().lower() != kprobe.AUTO:
+            raise KernelUnsupported(f"tracker uffd-wp on process {pid}: {problem}; "
+                                    "use --tracker digest")
+        # auto: this target cannot take an injection (seccomp, traced).
+        chosen = kprobe.select_tracker(kprobe.DIGEST, probe_result)
     return TRACKER_CLASSES[chosen](pid, freezer)

@@ -73,7 +73,11 @@ def test_pagemap_scan_follows_kernel_version(result):
 
 
 def test_tracker_choice_follows_soft_dirty(result):
-    want = "soft-dirty" if result["soft_dirty"] else "digest"
+    if result["uffd_wp_tracker"]:
+        want = "uffd-wp"
+    else:
+        want = "soft-dirty" if result["soft_dirty"] else "digest"
+    assert (result["soft_dirty"]) == ("soft-dirty" in result["trackers_available"])
     assert result["tracker"] == want
     assert result["trackers_available"][0] == want
     assert "digest" in result["trackers_available"]
@@ -105,8 +109,11 @@ def test_select_tracker():
     with pytest.raises(KernelUnsupported, match=r"soft-dirty is not supported on kernel "
                                                 r"6\.18-test: a write did not set bit 55"):
         kprobe.select_tracker("soft-dirty", without)
-    with pytest.raises(KernelUnsupported, match="uffd-wp is not implemented yet"):
+    with pytest.raises(KernelUnsupported, match=r"uffd-wp is not supported on kernel 6\.18-test"):
         kprobe.select_tracker("uffd-wp", without)
+    with_uffd = dict(without, trackers_available=["uffd-wp", "digest"], uffd_wp_tracker=True)
+    assert kprobe.select_tracker("auto", with_uffd) == "uffd-wp"
+    assert kprobe.select_tracker("uffd-wp", with_uffd) == "uffd-wp"
     with pytest.raises(MigratedError, match="unknown tracker"):
         kprobe.select_tracker("fast", without)
 

@@ -36,6 +36,9 @@ P = PAGE_SIZE
 
 TRACKERS = [
     pytest.param("digest", id="digest"),
+    pytest.param("uffd-wp", id="uffd-wp",
+                 marks=pytest.mark.skipif(not kprobe.cached_probe().get("uffd_wp_tracker"),
+                                          reason="uffd-wp unavailable on this kernel")),
     pytest.param("soft-dirty", id="soft-dirty", marks=pytest.mark.lab),
 ]
 
@@ -346,10 +349,9 @@ def _host_has_soft_dirty() -> bool:
 
 
 def test_auto_picks_by_probe(target):
-    want = "soft-dirty" if _host_has_soft_dirty() else "digest"
+    want = kprobe.cached_probe()["trackers_available"][0]
     with make_tracker("auto", target.pid) as tr:
         assert tr.name == want
-        assert isinstance(tr, SoftDirtyTracker if want == "soft-dirty" else DigestTracker)
 
 
 def test_forced_soft_dirty_refused_without_kernel_support(target):
