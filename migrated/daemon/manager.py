@@ -470,6 +470,9 @@ class Manager:
             s.setdefault("peer", m.peer)
         with m._lock:
             m.done = True
+            # A finished record is kept for `status`/`list`; it must not
+            # keep the engine's buffers, socket or transport alive with it.
+            m._engine = m._transport = m._sock = None
         m.finished = time.time()
         m.summary = s
         m.state = s["status"]

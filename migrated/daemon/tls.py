@@ -125,6 +125,15 @@ def server_handshake(sock: socket.socket, ctx: ssl.SSLContext | None, allow: lis
     sock.settimeout(timeout)
     tune_socket(sock)
     if ctx is None:
+        # Plaintext has no handshake to bound, so a peer stays a pending
+        # handshake (not a migration slot) until its first bytes arrive:
+        # idle connections must not use up --max-migrations.
+        try:
+            if not sock.recv(1, socket.MSG_PEEK):
+                raise PeerRejected("closed before sending anything")
+        except OSError as e:
+            raise PeerRejected(f"sent nothing within {timeout:.0f} s: "
+                               f"{_reason(e)}") from None
         return sock, "insecure"
     try:
         tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
