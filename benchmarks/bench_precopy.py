@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_throughput import _connect, _spawn  # noqa: E402
+from bench_throughput import _connect, _spawn, dest_report  # noqa: E402
 from tests.engine.procs import workload  # noqa: E402
 
 TARGET_RATIO = 0.10
@@ -48,6 +48,7 @@ def one(pid: int, max_rounds: int | None, tracker: str, max_bandwidth: float | N
             res = SourceMigration(pid, opts, BlockingTransport(s, timeout=60, max_bandwidth=max_bandwidth),
                                   on_event=lambda e: None).run()
             p.wait(120)
+            res["dest"] = dest_report(p)
         finally:
             if p.poll() is None:
                 p.kill()
@@ -57,6 +58,30 @@ def one(pid: int, max_rounds: int | None, tracker: str, max_bandwidth: float | N
     return res
 
 
+def _breakdown(res: dict) -> None:
+    """Where the freeze went: the source's split (stop, final collection,
+    final delta on the wire, waiting for Committed) and the destination's
+    commit (chunks digested at commit vs. taken from checkpoints, data
+    flush, manifest + renames)."""
+    fb = res.get("freeze_breakdown") or {}
+    print("    source: " + "  ".join(f"{k[:-3]} {v:.1f} ms" for k, v in fb.items()))
+    st = (res.get("dest") or {}).get("store") or {}
+    if st:
+        print(f"    dest commit {st.get('total_ms', 0):.1f} ms: digest {st.get('digest_ms', 0):.1f} ms "
+              f"({st.get('chunks_digested')} of {st.get('chunks')} chunks; "
+              f"{st.get('checkpoints')} checkpoints digested {st.get('checkpoint_chunks')} "
+              f"in the background), fsync {st.get('fsync_data_ms', 0):.1f} ms, "
+              f"manifest+rename {st.get('seal_ms', 0):.1f} ms")
+
+
+def _rounds(res: dict) -> None:
+    for r in res["rounds"]:
+        print(f"      round {r['round']:2d}{' final' if r['final'] else '      '} "
+              f"{r['pages']:6d} pages {r['duration_ms']:8.1f} ms "
+              f"{r['bandwidth'] / 2**20:7.1f} MiB/s  pause {r['pause_ms']:6.1f} ms  "
+              f"expected {r['expected_downtime_ms'] or 0:6.1f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256)
@@ -64,6 +89,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--tracker", default="auto")
     ap.add_argument("--max-bandwidth", type=float, default=None, help="MiB/s link cap")
+    ap.add_argument("--rounds", action="store_true", help="print every round of the best runs")
     a = ap.parse_args()
     bw = a.max_bandwidth * 2**20 if a.max_bandwidth else None
 
@@ -79,14 +105,16 @@ def main() -> int:
         bs = min(sac, key=lambda r: r["freeze_ms"])
         live = [r for r in bp["rounds"] if not r["final"]]
         final = bp["rounds"][-1]
-        print(f"pre-copy     freeze {bp['freeze_ms']:8.1f} ms  ({len(live)} live rounds, "
+        print(f"pre-copy      freeze {bp['freeze_ms']:8.1f} ms  ({len(live)} live rounds, "
               f"stop: {bp['stop_reason']}, final delta {final['pages']} pages, "
               f"expected {bp['expected_downtime_ms']:.0f} ms, tracker {bp['tracker']}, "
               f"total {bp['total_ms'] / 1000:.1f} s)")
-        print(f"             where the freeze went: {bp['freeze_breakdown']}")
+        _breakdown(bp)
+        if a.rounds:
+            _rounds(bp)
         print(f"stop-and-copy freeze {bs['freeze_ms']:8.1f} ms  ({bs['rounds'][-1]['pages']} pages, "
               f"total {bs['total_ms'] / 1000:.1f} s)")
-        print(f"             where the freeze went: {bs['freeze_breakdown']}")
+        _breakdown(bs)
         ratio = bp["freeze_ms"] / bs["freeze_ms"]
         print(f"ratio {ratio:.3f} (target <= {TARGET_RATIO})   all runs: pre-copy "
               f"{[round(r['freeze_ms']) for r in pre]} ms, stop-and-copy "

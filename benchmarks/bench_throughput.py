@@ -81,9 +81,24 @@ def serve_dest(tls_dir: str | None, state_dir: str) -> None:
     from migrated.engine.transport import BlockingTransport
     from migrated.image.store import ImageStore
     conn = _listen(tls_dir)
+    commit: dict = {}
     res = DestMigration(BlockingTransport(conn, timeout=60), ImageStore(state_dir),
-                        node="bench-dest", on_event=lambda e: None).run()
-    print(json.dumps({k: res.get(k) for k in ("status", "error")}), flush=True)
+                        node="bench-dest",
+                        on_event=lambda e: commit.update(e) if e["event"] == "commit" else None
+                        ).run()
+    out = {k: res.get(k) for k in ("status", "error")}
+    out["commit_ms"] = commit.get("commit_ms")
+    out["store"] = commit.get("store")
+    print(json.dumps(out), flush=True)
+
+
+def dest_report(p: subprocess.Popen) -> dict:
+    """The JSON line a --serve-dest child printed when it finished."""
+    line = p.stdout.readline() if p.stdout else ""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return {}
 
 
 def _spawn(role: str, tls_dir: str | None, state_dir: str = "") -> tuple[subprocess.Popen, int]:

@@ -165,6 +165,8 @@ class PeerListener:
             except tls.PeerRejected as e:
                 self.rejected += 1
                 self.log.warning("peer_rejected", peer=peer, reason=str(e))
+                if isinstance(e, tls.PeerSilent):
+                    refuse(conn, "timeout", f"{self.manager.node}: {e}")
                 if isinstance(e, tls.PeerNotAllowed) and e.sock is not None:
                     refuse(e.sock, "auth", f"{self.manager.node} does not accept migrations "
                            f"from this peer: {e}")

@@ -38,6 +38,11 @@ class PeerRejected(MigratedError):
     """Handshake failed or the peer's certificate is not allowed."""
 
 
+class PeerSilent(PeerRejected):
+    """A plaintext peer that sent nothing in time (its socket is kept so
+    the listener can answer with a protocol "timeout" error)."""
+
+
 class PeerNotAllowed(PeerRejected):
     """A CA-signed peer outside --allow-peer.  ``sock`` is the still-open
     TLS socket (server side), so the caller can say why before closing."""
@@ -132,8 +137,7 @@ def server_handshake(sock: socket.socket, ctx: ssl.SSLContext | None, allow: lis
             if not sock.recv(1, socket.MSG_PEEK):
                 raise PeerRejected("closed before sending anything")
         except OSError as e:
-            raise PeerRejected(f"sent nothing within {timeout:.0f} s: "
-                               f"{_reason(e)}") from None
+            raise PeerSilent(f"sent nothing within {timeout:g} s: {_reason(e)}") from None
         return sock, "insecure"
     try:
         tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)

@@ -8,7 +8,10 @@ the daemon accepted (docs/ARCHITECTURE.md, "Engine <-> daemon seam"):
                                checked here, before any page is accepted)
     Layout/Pages/Zeros/Dropped -> the ImageWriter, as they arrive (pages go
                                to disk at once; nothing holds the image)
-    RoundEnd, Freeze, FinalEnd -> progress events
+    RoundEnd                  -> progress event; writer.checkpoint() digests
+                               the chunks of that round and flushes them in
+                               the background while the source still runs
+    Freeze, FinalEnd          -> progress events
     CommitRequest -> writer.commit() -> Committed(image_id, digest)
 
 Any failure (protocol violation, quota, disk full, a silent or vanished
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import socket
 import threading
 import time
@@ -32,7 +34,6 @@ from typing import Any, Callable
 from migrated.engine.transport import (BlockingTransport, Channel, PeerClosed,
                                        TransportError, TransportTimeout)
 from migrated.errors import ImageError, MigratedError, ProtocolError, QuotaExceeded
-from migrated.image.manifest import PAGES_NAME
 from migrated.wire import events as ev
 from migrated.wire import limits as L
 from migrated.wire.connection import NEED_DATA, DestConnection
@@ -44,6 +45,17 @@ CAPABILITIES = ("zeros",)
 
 # How long we try to tell the source why we stop before closing anyway.
 GOODBYE_TIMEOUT_S = 2.0
+
+# While the source is frozen, checkpoint the image every this many bytes of
+# page data (besides each RoundEnd): the final delta's chunks are then
+# digested and flushed while the rest of it still arrives, and commit --
+# the last step of the freeze -- finds almost nothing left to do.
+FROZEN_CHECKPOINT_BYTES = 8 * 1024 * 1024
+
+# During live rounds, start writing the received pages back to disk every
+# this many bytes (ImageWriter.flush_async): a short migration would
+# otherwise leave most of its disk writes to the fsync inside commit.
+LIVE_FLUSH_BYTES = 32 * 1024 * 1024
 
 # After cancel(), the worker is woken by shutting the transport down after
 # this grace (it first tries to send Cancel at its next message).
@@ -65,53 +77,6 @@ class DestLimits:
     # Silence tolerated between messages while streaming (the source sends
     # keepalives every KEEPALIVE_INTERVAL_S while it is busy elsewhere).
     idle_timeout_s: float = L.IDLE_TIMEOUT_S
-
-
-class _Flusher:
-    """Flushes the partial image's page file to disk in the background after
-    each live round, so the fsync inside commit -- which the source waits
-    for while its process is frozen -- only has the final delta left to
-    write.  One flush at a time; a kick while one runs asks for another."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._kick = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stop = False
-        self._fd = -1
-        self._thread = threading.Thread(target=self._loop, name="migrated-flush", daemon=True)
-        self._thread.start()
-
-    def kick(self) -> None:
-        self._idle.clear()
-        self._kick.set()
-
-    def _loop(self) -> None:
-        while True:
-            self._kick.wait()
-            self._kick.clear()
-            if self._stop:
-                break
-            try:
-                if self._fd < 0:
-                    self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                os.fdatasync(self._fd)
-            except OSError:
-                pass   # commit's own fsync reports real trouble
-            if not self._kick.is_set():
-                self._idle.set()
-        self._idle.set()
-
-    def close(self, wait: bool) -> None:
-        if wait:
-            self._idle.wait()
-        self._stop = True
-        self._kick.set()
-        self._thread.join()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class _Abort(MigratedError):
@@ -140,7 +105,9 @@ class DestMigration:
         self.limits = limits or DestLimits()
         self.peer = transport.peer
         seq = itertools.count()
-        self.channel = Channel(DestConnection(), transport, NEED_DATA,
+        # Page batches are written to the image before the next event is
+        # asked for, so they are borrowed from the receive buffer (no copy).
+        self.channel = Channel(DestConnection(borrow_pages=True), transport, NEED_DATA,
                                lambda: ev.Keepalive(next(seq)))
         self.migration_id = ""
         self.writer = None
@@ -149,7 +116,6 @@ class DestMigration:
         self._cancel_timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self._freeze_at: float | None = None
-        self._flusher: _Flusher | None = None
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
         with self._lock:
@@ -184,7 +150,6 @@ class DestMigration:
             with self._lock:
                 if self._cancel_timer is not None:
                     self._cancel_timer.cancel()
-            self._stop_flusher(wait=False)
             self.transport.close()          # first: wakes a keepalive blocked in send
             self.channel.stop_keepalive()
         result.update(migration_id=self.migration_id or None,
@@ -196,12 +161,13 @@ class DestMigration:
     def _receive(self, result: dict) -> tuple[str, str]:
         lim = self.limits
         ch = self.channel
-        hello = self._wait(lim.handshake_timeout_s, "Hello", ev.Hello)
+        handshake_end = time.monotonic() + lim.handshake_timeout_s
+        hello = self._wait(lim.handshake_timeout_s, "Hello", ev.Hello, deadline=handshake_end)
         self.migration_id = hello.migration_id
         caps = tuple(c for c in hello.capabilities if c in CAPABILITIES)
         ch.send_event(ev.Welcome(max(set(hello.versions) & set(L.SUPPORTED_VERSIONS)),
                                  self.node, caps))
-        start = self._wait(lim.handshake_timeout_s, "Start", ev.Start)
+        start = self._wait(lim.handshake_timeout_s, "Start", ev.Start, deadline=handshake_end)
         result.update(source_node=hello.node, pid=start.pid, migration_id=hello.migration_id)
         meta = {"pid": start.pid, "cmdline": list(start.cmdline), "exe": start.exe,
                 "source_node": hello.node, "migration_id": hello.migration_id,
@@ -220,13 +186,25 @@ class DestMigration:
                     "pid": start.pid, "tracker": start.tracker,
                     "estimated_bytes": start.estimated_bytes, "image_id": self.writer.image_id})
         w = self.writer
-        path = getattr(w, "path", None)
-        if path:
-            self._flusher = _Flusher(os.path.join(path, PAGES_NAME))
+        # Checkpoint at each RoundEnd: the commit, which the source waits
+        # for with its process frozen, then only digests and flushes what
+        # the last rounds changed (ImageWriter.checkpoint).
+        checkpoint = getattr(w, "checkpoint", None)
+        flush_async = getattr(w, "flush_async", None)
+        frozen = False
+        unflushed = 0              # page bytes since the last checkpoint or flush
         while True:
             got = self._wait(lim.idle_timeout_s, "the next message", None)
             if isinstance(got, ev.Pages):
                 w.write_pages(got.runs, got.data)
+                unflushed += len(got.data)
+                if frozen and checkpoint is not None:
+                    if unflushed >= FROZEN_CHECKPOINT_BYTES:
+                        unflushed = 0
+                        checkpoint(settled_only=True)
+                elif unflushed >= LIVE_FLUSH_BYTES and flush_async is not None:
+                    unflushed = 0
+                    flush_async()
             elif isinstance(got, ev.Dropped):      # (a subclass of Zeros: test first)
                 w.drop(got.runs)
             elif isinstance(got, ev.Zeros):
@@ -239,11 +217,13 @@ class DestMigration:
                        "dirty_rate": round(got.dirty_rate, 1),
                        "bandwidth": round(got.bandwidth, 1), "pause_ms": round(got.pause_ms, 3)}
                 self.rounds.append(fig)
-                if self._flusher is not None:
-                    self._flusher.kick()
+                if checkpoint is not None:
+                    checkpoint()
+                    unflushed = 0
                 self._emit({"event": "round", **fig})
             elif isinstance(got, ev.Freeze):
                 self._freeze_at = time.perf_counter()
+                frozen, unflushed = True, 0
                 self._emit({"event": "freeze", "round": got.round})
             elif isinstance(got, ev.FinalEnd):
                 pass
@@ -265,7 +245,6 @@ class DestMigration:
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
         t0 = time.perf_counter()
         try:
-            self._stop_flusher(wait=True)
             image_id, digest = w.commit({"migration_id": self.migration_id})
         finally:
             self.channel.stop_keepalive()
@@ -274,18 +253,20 @@ class DestMigration:
         frozen_ms = None if self._freeze_at is None else \
             round((time.perf_counter() - self._freeze_at) * 1000.0, 3)
         self._emit({"event": "commit", "image_id": image_id, "digest": digest,
-                    "commit_ms": round(commit_ms, 3), "since_freeze_ms": frozen_ms})
+                    "commit_ms": round(commit_ms, 3), "since_freeze_ms": frozen_ms,
+                    "store": dict(getattr(w, "commit_stats", {}) or {})})
         return image_id, digest
-
-    def _stop_flusher(self, wait: bool) -> None:
-        if self._flusher is not None:
-            self._flusher.close(wait)
-            self._flusher = None
 
     # -- waiting ----------------------------------------------------------------------
 
-    def _wait(self, timeout: float, what: str, want: type | None):
-        deadline = time.monotonic() + timeout
+    def _wait(self, timeout: float, what: str, want: type | None, *,
+              deadline: float | None = None):
+        """Next event of type ``want``.  Keepalives extend an idle wait, but
+        never a fixed ``deadline`` (the handshake must finish in time, or a
+        peer could hold a session open with keepalives alone)."""
+        fixed = deadline is not None
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         while True:
             if self._cancel_reason is not None:
                 raise _Abort("cancelled", "cancelled", self._cancel_reason)
@@ -295,7 +276,8 @@ class DestMigration:
                                                   f"{timeout:g} s")
             got = self.channel.next_event(left)
             if isinstance(got, ev.Keepalive):
-                deadline = time.monotonic() + timeout
+                if not fixed:
+                    deadline = time.monotonic() + timeout
                 continue
             if want is None or isinstance(got, want):
                 return got

@@ -129,6 +129,7 @@ class BlockingTransport:
         self._send_lock = threading.Lock()  # one writer at a time (keepalives)
         self._shut = False
         self._closed = False
+        self._poller: Any = None    # readiness of an SSLSocket (see _ssl_drain)
         sock.settimeout(self.timeout)
 
     # -- sending ----------------------------------------------------------------
@@ -245,14 +246,18 @@ class BlockingTransport:
 
     def _ssl_drain(self, buf, have: int) -> int:
         sock = self.sock
+        poller = self._poller
+        if poller is None:
+            # One poll object for the transport's life: cheaper per TLS
+            # record than building select()'s lists every time.
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         mv = memoryview(buf)
         got = 0
         try:
             while have + got < len(mv):
-                if not sock.pending():
-                    r, _, _ = select.select([sock], [], [], 0)
-                    if not r:
-                        break
+                if not sock.pending() and not poller.poll(0):
+                    break
                 k = sock.recv_into(mv[have + got:])
                 if not k:
                     break

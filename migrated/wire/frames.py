@@ -227,6 +227,79 @@ def decode_body(type_name: str, body) -> E.Event:
     return E.BY_NAME[type_name].from_wire(obj)
 
 
+# -- the Pages fast path --------------------------------------------------------
+
+_PAGES_KEYS = frozenset({b"type", b"round", b"runs", b"digest", b"data"})
+_PAGES_FIELDS = len(_PAGES_KEYS)
+_UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _pages_fields(body, limits: TypeLimits, borrow: bool) -> dict | None:
+    """The fields of a ``pages`` body in the one shape senders use (a map of
+    the five fields, string keys, unsigned round, bin values), parsed
+    without msgpack so that ``data`` is not copied: it is a slice of
+    ``body`` when ``borrow``, else one copy.  Returns None for anything
+    else -- other int forms, duplicate or unknown keys, a limit crossed,
+    trailing bytes -- and the caller then decodes the body with msgpack,
+    which gives exactly the generic error (or result) for it.  Bounded: at
+    most five fields are looked at."""
+    n = len(body)
+    if n < 1:
+        return None
+    b0 = body[0]
+    if b0 == 0x80 | _PAGES_FIELDS:
+        pos = 1
+    elif b0 == 0xDE and n >= 3 and body[1] == 0 and body[2] == _PAGES_FIELDS:
+        pos = 3
+    else:
+        return None
+    out: dict = {}
+    for _ in range(_PAGES_FIELDS):
+        if pos >= n:
+            return None
+        b = body[pos]
+        if not 0xA0 <= b <= 0xBF:           # keys are short fixstr
+            return None
+        ln = b & 0x1F
+        key = bytes(body[pos + 1:pos + 1 + ln])
+        pos += 1 + ln
+        if key not in _PAGES_KEYS or key in out or pos >= n:
+            return None
+        b = body[pos]
+        if key == b"type":
+            if b != 0xA5 or bytes(body[pos + 1:pos + 6]) != b"pages":
+                return None
+            value, pos = "pages", pos + 6
+        elif key == b"round":
+            if b <= 0x7F:
+                value, pos = b, pos + 1
+            elif b in _UINT_WIDTH:
+                w = _UINT_WIDTH[b]
+                if pos + 1 + w > n:
+                    return None
+                value = int.from_bytes(body[pos + 1:pos + 1 + w], "big")
+                pos += 1 + w
+            else:
+                return None
+        else:
+            w = _BIN_WIDTH.get(b)
+            if w is None or pos + 1 + w > n:
+                return None
+            ln = int.from_bytes(body[pos + 1:pos + 1 + w], "big")
+            pos += 1 + w
+            if ln > limits.max_bin_len or pos + ln > n:
+                return None
+            view = body[pos:pos + ln]
+            value = view if (borrow and key == b"data") else bytes(view)
+            pos += ln
+        out[key] = value
+    if pos != n:
+        return None
+    return {"type": out[b"type"], "round": out[b"round"], "runs": out[b"runs"],
+            "digest": out[b"digest"], "data": out[b"data"]}
+
+
 # -- reader --------------------------------------------------------------------
 
 class FrameReader:
@@ -234,13 +307,27 @@ class FrameReader:
 
     Bytes arrive by ``feed(data)`` (one copy into our buffer) or by
     ``get_buffer(n)`` + ``buffer_updated(n)`` (recv_into straight into it).
-    The bulk data of a Pages message is copied exactly once more, out of the
-    buffer into the event's ``bytes``.
+    While a large frame is being received, ``get_buffer`` offers no more
+    than the rest of that frame, so it is assembled in place and never
+    moved.  The bulk data of a Pages message is copied exactly once more,
+    out of the buffer into the event's ``bytes`` -- or, with
+    ``borrow=True``, not at all: the event's ``data`` is then a memoryview
+    of the receive buffer, valid only until the next call on this reader
+    (it is released then, so a late use fails loudly instead of reading
+    other bytes).
     """
 
     _INITIAL = 64 * 1024
 
-    def __init__(self) -> None:
+    # get_buffer() stops at the end of the frame being received when that
+    # frame is at least this big: a page batch lands in place and the next
+    # frame starts at the beginning of the buffer (nothing is ever moved),
+    # while small frames are still read many per call.
+    FRAME_CAP_MIN = 64 * 1024
+
+    def __init__(self, borrow: bool = False) -> None:
+        self.borrow = borrow
+        self._lent: memoryview | None = None   # borrowed view handed out
         self._buf = bytearray(self._INITIAL)
         self._start = 0          # first unconsumed byte
         self._end = 0            # one past the last received byte
@@ -250,6 +337,15 @@ class FrameReader:
         self.eof = False
 
     # -- input -----------------------------------------------------------------
+
+    def _reclaim(self) -> None:
+        """End the loan of the last borrowed Pages data (see class doc)."""
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            try:
+                lent.release()
+            except BufferError:
+                pass   # someone still exports it: it stays readable, unpromised
 
     def _space(self, n: int) -> None:
         live = self._end - self._start
@@ -273,6 +369,7 @@ class FrameReader:
     def feed(self, data) -> None:
         if self.eof:
             raise RuntimeError("receive_data() after end of stream")
+        self._reclaim()
         src = memoryview(data)
         if src.format != "B" or src.ndim != 1:
             src = src.cast("B")
@@ -289,7 +386,12 @@ class FrameReader:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self.eof:
             raise RuntimeError("get_buffer() after end of stream")
+        self._reclaim()
         n = sizehint if sizehint > 0 else self._INITIAL
+        if self._body_len >= self.FRAME_CAP_MIN:
+            rest = self._start + L.LENGTH_PREFIX_SIZE + self._body_len - self._end
+            if rest > 0:
+                n = min(n, rest)
         n = max(1, min(n, L.RECEIVE_BUFFER_LIMIT - (self._end - self._start)))
         self._space(n)
         return memoryview(self._buf)[self._end:self._end + n]
@@ -304,6 +406,7 @@ class FrameReader:
 
     def discard(self) -> None:
         """Forget everything buffered (the connection is closed)."""
+        self._reclaim()
         self._start = self._end = 0
         self._type, self._body_len = None, -1
 
@@ -351,6 +454,8 @@ class FrameReader:
         if that type is not legal now.  Both run as soon as their bytes are
         here, so an oversized or unwanted frame is refused before its body.
         """
+        if decode:
+            self._reclaim()
         if self._preamble_left:
             return None
         avail = self._end - self._start
@@ -384,14 +489,34 @@ class FrameReader:
             self._type = t
         if have < n or not decode:
             return None
-        with memoryview(self._buf) as mv:
-            body = mv[body_at:body_at + n]
-            try:
-                event = decode_body(self._type, body)
-            finally:
-                body.release()
+        if self._type == "pages":
+            event = self._decode_pages(body_at, n)
+        else:
+            with memoryview(self._buf) as mv:
+                body = mv[body_at:body_at + n]
+                try:
+                    event = decode_body(self._type, body)
+                finally:
+                    body.release()
         self._start = body_at + n
         if self._start == self._end:
             self._start = self._end = 0
         self._type, self._body_len = None, -1
+        return event
+
+    def _decode_pages(self, body_at: int, n: int) -> E.Event:
+        limits = TYPE_LIMITS["pages"]
+        mv = memoryview(self._buf)
+        body = mv[body_at:body_at + n]
+        try:
+            fields = _pages_fields(body, limits, self.borrow)
+            if fields is None:
+                return decode_body("pages", body)
+            event = E.Pages.from_wire(fields)
+        finally:
+            # Borrowed data keeps its own slice; ours are released now.
+            body.release()
+            mv.release()
+        if self.borrow:
+            self._lent = fields["data"]
         return event
