@@ -1,0 +1,69 @@
+"""PipelinedWriter: same image as the plain writer, errors surface in the
+caller's thread with their own type, and no thread is left behind."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from migrated.image import LayoutViolation
+from migrated.image.pipeline import PipelinedWriter
+from migrated.runs import PAGE_SIZE
+
+from .conftest import mapping, runs, write_pattern
+
+META = {"pid": 1, "cmdline": ["x"], "exe": "/bin/x", "source_node": "a", "migration_id": "m"}
+BASE = 0x7f0000000000
+
+
+def _build(writer) -> None:
+    writer.set_layout([mapping(BASE, 2048)])
+    for i in range(8):
+        buf = bytearray(write_pattern_bytes(i))
+        # A reused caller buffer: the wrapper must keep its own copy.
+        writer.write_pages(runs(BASE + i * 256 * PAGE_SIZE, 256), memoryview(buf))
+        buf[:] = b"\xff" * len(buf)
+        writer.checkpoint()
+    writer.write_zeros(runs(BASE + 2047 * PAGE_SIZE, 1))
+    writer.drop(runs(BASE, 3))
+
+
+def write_pattern_bytes(seed: int) -> bytes:
+    from tests.target import expected
+    return expected(BASE + seed * 256 * PAGE_SIZE, 256, seed)
+
+
+def test_same_image_as_plain_writer(store):
+    plain = store.begin(META)
+    _build(plain)
+    id1, _ = plain.commit({})
+    piped = PipelinedWriter(store.begin(META))
+    _build(piped)
+    image_id, _ = piped.commit({})
+    assert store.verify(image_id).ok
+    span = 2048 * PAGE_SIZE
+    assert store.read_memory(image_id, BASE, span) == store.read_memory(id1, BASE, span)
+    m1, m2 = store.show(id1), store.show(image_id)
+    assert m1["mappings"] == m2["mappings"]
+    got = store.read_memory(image_id, BASE + 3 * PAGE_SIZE, 253 * PAGE_SIZE)
+    assert got == write_pattern_bytes(0)[3 * PAGE_SIZE:]
+    assert not piped._thread.is_alive()
+
+
+def test_error_raised_in_caller_with_its_type_then_abort(store):
+    before = threading.active_count()
+    w = PipelinedWriter(store.begin(META))
+    w.set_layout([mapping(BASE, 16)])
+    write_pattern(w, BASE, 4, 1)
+    # Outside the layout: fails in the worker, surfaces on a later call.
+    w.write_pages(runs(BASE + 64 * PAGE_SIZE, 1), b"\0" * PAGE_SIZE)
+    with pytest.raises(LayoutViolation):
+        w.drain()
+    with pytest.raises(LayoutViolation):
+        w.write_zeros(runs(BASE, 1))
+    w.abort()
+    assert store.list() == []
+    import os
+    assert os.listdir(store.partial_dir) == []
+    assert threading.active_count() == before
