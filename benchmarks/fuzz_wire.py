@@ -43,8 +43,8 @@ from migrated.runs import PAGE_SIZE, PageRuns  # noqa: E402
 from migrated.wire import (NEED_DATA, Accept, Cancel, CommitRequest,  # noqa: E402
                            Committed, ConnectionClosed, DestConnection,
                            Dropped, Error, FinalEnd, Freeze, Hello, Keepalive,
-                           Layout, MappingInfo, Pages, Role, RoundEnd,
-                           SourceConnection, Start, State, Welcome, Zeros,
+                           Layout, MappingInfo, Pages, Release, Released,
+                           Role, RoundEnd, SourceConnection, Start, State, Welcome, Zeros,
                            encode, limits)
 from migrated.wire.frames import TYPE_LIMITS  # noqa: E402
 
@@ -123,7 +123,8 @@ def conversation(rng: random.Random):
     if rng.random() < 0.5:
         script.append(("s", Layout(rnd, MAPS[:2])))
     script += [("s", FinalEnd(rnd, total)), ("s", CommitRequest(rng.getrandbits(20))),
-               ("d", Committed("img-1", "xxh3-128:00"))]
+               ("d", Committed("img-1", "xxh3-128:00")), ("s", Release("img-1")),
+               ("d", Released("img-1"))]
     return script
 
 
@@ -207,7 +208,8 @@ def reach(role: Role, n: int):
     path = [(Role.SOURCE, HELLO), (Role.DEST, WELCOME), (Role.SOURCE, START),
             (Role.DEST, ACCEPT), (Role.SOURCE, Layout(0, MAPS)),
             (Role.SOURCE, Freeze(0)), (Role.SOURCE, FinalEnd(0, 0)),
-            (Role.SOURCE, CommitRequest(0))]
+            (Role.SOURCE, CommitRequest(0)), (Role.DEST, Committed("img-1", "d")),
+            (Role.SOURCE, Release("img-1"))]
     conn = SourceConnection() if role is Role.SOURCE else DestConnection()
     peer_started = False
     for sender, ev in path[:n]:
@@ -257,7 +259,7 @@ FIELDS = sorted({"versions", "node", "capabilities", "migration_id", "version", 
 
 def campaign_frames(rng, stats, seed):
     role = rng.choice([Role.SOURCE, Role.DEST])
-    conn, started = reach(role, rng.randint(0, 8))
+    conn, started = reach(role, rng.randint(0, 10))
     tname = rng.choice(sorted(TYPE_LIMITS) + ["nonsense"])
     d = {"type": tname}
     for f in rng.sample(FIELDS, rng.randint(0, 8)):
@@ -302,16 +304,25 @@ def plausible_event(rng, conn):
         lambda: RoundEnd(rnd, conn.round_pages if rng.random() < 0.8 else 3, 0, 0, 0, 0, 0),
         lambda: Freeze(rnd), lambda: FinalEnd(rnd, conn.total_pages),
         lambda: CommitRequest(conn.total_pages), lambda: Committed("img", "d"),
+        lambda: Release(_prepared(conn) if rng.random() < 0.8 else "img-x"),
+        lambda: Released(_prepared(conn) if rng.random() < 0.8 else "img-x"),
         lambda: Error(rng.choice(["internal", "busy", "nope"]), "x"),
         lambda: Cancel("x"), lambda: Keepalive(rng.getrandbits(64)),
     ]
     return rng.choice(choices)()
 
 
+def _prepared(conn) -> str:
+    """The image id Committed named on ``conn`` (what Release must name)."""
+    return conn.committed.image_id if conn.committed is not None else "img"
+
+
 NEXT = {State.IDLE: ("s", lambda c, rng: HELLO), State.HELLO_SENT: ("d", lambda c, rng: WELCOME),
         State.WELCOMED: ("s", lambda c, rng: START), State.START_SENT: ("d", lambda c, rng: ACCEPT),
         State.FINAL_SENT: ("s", lambda c, rng: CommitRequest(c.total_pages)),
-        State.COMMIT_SENT: ("d", lambda c, rng: Committed("img-2", "d"))}
+        State.COMMIT_SENT: ("d", lambda c, rng: Committed("img-2", "d")),
+        State.COMMITTED: ("s", lambda c, rng: Release(_prepared(c))),
+        State.RELEASE_SENT: ("d", lambda c, rng: Released(_prepared(c)))}
 
 
 def campaign_walk(rng, stats, seed):

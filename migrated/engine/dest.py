@@ -12,7 +12,15 @@ the daemon accepted (docs/ARCHITECTURE.md, "Engine <-> daemon seam"):
                                the chunks of that round and flushes them in
                                the background while the source still runs
     Freeze, FinalEnd          -> progress events
-    CommitRequest -> writer.commit() -> Committed(image_id, digest)
+    CommitRequest -> writer.prepare() -> Committed(image_id, digest)
+                              (sealed and durable, but staged: not visible)
+    Release(image_id) -> writer.publish() -> Released(image_id)
+
+The image becomes visible only on Release.  If anything else arrives
+instead -- Error, Cancel, end of stream, silence -- or Release comes later
+than RELEASE_PUBLISH_SHARE x the source's shortest timeout after Committed
+left (the source may have given up and resumed its process by then), the staged
+image is removed: a source that failed never leaves a second copy here.
 
 Any failure (protocol violation, quota, disk full, a silent or vanished
 peer, a cancel) aborts the writer -- the partial image is removed -- and,
@@ -116,6 +124,8 @@ class DestMigration:
         self._cancel_timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self._freeze_at: float | None = None
+        self._commit_ms = 0.0
+        self._committed_at = 0.0
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
         with self._lock:
@@ -142,7 +152,7 @@ class DestMigration:
             result.update(status=status, error_code=code,
                           error=f"incoming migration {self.migration_id or '(no id yet)'} "
                                 f"from {self.peer} {'was cancelled' if status == 'cancelled' else 'failed'}: "
-                                f"{message}; the partial image was removed")
+                                f"{message}; the partial image was removed (never visible)")
             self._goodbye(status, code, message, e)
             if not isinstance(e, (MigratedError, OSError)):
                 log.exception("incoming migration from %s: unexpected error", self.peer)
@@ -233,6 +243,11 @@ class DestMigration:
                 self._unexpected(got)
 
     def _commit(self, req: ev.CommitRequest) -> tuple[str, str]:
+        image_id, digest = self._prepare(req)
+        self._release(image_id)
+        return image_id, digest
+
+    def _prepare(self, req: ev.CommitRequest) -> tuple[str, str]:
         w = self.writer
         totals = w.totals()
         held = totals["data_pages"] + totals["zero_pages"]
@@ -245,17 +260,54 @@ class DestMigration:
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
         t0 = time.perf_counter()
         try:
-            image_id, digest = w.commit({"migration_id": self.migration_id})
+            image_id, digest = w.prepare({"migration_id": self.migration_id})
         finally:
             self.channel.stop_keepalive()
-        commit_ms = (time.perf_counter() - t0) * 1000.0
+        self._commit_ms = (time.perf_counter() - t0) * 1000.0
+        # The publish window starts before Committed leaves: a stall right
+        # after the send cannot make it look shorter than it was.
+        self._committed_at = time.monotonic()
         self.channel.send_event(ev.Committed(image_id, digest))
+        return image_id, digest
+
+    def _release(self, image_id: str) -> None:
+        """Wait for Release; publish only if it came in time and nothing
+        says the source gave up already; answer Released."""
+        w = self.writer
+        t_sent = self._committed_at
+        # The source gives up on Released after the shortest of its waits
+        # (commit timeout, idle timeout, its socket timeout -- configured
+        # like ours): publish only well inside that.
+        window = L.RELEASE_PUBLISH_SHARE * min(L.COMMIT_TIMEOUT_S, L.IDLE_TIMEOUT_S,
+                                               float(getattr(self.transport, "timeout",
+                                                             L.IDLE_TIMEOUT_S)))
+        rel = self._wait(window, "Release for prepared image " + image_id, ev.Release,
+                         deadline=t_sent + window)
+        # (the connection already checked rel.image_id against Committed)
+        late = time.monotonic() - t_sent
+        if late > window:
+            # We were stalled (stopped, swapped out...) with Release in our
+            # socket: the source may be past its own timeout.
+            raise _Abort("failed", "timeout",
+                         f"Release for image {image_id} was read {late:.1f} s after "
+                         f"Committed was sent, past the {window:g} s publish window: "
+                         "the source may have given up")
+        # Bytes already here after Release (the source's Error, Cancel or
+        # end of stream after its timeout) mean it gave up: never publish.
+        after = self.channel.poll_event()
+        if after is not self.channel.need_data and not isinstance(after, ev.Keepalive):
+            self._unexpected(after)
+        t0 = time.perf_counter()
+        w.publish()
+        self.channel.send_event(ev.Released(image_id))
         frozen_ms = None if self._freeze_at is None else \
             round((time.perf_counter() - self._freeze_at) * 1000.0, 3)
-        self._emit({"event": "commit", "image_id": image_id, "digest": digest,
-                    "commit_ms": round(commit_ms, 3), "since_freeze_ms": frozen_ms,
+        self._emit({"event": "commit", "image_id": image_id,
+                    "digest": getattr(self.channel.conn.committed, "digest", None),
+                    "commit_ms": round(self._commit_ms, 3),
+                    "publish_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+                    "since_freeze_ms": frozen_ms,
                     "store": dict(getattr(w, "commit_stats", {}) or {})})
-        return image_id, digest
 
     # -- waiting ----------------------------------------------------------------------
 
@@ -290,8 +342,10 @@ class DestMigration:
         if isinstance(got, ev.Cancel):
             raise _Abort("cancelled", "cancelled", f"the source cancelled: {got.reason}")
         if isinstance(got, ev.ConnectionClosed):
-            raise PeerClosed(self.peer, f"{self.peer} closed the connection before the "
-                                        "commit request")
+            when = ("before releasing the prepared image"
+                    if self.writer is not None and getattr(self.writer, "state", "") == "prepared"
+                    else "before the commit request")
+            raise PeerClosed(self.peer, f"{self.peer} closed the connection {when}")
         raise ProtocolError("out-of-state", f"unexpected {type(got).__name__} from {self.peer}")
 
     # -- failure --------------------------------------------------------------------------

@@ -8,17 +8,21 @@
     round n: [Layout], Dropped, Pages/Zeros, RoundEnd   what was written
     ... until the ConvergencePolicy says stop (policy.py), then
     SIGSTOP, final collect, Freeze, [Layout], Dropped, Pages/Zeros,
-    FinalEnd, CommitRequest -> Committed, then apply ``then``.
+    FinalEnd, CommitRequest -> Committed (prepared at the destination,
+    not visible), Release -> Released (published), then apply ``then``.
 
 Reading and sending are pipelined: a reader thread fills one buffer with
 process_vm_readv while the engine thread sends the previous one (both
 release the GIL).  Zero pages are found with numpy per buffer and sent as
 Zeros runs.  Nothing loops in Python once per page.
 
-Until the Committed acknowledgement arrives, any failure or cancel thaws
-the target if we froze it, tells the peer (Error or Cancel) when the link
-still works, and returns a summary with status "failed"/"cancelled" and an
-error for humans.  ``run()`` never raises for a migration failure.
+Until Released arrives, any failure or cancel thaws the target if we froze
+it, tells the peer (Error or Cancel) when the link still works, and returns
+a summary with status "failed"/"cancelled" and an error for humans.  Before
+Release was sent the destination is sure to drop its staged image; after,
+the outcome is in doubt (one rename and one message wide) and the error
+says so, naming the image and the destination.  ``run()`` never raises for
+a migration failure.
 """
 
 from __future__ import annotations
@@ -279,6 +283,9 @@ class SourceMigration:
         self.freeze_breakdown: dict | None = None
         self._readers: list[MemReader] = []
         self._keepalive_seq = 0
+        # Image id named in a Release we sent and whose Released has not
+        # come: a failure now leaves the outcome in doubt.
+        self._released_pending: str | None = None
 
     # -- public ----------------------------------------------------------------------
 
@@ -319,6 +326,8 @@ class SourceMigration:
             thawed = self._thaw_after_failure()
             result.update(status=status, error=self._human(status, code, message, thawed),
                           error_code=code)
+            if self._released_pending is not None:
+                result["in_doubt_image_id"] = self._released_pending
             self._goodbye(status, code, message, e)
             if not isinstance(e, (MigratedError, OSError, ProtocolError)):
                 log.exception("migration %s of PID %d: unexpected error", self.migration_id, self.pid)
@@ -410,6 +419,15 @@ class SourceMigration:
         self.channel.send_event(ev.CommitRequest(self._held.total_pages()))
         t_commit = time.perf_counter()
         reply = self._wait(L.COMMIT_TIMEOUT_S, "the commit acknowledgement", ev.Committed)
+        t_prepared = time.perf_counter()
+        # Three-way commit: the image is durable but staged at the
+        # destination; ask it to publish and wait for the confirmation.
+        # Until Released the target stays frozen (freeze_ms counts it).
+        self._check_abort(False)
+        self.channel.send_event(ev.Release(reply.image_id))
+        self._released_pending = reply.image_id
+        self._wait(L.COMMIT_TIMEOUT_S, f"Released for image {reply.image_id}", ev.Released)
+        self._released_pending = None
         t_done = time.perf_counter()
         freeze_ms = (t_done - self._frozen_at) * 1000.0
         # Where the freeze went (stop, final collection, final delta, commit).
@@ -417,7 +435,8 @@ class SourceMigration:
             "stop_ms": round(self._freeze_wait_ms, 3),
             "collect_ms": round((t_sent_final - t_final) * 1000.0, 3),
             "delta_ms": round((t_commit - t_sent_final) * 1000.0, 3),
-            "commit_ms": round((t_done - t_commit) * 1000.0, 3)}
+            "commit_ms": round((t_prepared - t_commit) * 1000.0, 3),
+            "release_ms": round((t_done - t_prepared) * 1000.0, 3)}
         self.channel.stop_keepalive()
         self._emit({"event": "commit", "image_id": reply.image_id, "digest": reply.digest,
                     "freeze_ms": round(freeze_ms, 3), "then": self.options.then,
@@ -587,8 +606,18 @@ class SourceMigration:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransportTimeout(self.peer, f"{self.peer} did not send {what} within "
-                                                  f"{timeout:g} s")
+                # Past the deadline (we may have been stopped): take what is
+                # already here before giving up -- an answer that arrived
+                # while we could not read it still counts.
+                got = self.channel.poll_event()
+                if isinstance(got, want):
+                    return got
+                if got is not self.channel.need_data and not isinstance(got, ev.Keepalive):
+                    self._unexpected(got, f"while waiting for {what}")
+                if got is self.channel.need_data:
+                    raise TransportTimeout(self.peer, f"{self.peer} did not send {what} "
+                                                      f"within {timeout:g} s")
+                continue
             if self._cancel_reason is not None:
                 raise MigrationAborted("cancelled", "cancelled", self._cancel_reason)
             got = self.channel.next_event(left)
@@ -646,6 +675,11 @@ class SourceMigration:
             where = "the process keeps running here"
         text = (f"migration {self.migration_id} of PID {self.pid} to {self.peer} {verb}: "
                 f"{message}; {where}")
+        if self._released_pending is not None:
+            text += (f"; the outcome is in doubt: Release was sent but not confirmed, "
+                     f"so the destination {self.peer} may have published image "
+                     f"{self._released_pending}: check `migratectl images list` there "
+                     "before retrying")
         hint = _HINTS.get(code)
         if status != "cancelled" and hint:
             text += f"; {hint}"

@@ -648,7 +648,8 @@ class ImageWriter:
         self.meta = meta
         self.expected_bytes = expected_bytes
         self._began = time.time()
-        self._state = "open"       # open -> committed | aborted | failed
+        self._state = "open"   # open -> prepared -> committed; aborted | failed
+        self._prepared_bytes = 0
         self._renamed_to: str | None = None
         self._layout: list[dict] | None = None
         self._layout_runs = PageRuns.empty()
@@ -677,6 +678,8 @@ class ImageWriter:
     # -- bookkeeping ------------------------------------------------------
 
     def _charge(self) -> int:
+        if self._state == "prepared":
+            return self._prepared_bytes
         if self._state != "open":
             return 0
         return max(self.expected_bytes, self._alloc_pages * PAGE_SIZE)
@@ -958,9 +961,18 @@ class ImageWriter:
         return got[1]
 
     def commit(self, meta_update: dict | None = None) -> tuple[str, str]:
-        """Seal the image: check, digest, write the manifest, fsync, rename
-        into images/.  Returns (image_id, digest_hex).  Chunks unchanged
-        since their checkpoint digest are not read again."""
+        """prepare() then publish(): seal the image and make it visible.
+        Returns (image_id, digest_hex)."""
+        got = self.prepare(meta_update)
+        self.publish()
+        return got
+
+    def prepare(self, meta_update: dict | None = None) -> tuple[str, str]:
+        """Seal the image but keep it staged in partial/ (never listed):
+        check, digest, write the manifest, fsync the files and the partial
+        directory.  Returns (image_id, digest_hex).  Chunks unchanged since
+        their checkpoint digest are not read again.  Then publish() makes it
+        visible, or abort() removes it."""
         self._check_open()
         if self._layout is None:
             raise ImageError(f"image {self.image_id}: cannot commit, no memory "
@@ -1043,17 +1055,10 @@ class ImageWriter:
             os.close(self._fd)
             self._fd = -1
             _fsync_dir(self.path)
-            final = os.path.join(self.store.images_dir, self.image_id)
-            os.rename(self.path, final)
-            # Until the fsyncs below succeed the commit is not reported; if
-            # they fail, abort() takes the image back out of images/.
-            self._renamed_to = final
-            _fsync_dir(self.store.images_dir)
-            _fsync_dir(self.store.partial_dir)
         except OSError as exc:
             raise self._fail(exc, "committing") from None
-        self._state = "committed"
-        self._renamed_to = None
+        self._state = "prepared"
+        self._prepared_bytes = file_bytes + len(blob)
         t_end = time.perf_counter()
         self.commit_stats = {
             "chunks": len(chunks), "chunks_digested": fresh,
@@ -1066,8 +1071,36 @@ class ImageWriter:
             "fsync_data_ms": round((t_sync - t_digest) * 1e3, 3),
             "seal_ms": round((t_end - t_sync) * 1e3, 3),
             "total_ms": round((t_end - t0) * 1e3, 3)}
-        self.store._forget(self, file_bytes + len(blob))
         return self.image_id, man["digest"]
+
+    def publish(self) -> None:
+        """Make a prepared image visible: one rename of partial/<id> to
+        images/<id>, then fsync both parents.  If an fsync fails the image
+        is not reported published and abort() takes it back out."""
+        if self._state != "prepared":
+            raise ImageError(f"image {self.image_id} is {self._state}; only a "
+                             "prepared image can be published")
+        t0 = time.perf_counter()
+        try:
+            final = os.path.join(self.store.images_dir, self.image_id)
+            os.rename(self.path, final)
+            # Until the fsyncs below succeed the publish is not reported; if
+            # they fail, abort() takes the image back out of images/.
+            self._renamed_to = final
+            _fsync_dir(self.store.images_dir)
+            _fsync_dir(self.store.partial_dir)
+        except OSError as exc:
+            raise self._fail(exc, "committing") from None  # (publishing)
+        self._state = "committed"
+        self._renamed_to = None
+        self.commit_stats["publish_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        self.store._forget(self, self._prepared_bytes)
+
+    @property
+    def state(self) -> str:
+        """open, prepared (sealed, staged), committed (published), aborted
+        or failed."""
+        return self._state
 
     def _manifest_mappings(self, data: PageRuns, zero: PageRuns) -> list[dict]:
         mappings = []
@@ -1082,7 +1115,8 @@ class ImageWriter:
         return mappings
 
     def abort(self) -> None:
-        """Remove the partial image.  Idempotent; safe after any error."""
+        """Remove the partial (or prepared, never published) image.
+        Idempotent; safe after any error."""
         if self._state in ("committed", "aborted"):
             return
         self._state = "aborted"

@@ -77,6 +77,7 @@ class _Connection:
         self.total_pages = 0     # ... of all rounds
         self.total_bytes = 0     # page data bytes of all rounds (quota)
         self.committed: E.Committed | None = None
+        self.released: E.Released | None = None
 
     # -- properties ------------------------------------------------------------
 
@@ -375,6 +376,23 @@ class _Connection:
             self.committed = ev
         return apply
 
+    def _on_release(self, ev: E.Release, sender: Role):
+        assert self.committed is not None
+        if ev.image_id != self.committed.image_id:
+            raise _out_of_state(f"release names image {ev.image_id!r}, but the prepared "
+                                f"image of this conversation is {self.committed.image_id!r}")
+
+    def _on_released(self, ev: E.Released, sender: Role):
+        assert self.committed is not None
+        if ev.image_id != self.committed.image_id:
+            raise _out_of_state(f"released names image {ev.image_id!r}, but the image "
+                                f"released in this conversation is "
+                                f"{self.committed.image_id!r}")
+
+        def apply():
+            self.released = ev
+        return apply
+
     def _on_error(self, ev: E.Error, sender: Role):
         if sender is self.our_role and ev.code not in E.ERROR_CODES:
             raise E.malformed(f"error code {ev.code!r} is not one of the documented "
@@ -382,11 +400,12 @@ class _Connection:
 
 
 class SourceConnection(_Connection):
-    """The sending side: Hello, Start, layouts and pages, Freeze, commit."""
+    """The sending side: Hello, Start, layouts and pages, Freeze,
+    CommitRequest, Release."""
     our_role = Role.SOURCE
 
 
 class DestConnection(_Connection):
-    """The receiving side: Welcome, Accept, Committed.  Checks every batch
+    """The receiving side: Welcome, Accept, Committed, Released.  Checks every batch
     against the last Layout, the quota and its digest."""
     our_role = Role.DEST

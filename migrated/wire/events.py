@@ -713,7 +713,8 @@ class CommitRequest(Event):
 
 @dataclass(frozen=True, slots=True)
 class Committed(Event):
-    """dest -> source: the image is complete and durable."""
+    """dest -> source: the image is complete, durable and *prepared* (staged,
+    not yet visible); it is published only when Release arrives."""
     image_id: str
     digest: str
     type_name: ClassVar[str] = "committed"
@@ -725,6 +726,43 @@ class Committed(Event):
     def from_wire(cls, d):
         f = _Fields(d, cls.type_name)
         ev = cls(f.token("image_id"), f.token("digest", L.MAX_DIGEST_STR_BYTES))
+        f.done()
+        return ev
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Event):
+    """source -> dest, after Committed: publish the prepared image
+    ``image_id`` (the one Committed named).  From here on the source treats
+    the outcome as in doubt until Released arrives."""
+    image_id: str
+    type_name: ClassVar[str] = "release"
+
+    def to_wire(self):
+        return {"type": self.type_name, "image_id": self.image_id}
+
+    @classmethod
+    def from_wire(cls, d):
+        f = _Fields(d, cls.type_name)
+        ev = cls(f.token("image_id"))
+        f.done()
+        return ev
+
+
+@dataclass(frozen=True, slots=True)
+class Released(Event):
+    """dest -> source: image ``image_id`` is published (visible in the
+    destination's store); the source may now apply its --then policy."""
+    image_id: str
+    type_name: ClassVar[str] = "released"
+
+    def to_wire(self):
+        return {"type": self.type_name, "image_id": self.image_id}
+
+    @classmethod
+    def from_wire(cls, d):
+        f = _Fields(d, cls.type_name)
+        ev = cls(f.token("image_id"))
         f.done()
         return ev
 
@@ -790,5 +828,6 @@ class ConnectionClosed:
 
 MESSAGE_TYPES: tuple[type[Event], ...] = (
     Hello, Welcome, Start, Accept, Layout, Pages, Zeros, Dropped, RoundEnd,
-    Freeze, FinalEnd, CommitRequest, Committed, Error, Cancel, Keepalive)
+    Freeze, FinalEnd, CommitRequest, Committed, Release, Released, Error, Cancel,
+    Keepalive)
 BY_NAME: dict[str, type[Event]] = {c.type_name: c for c in MESSAGE_TYPES}

@@ -58,6 +58,8 @@ TYPE_LIMITS: dict[str, TypeLimits] = {
     "final-end": TypeLimits(_C, 3, 0, _SMALL_STR, 0, 1, 0),
     "commit-request": TypeLimits(_C, 3, 0, _SMALL_STR, L.DIGEST_SIZE, 1, 0),
     "committed": TypeLimits(_C, 3, 0, L.MAX_DIGEST_STR_BYTES, 0, 1, 0),
+    "release": TypeLimits(_C, 2, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),
+    "released": TypeLimits(_C, 2, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),
     "error": TypeLimits(_C, 3, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
     "cancel": TypeLimits(_C, 2, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
     "keepalive": TypeLimits(_C, 2, 0, _SMALL_STR, 0, 1, 0),

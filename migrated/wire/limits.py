@@ -105,7 +105,7 @@ MAX_FIGURE = float(1 << 63)
 
 # -- frame sizes (checked on the length prefix, before buffering) -------------
 
-# Every message type but these four fits a small frame: the largest is an
+# Every message type but these four (Release and Released included) fits a small frame: the largest is an
 # Error with MAX_TEXT_BYTES of message or a Hello with every capability.
 MAX_CONTROL_FRAME = 16 * 1024
 # Start: MAX_CMDLINE_BYTES + exe path + options.
@@ -139,5 +139,16 @@ KEEPALIVE_INTERVAL_S = 5.0
 IDLE_TIMEOUT_S = 30.0
 # Preamble + Hello/Welcome + Start/Accept must complete within this.
 HANDSHAKE_TIMEOUT_S = 10.0
-# CommitRequest -> Committed: the destination fsyncs the image.
+# CommitRequest -> Committed: the destination fsyncs the image.  Also the
+# source's wait from Release to Released (one rename and two directory
+# fsyncs: far less, but the same bound keeps one knob).
 COMMIT_TIMEOUT_S = 120.0
+# The destination publishes only if Release is in its hands within this
+# share of the source's shortest wait for Released (min of COMMIT_TIMEOUT_S,
+# IDLE_TIMEOUT_S and the socket timeout: 15 s by default) after it sent
+# Committed.  The source sent Release after Committed reached it, so a
+# destination that was stalled past this point may face a
+# source that has already given up and resumed its process: it removes
+# the staged image instead (the other half is left for the rename, the
+# fsyncs and Released to reach the source).
+RELEASE_PUBLISH_SHARE = 0.5

@@ -9,12 +9,20 @@ LocalProtocolError (our bug), by next_event() as ProtocolError
     IDLE --Hello(S)--> HELLO_SENT --Welcome(D)--> WELCOMED --Start(S)-->
     START_SENT --Accept(D)--> STREAMING --Freeze(S)--> FROZEN
     --FinalEnd(S)--> FINAL_SENT --CommitRequest(S)--> COMMIT_SENT
-    --Committed(D)--> DONE
+    --Committed(D)--> COMMITTED --Release(S)--> RELEASE_SENT
+    --Released(D)--> DONE
+
+The commit is three-way: Committed means "prepared" (the image is durable
+but staged, never visible), Release asks the destination to publish it,
+Released confirms.  Neither side ends the conversation in doubt before
+Release: a destination that never sees Release removes the staged image.
 
 STREAMING loops on Layout/Pages/Zeros/Dropped/RoundEnd from the source,
 FROZEN on Layout/Pages/Zeros/Dropped.  Error (either role) leads from any
 state but CLOSED to CLOSED; Cancel (either role) from any state but DONE
-and CLOSED.  Keepalive (either role) is legal and changes nothing in every
+and CLOSED (so also in COMMITTED and RELEASE_SENT: a source may still back
+out after Committed, and the destination then removes the staged image).
+Keepalive (either role) is legal and changes nothing in every
 state but CLOSED and ERROR.  ERROR is local: a connection enters it when
 the peer broke the protocol, and then only sends Error or Cancel.
 """
@@ -25,7 +33,8 @@ import enum
 
 from .events import (Accept, Cancel, CommitRequest, Committed, Dropped, Error,
                      Event, FinalEnd, Freeze, Hello, Keepalive, Layout,
-                     MESSAGE_TYPES, Pages, RoundEnd, Start, Welcome, Zeros)
+                     MESSAGE_TYPES, Pages, Release, Released, RoundEnd, Start,
+                     Welcome, Zeros)
 
 
 class Role(enum.Enum):
@@ -46,6 +55,8 @@ class State(enum.Enum):
     FROZEN = "FROZEN"
     FINAL_SENT = "FINAL_SENT"
     COMMIT_SENT = "COMMIT_SENT"
+    COMMITTED = "COMMITTED"          # prepared at the destination, not visible
+    RELEASE_SENT = "RELEASE_SENT"    # the source asked to publish: in doubt
     DONE = "DONE"
     CLOSED = "CLOSED"
     ERROR = "ERROR"
@@ -71,7 +82,9 @@ _MAIN: dict[tuple[Role, State, type[Event]], State] = {
     (S, St.FROZEN, Dropped): St.FROZEN,
     (S, St.FROZEN, FinalEnd): St.FINAL_SENT,
     (S, St.FINAL_SENT, CommitRequest): St.COMMIT_SENT,
-    (D, St.COMMIT_SENT, Committed): St.DONE,
+    (D, St.COMMIT_SENT, Committed): St.COMMITTED,
+    (S, St.COMMITTED, Release): St.RELEASE_SENT,
+    (D, St.RELEASE_SENT, Released): St.DONE,
 }
 
 

@@ -32,7 +32,8 @@ from migrated.wire import limits as L  # noqa: E402
 from migrated.wire.events import (Accept, Cancel, CommitRequest, Committed,  # noqa: E402
                                   ConnectionClosed, Dropped, Error, FinalEnd,
                                   Freeze, Hello, Keepalive, Layout, MappingInfo,
-                                  Pages, RoundEnd, Start, Welcome, Zeros)
+                                  Pages, Release, Released, RoundEnd, Start,
+                                  Welcome, Zeros)
 from migrated.wire.frames import encode  # noqa: E402
 from migrated.wire.jsonform import event_to_json  # noqa: E402
 
@@ -86,6 +87,8 @@ FREEZE1 = Freeze(1)
 FINAL1 = FinalEnd(1, 5)
 COMMIT = CommitRequest(9, bytes(range(16)))
 COMMITTED = Committed("img-20240101-0001", "xxh3-128:00112233445566778899aabbccddeeff")
+RELEASE = Release(COMMITTED.image_id)
+RELEASED = Released(COMMITTED.image_id)
 
 VECTORS: list[dict] = []
 
@@ -137,14 +140,16 @@ def build() -> None:
         DEST_STREAMING + [
             ok(PAGES0, ZEROS0, DROPPED0, Keepalive(7), ROUNDEND0),
             ok(FREEZE1, LAYOUT1, PAGES1, FINAL1, COMMIT),
-            send(COMMITTED),
+            send(COMMITTED), ok(Keepalive(8), RELEASE), send(RELEASED),
             recv(b"", [ConnectionClosed(True)], eof=True)])
     vec("full-migration-source", "source",
-        "the source's view: welcome, accept, keepalives, committed, close",
+        "the source's view: welcome, accept, keepalives, committed, release, "
+        "released, close",
         SOURCE_STREAMING + [
             send(LAYOUT0), send(PAGES0), ok(Keepalive(0)), send(ROUNDEND0),
             send(FREEZE1), send(FinalEnd(1, 4)), send(CommitRequest(4)),
-            ok(Keepalive(2 ** 64 - 1), COMMITTED),
+            ok(Keepalive(2 ** 64 - 1), COMMITTED), send(RELEASE),
+            ok(Keepalive(3), RELEASED),
             recv(b"", [ConnectionClosed(True)], eof=True)])
     vec("source-receives-error", "source",
         "the destination refuses with an error code we do not know; "
@@ -472,10 +477,71 @@ def build() -> None:
         "a destination never sends more than a control frame",
         SOURCE_STREAMING + [recv(struct.pack(">I", L.MAX_CONTROL_FRAME + 1), (),
                                  "too-large")])
-    vec("cancel-after-done", "source", "cancel after committed",
-        SOURCE_STREAMING + [send(LAYOUT0), send(Freeze(0)), send(FinalEnd(0, 0)),
-                            send(CommitRequest(0)), ok(COMMITTED),
-                            recv(encode(Cancel("late")), (), "out-of-state")])
+    src_done = SOURCE_STREAMING + [send(LAYOUT0), send(Freeze(0)), send(FinalEnd(0, 0)),
+                                   send(CommitRequest(0))]
+    dst_commit = DEST_STREAMING + [ok(Freeze(0), FinalEnd(0, 0), CommitRequest(0))]
+    vec("cancel-after-done", "source", "cancel after released",
+        src_done + [ok(COMMITTED), send(RELEASE), ok(RELEASED),
+                    recv(encode(Cancel("late")), (), "out-of-state")])
+
+    # -- three-way commit: release / released ----------------------------------
+    vec("eof-after-committed", "dest",
+        "the source vanishes after committed, before release: not clean (the "
+        "destination removes the prepared image)",
+        dst_commit + [send(COMMITTED), recv(b"", [ConnectionClosed(False)], eof=True)])
+    vec("eof-after-release", "source",
+        "the destination vanishes after release, before released: not clean "
+        "(the outcome is in doubt)",
+        src_done + [ok(COMMITTED), send(RELEASE),
+                    recv(b"", [ConnectionClosed(False)], eof=True)])
+    vec("cancel-after-committed", "dest",
+        "the source backs out after committed: legal, the prepared image is removed",
+        dst_commit + [send(COMMITTED), ok(Cancel("operator asked")),
+                      recv(b"", [ConnectionClosed(True)], eof=True)])
+    vec("error-while-release-sent", "source",
+        "the destination fails to publish: error is legal in RELEASE_SENT",
+        src_done + [ok(COMMITTED), send(RELEASE),
+                    ok(Error("disk-full", "no space to publish"))])
+    vec("release-wrong-image", "dest",
+        "release naming another image than committed did",
+        dst_commit + [send(COMMITTED),
+                      recv(raw({"type": "release", "image_id": "img-other"}), (),
+                           "out-of-state")])
+    vec("released-wrong-image", "source",
+        "released naming another image than committed did",
+        src_done + [ok(COMMITTED), send(RELEASE),
+                    recv(raw({"type": "released", "image_id": "img-other"}), (),
+                         "out-of-state")])
+    dest_bad("release-while-streaming", encode(RELEASE), "out-of-state",
+             "release before any commit-request")
+    dest_bad("release-before-committed", encode(RELEASE), "out-of-state",
+             "release while the destination is still preparing (COMMIT_SENT)",
+             dst_commit)
+    vec("release-twice", "dest", "a second release after released",
+        dst_commit + [send(COMMITTED), ok(RELEASE), send(RELEASED),
+                      recv(encode(RELEASE), (), "out-of-state")])
+    dest_bad("release-from-source-is-not-released", encode(RELEASED), "out-of-state",
+             "released is a destination-only message", dst_commit + [send(COMMITTED)])
+    vec("source-receives-release", "source", "release is a source-only message",
+        src_done + [ok(COMMITTED), recv(encode(RELEASE), (), "out-of-state")])
+    vec("source-receives-released-early", "source",
+        "released before the source sent release",
+        src_done + [ok(COMMITTED), recv(encode(RELEASED), (), "out-of-state")])
+    vec("released-before-committed", "source", "released while waiting for committed",
+        src_done + [recv(encode(RELEASED), (), "out-of-state")])
+    dest_bad("release-image-id-path", raw({"type": "release", "image_id": "../images"}),
+             "malformed", "an image id is a token, never a path",
+             dst_commit + [send(COMMITTED)])
+    dest_bad("release-image-id-65", raw({"type": "release", "image_id": "i" * 65}),
+             "too-large", "image id over 64 bytes", dst_commit + [send(COMMITTED)])
+    dest_bad("release-missing-id", raw({"type": "release"}), "malformed",
+             "release without image_id", dst_commit + [send(COMMITTED)])
+    dest_bad("release-extra-field", raw({"type": "release", "image_id": RELEASE.image_id,
+                                         "force": True}),
+             "malformed", "unknown fields in release", dst_commit + [send(COMMITTED)])
+    vec("released-int-id", "source", "released with an integer image id",
+        src_done + [ok(COMMITTED), send(RELEASE),
+                    recv(raw({"type": "released", "image_id": 7}), (), "malformed")])
 
 
 def main() -> None:

@@ -44,12 +44,12 @@ from tests.faults.victim import Victim
 # -- the matrix axes -----------------------------------------------------------------
 
 PHASES = ("connect", "handshake", "round0", "round1", "layout", "freeze", "final",
-          "commit", "ack")
+          "commit", "ack", "release")
 FAULTS = ("close", "reset", "stall", "kill_src", "kill_dst", "stop_src", "stop_dst",
           "disk_full", "target_exit", "target_exec", "churn")
 
 # Phases at which the target is frozen (by the time the proxy sees them).
-FROZEN_PHASES = ("freeze", "final", "commit", "ack")
+FROZEN_PHASES = ("freeze", "final", "commit", "ack", "release")
 
 # Issue 5: "the target runs (not state T) within 2 s".
 THAW_DEADLINE_S = 2.0
@@ -100,6 +100,11 @@ def applicable(phase: str, fault: str) -> bool:
         return phase == "freeze"
     if fault == "disk_full" and phase == "connect":
         return False          # the same as at handshake: before any byte
+    if phase == "release" and fault == "kill_src":
+        # The one window the three-way commit leaves (SPEC.md, "in doubt"):
+        # a source killed after Release left it restarts, thaws the target
+        # from its journal, and the destination may have published.
+        return False
     return True
 
 
@@ -116,6 +121,12 @@ def expectation(phase: str, fault: str) -> str:
         # Committed is already on its way: a fault that does not drop it
         # (a process fault; the proxy still delivers) lets the source finish.
         return "fail" if fault in ("close", "reset", "stall", "kill_src") else "either"
+    if phase == "release":
+        # Release dropped (close/reset/stall) or never read in time (the
+        # destination dies or stalls past its publish window): must fail.
+        # A process fault elsewhere lets Release through: it may complete.
+        return "fail" if fault in ("close", "reset", "stall", "kill_dst",
+                                   "stop_dst") else "either"
     if phase == "commit" and fault in ("target_exit", "disk_full"):
         # The final delta was read before the fault.  disk_full: the commit
         # may need no more blocks.
@@ -127,18 +138,13 @@ def expectation(phase: str, fault: str) -> str:
     return "fail"
 
 
-# The violation the protocol cannot avoid today: the destination committed
-# (CommitRequest reached it, or was already in its socket buffer when it
-# stalled) but the source never saw Committed, failed and resumed the
-# target -- two copies, the lost acknowledgement ANCHORS.md blames P.Haul
-# for.  Reported to the lead; the cases where it can happen are listed so
-# the tests can mark them as expected failures until the protocol gains a
-# final confirmation from the source.
+# The violation the three-way commit removed: the destination published an
+# image of a migration the source gave up on (two copies, the lost
+# acknowledgement ANCHORS.md blames P.Haul for).  Committed now only
+# *prepares* the image and nothing is published before Release, so every
+# case must pass; the label stays so reports keep counting it (it must
+# read 0).
 LOST_ACK = "lost-ack"
-LOST_ACK_CASES = frozenset(
-    [("ack", f) for f in ("close", "reset", "stall", "kill_src")]
-    + [(p, "kill_src") for p in ("round1", "layout", "freeze", "final", "commit")]
-    + [(p, "stop_dst") for p in ("round1", "layout", "freeze", "final", "commit")])
 
 
 def all_cases() -> list[tuple[str, str]]:
@@ -172,6 +178,9 @@ def _matcher(phase: str):
         return lambda f, h: f.direction == S2D and f.type == "commit-request"
     if phase == "ack":
         return lambda f, h: f.direction == D2S and f.type == "committed"
+    if phase == "release":
+        # Between Release and Released: the fault hits Release itself.
+        return lambda f, h: f.direction == S2D and f.type == "release"
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -420,6 +429,14 @@ class FaultBench:
                                   f"failed migration {mid}: {images[0]['image_id']}")
         if dst.partials():
             res.violations.append(f"destination partial images left: {dst.partials()}")
+        if (res.source_status == "failed" and res.fired and any(f[1] == "release" for f in
+                                                                  self.proxy.trace)):
+            # After Release the outcome is in doubt: the error must say so
+            # and name the image, so the operator checks before retrying.
+            err = res.source_error or ""
+            if "in doubt" not in err or "migratectl images list" not in err:
+                res.violations.append("source failed after sending Release without saying "
+                                      f"the outcome is in doubt: {err!r}")
         if not res.fired:
             res.violations.append(f"the fault never fired (trace {self.proxy.trace[-6:]})")
 

@@ -6,8 +6,8 @@ from migrated.errors import ProtocolError
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.wire import (NEED_DATA, Accept, CommitRequest, Committed,
                            ConnectionClosed, DestConnection, FinalEnd, Freeze,
-                           Hello, Layout, MappingInfo, Pages, RoundEnd,
-                           SourceConnection, Start, Welcome, encode)
+                           Hello, Layout, MappingInfo, Pages, Release,
+                           Released, RoundEnd, SourceConnection, Start, Welcome, encode)
 from migrated.wire import limits as L
 
 BASE = 0x7F0000000000
@@ -73,7 +73,8 @@ def valid_stream():
                           bytes(range(256)) * (5 * PAGE_SIZE // 256))),
         ("s", RoundEnd(0, 5, 100, 1.0, 2.0, 3.0, 0.5)), ("s", Freeze(1)),
         ("s", Layout(1, MAPS[:2])), ("s", FinalEnd(1, 5)), ("s", CommitRequest(5)),
-        ("d", Committed("img-1", "xxh3-128:ab"))]
+        ("d", Committed("img-1", "xxh3-128:ab")), ("s", Release("img-1")),
+        ("d", Released("img-1"))]
     for who, ev in script:
         if who == "s":
             chunks.append(s.send(ev))

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.wire import (KINDS, Accept, Cancel, CommitRequest, Committed,
                            Dropped, Error, FinalEnd, Freeze, Hello, Keepalive,
-                           Layout, MappingInfo, Pages, RoundEnd, Start, Welcome,
+                           Layout, MappingInfo, Pages, Release, Released, RoundEnd,
+                           Start, Welcome,
                            Zeros)
 from migrated.wire import limits as L
 
@@ -92,6 +93,8 @@ EVENTS = {
     "final-end": st.builds(FinalEnd, rounds, total_pages),
     "commit-request": st.builds(CommitRequest, total_pages, st.none() | digests),
     "committed": st.builds(Committed, tokens, tokens),
+    "release": st.builds(Release, tokens),
+    "released": st.builds(Released, tokens),
     "error": st.builds(Error, tokens, st.text(max_size=200)),
     "cancel": st.builds(Cancel, st.text(max_size=200)),
     "keepalive": st.builds(Keepalive, st.integers(0, 2 ** 64 - 1)),

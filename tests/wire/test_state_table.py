@@ -13,7 +13,8 @@ from migrated.runs import PageRuns
 from migrated.wire import (MESSAGE_TYPES, NEED_DATA, TRANSITIONS, Cancel,
                            CommitRequest, Committed, DestConnection, Dropped,
                            Error, FinalEnd, Freeze, Keepalive,
-                           LocalProtocolError, Pages, Role, RoundEnd,
+                           LocalProtocolError, Pages, Release, Released, Role,
+                           RoundEnd,
                            SourceConnection, State, Zeros, encode, limits)
 
 from .helpers import ACCEPT, BASE, HELLO, LAYOUT, START, WELCOME
@@ -28,16 +29,17 @@ SAMPLE = {
     "round-end": RoundEnd(0, 0, 0, 0.0, 0.0, 0.0, 0.0),
     "freeze": Freeze(0), "final-end": FinalEnd(0, 0),
     "commit-request": CommitRequest(0), "committed": Committed("img-1", "d"),
+    "release": Release("img-1"), "released": Released("img-1"),
     "error": Error("internal", "boom"), "cancel": Cancel("stop"),
     "keepalive": Keepalive(1),
 }
 HAPPY = [(S, HELLO), (D, WELCOME), (S, START), (D, ACCEPT), (S, LAYOUT),
          (S, Freeze(0)), (S, FinalEnd(0, 0)), (S, CommitRequest(0)),
-         (D, Committed("img-1", "d"))]
+         (D, Committed("img-1", "d")), (S, Release("img-1")), (D, Released("img-1"))]
 PATHS = {
     State.IDLE: 0, State.HELLO_SENT: 1, State.WELCOMED: 2, State.START_SENT: 3,
     State.STREAMING: 5, State.FROZEN: 6, State.FINAL_SENT: 7,
-    State.COMMIT_SENT: 8, State.DONE: 9,
+    State.COMMIT_SENT: 8, State.COMMITTED: 9, State.RELEASE_SENT: 10, State.DONE: 11,
 }
 
 
@@ -142,4 +144,33 @@ def test_table_shape():
             assert legal == set()
         else:
             assert (S, Error) in legal and (D, Error) in legal
-    assert len(CASES) == 2 * 11 * 16 * 2
+    assert len(CASES) == 2 * 13 * 18 * 2
+    # The three-way commit: prepared, then released, then done.
+    assert TRANSITIONS[(D, State.COMMIT_SENT, Committed)] is State.COMMITTED
+    assert TRANSITIONS[(S, State.COMMITTED, Release)] is State.RELEASE_SENT
+    assert TRANSITIONS[(D, State.RELEASE_SENT, Released)] is State.DONE
+    for st in (State.COMMITTED, State.RELEASE_SENT):
+        for r in (S, D):
+            assert TRANSITIONS[(r, st, Cancel)] is State.CLOSED
+            assert TRANSITIONS[(r, st, Keepalive)] is st
+
+
+@pytest.mark.parametrize("role", [S, D])
+def test_release_must_name_the_prepared_image(role):
+    """Release/Released naming another image than Committed did is refused
+    (out-of-state) by the receiver and by our own sender."""
+    d = reach(role, State.COMMITTED)
+    if role is S:
+        with pytest.raises(LocalProtocolError):
+            d.conn.send(Release("img-2"))
+        assert d.conn.state is State.COMMITTED
+        d.conn.send(Release("img-1"))
+        d.conn.receive_data(d.peer_bytes(Released("img-9")))
+        with pytest.raises(ProtocolError) as exc:
+            d.conn.next_event()
+    else:
+        d.conn.receive_data(d.peer_bytes(Release("img-2")))
+        with pytest.raises(ProtocolError) as exc:
+            d.conn.next_event()
+    assert exc.value.code == "out-of-state"
+    assert d.conn.state is State.ERROR

@@ -1,0 +1,73 @@
+"""prepare() stages a sealed image in partial/ (never listed); publish()
+makes it visible with one rename; abort() of a staged image removes it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from migrated.errors import ImageError
+
+from .conftest import mapping, write_pattern
+
+M1 = 0x10000000
+
+
+def _staged(store, n_pages: int = 4):
+    w = store.begin({}, 0)
+    w.set_layout([mapping(M1, n_pages)])
+    write_pattern(w, M1, n_pages, 1)
+    image_id, digest = w.prepare({"migration_id": "m1"})
+    return w, image_id, digest
+
+
+def test_prepared_image_is_sealed_but_invisible(store):
+    w, image_id, _ = _staged(store)
+    assert w.state == "prepared"
+    assert store.list() == []
+    assert os.path.isfile(os.path.join(store.partial_dir, image_id, "manifest.json"))
+    with pytest.raises(ImageError):
+        store.show(image_id)
+    assert store.used_bytes() > 0          # still charged against the quota
+    with pytest.raises(ImageError):
+        w.write_zeros(None)                # sealed: no more writes
+
+
+def test_publish_makes_it_visible_and_verifiable(store):
+    w, image_id, digest = _staged(store)
+    w.publish()
+    assert w.state == "committed"
+    assert [i["image_id"] for i in store.list()] == [image_id]
+    assert store.verify(image_id).ok
+    assert store.show(image_id)["digest"] == digest
+    assert os.listdir(store.partial_dir) == []
+    w.abort()                              # a published image is never removed by abort
+    assert [i["image_id"] for i in store.list()] == [image_id]
+
+
+def test_abort_of_a_staged_image_removes_it(store):
+    w, image_id, _ = _staged(store)
+    w.abort()
+    assert w.state == "aborted"
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+    assert store.used_bytes() == 0
+    with pytest.raises(ImageError):
+        w.publish()
+
+
+def test_publish_needs_prepare(store):
+    w = store.begin({}, 0)
+    w.set_layout([mapping(M1, 2)])
+    with pytest.raises(ImageError, match="only a prepared image"):
+        w.publish()
+    w.abort()
+
+
+def test_commit_is_prepare_then_publish(store):
+    w = store.begin({}, 0)
+    w.set_layout([mapping(M1, 2)])
+    write_pattern(w, M1, 2, 3)
+    image_id, _ = w.commit({})
+    assert w.state == "committed"
+    assert [i["image_id"] for i in store.list()] == [image_id]
