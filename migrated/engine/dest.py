@@ -42,6 +42,7 @@ from typing import Any, Callable
 from migrated.engine.transport import (BlockingTransport, Channel, PeerClosed,
                                        TransportError, TransportTimeout)
 from migrated.errors import ImageError, MigratedError, ProtocolError, QuotaExceeded
+from migrated.image.pipeline import PipelinedWriter
 from migrated.wire import events as ev
 from migrated.wire import limits as L
 from migrated.wire.connection import NEED_DATA, DestConnection
@@ -183,7 +184,7 @@ class DestMigration:
                 "source_node": hello.node, "migration_id": hello.migration_id,
                 "tracker": start.tracker, "options": dict(start.options)}
         try:
-            self.writer = self.store.begin(meta, start.estimated_bytes)
+            self.writer = PipelinedWriter(self.store.begin(meta, start.estimated_bytes))
         except QuotaExceeded as e:
             raise _Abort("failed", "disk-full" if _is_disk_full(e) else "quota", str(e)) from e
         quota = lim.quota_bytes
