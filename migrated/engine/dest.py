@@ -34,12 +34,11 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from migrated.engine.transport import (BlockingTransport, Channel, PeerClosed,
+from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
                                        TransportError, TransportTimeout)
 from migrated.errors import ImageError, MigratedError, ProtocolError, QuotaExceeded
 from migrated.image.pipeline import PipelinedWriter
@@ -66,9 +65,6 @@ FROZEN_CHECKPOINT_BYTES = 8 * 1024 * 1024
 # otherwise leave most of its disk writes to the fsync inside commit.
 LIVE_FLUSH_BYTES = 32 * 1024 * 1024
 
-# After cancel(), the worker is woken by shutting the transport down after
-# this grace (it first tries to send Cancel at its next message).
-CANCEL_GRACE_S = 1.0
 
 _FLAG_NAMES = ((ev.MAP_FLAG_DELETED, "deleted"), (ev.MAP_FLAG_HEAP, "heap"),
                (ev.MAP_FLAG_STACK, "stack"))
@@ -121,21 +117,13 @@ class DestMigration:
         self.migration_id = ""
         self.writer = None
         self.rounds: list[dict] = []
-        self._cancel_reason: str | None = None
-        self._cancel_timer: threading.Timer | None = None
-        self._lock = threading.Lock()
+        self._cancel = CancelLatch(transport)
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
         self._committed_at = 0.0
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
-        with self._lock:
-            if self._cancel_reason is not None:
-                return
-            self._cancel_reason = reason or "cancelled"
-            self._cancel_timer = threading.Timer(CANCEL_GRACE_S, self.transport.shutdown)
-            self._cancel_timer.daemon = True
-            self._cancel_timer.start()
+        self._cancel.cancel(reason)
 
     # -- run ------------------------------------------------------------------------
 
@@ -158,9 +146,7 @@ class DestMigration:
             if not isinstance(e, (MigratedError, OSError)):
                 log.exception("incoming migration from %s: unexpected error", self.peer)
         finally:
-            with self._lock:
-                if self._cancel_timer is not None:
-                    self._cancel_timer.cancel()
+            self._cancel.disarm()
             self.transport.close()          # first: wakes a keepalive blocked in send
             self.channel.stop_keepalive()
         result.update(migration_id=self.migration_id or None,
@@ -282,9 +268,9 @@ class DestMigration:
         window = L.RELEASE_PUBLISH_SHARE * min(L.COMMIT_TIMEOUT_S, L.IDLE_TIMEOUT_S,
                                                float(getattr(self.transport, "timeout",
                                                              L.IDLE_TIMEOUT_S)))
-        rel = self._wait(window, "Release for prepared image " + image_id, ev.Release,
-                         deadline=t_sent + window)
-        # (the connection already checked rel.image_id against Committed)
+        # (the connection checks Release.image_id against Committed)
+        self._wait(window, "Release for prepared image " + image_id, ev.Release,
+                   deadline=t_sent + window)
         late = time.monotonic() - t_sent
         if late > window:
             # We were stalled (stopped, swapped out...) with Release in our
@@ -321,8 +307,8 @@ class DestMigration:
         if deadline is None:
             deadline = time.monotonic() + timeout
         while True:
-            if self._cancel_reason is not None:
-                raise _Abort("cancelled", "cancelled", self._cancel_reason)
+            if self._cancel.reason is not None:
+                raise _Abort("cancelled", "cancelled", self._cancel.reason)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransportTimeout(self.peer, f"{self.peer} sent no {what} within "
@@ -354,8 +340,8 @@ class DestMigration:
     def _classify(self, e: BaseException) -> tuple[str, str, str]:
         if isinstance(e, _Abort):
             return e.status, e.code, str(e)
-        if self._cancel_reason is not None:
-            return "cancelled", "cancelled", self._cancel_reason
+        if self._cancel.reason is not None:
+            return "cancelled", "cancelled", self._cancel.reason
         if isinstance(e, QuotaExceeded):
             return "failed", "disk-full" if _is_disk_full(e) else "quota", str(e)
         if isinstance(e, ImageError):

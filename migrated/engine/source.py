@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from migrated.engine.policy import TIMEOUT_MESSAGE, ConvergencePolicy
-from migrated.engine.transport import (BlockingTransport, Channel, PeerClosed, TokenBucket,
-                                       TransportError, TransportTimeout)
+from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
+                                       TokenBucket, TransportError, TransportTimeout)
 from migrated.errors import MigratedError, ProtocolError
 from migrated.kernel import procfs
 from migrated.kernel.freezer import Freezer
@@ -65,10 +65,6 @@ THEN_CHOICES = ("stop", "resume", "kill")
 READ_BUFFER_BYTES = 8 * 1024 * 1024
 PIPELINE_DEPTH = 2
 
-# After cancel(), the worker gets this long to notice the flag between
-# batches and say Cancel to the peer; then the transport is shut down so a
-# worker blocked on a stalled peer wakes up too.
-CANCEL_GRACE_S = 1.0
 
 # The freeze must take hold within this (threads in D state may delay it);
 # longer means something is wrong with the target: fail and thaw.
@@ -265,9 +261,7 @@ class SourceMigration:
             downtime_ms=options.downtime_ms, max_rounds=options.max_rounds,
             plateau_rounds=options.plateau_rounds, timeout_s=options.timeout_s)
         self.channel = Channel(SourceConnection(), transport, NEED_DATA, _keepalives())
-        self._cancel_reason: str | None = None
-        self._cancel_timer: threading.Timer | None = None
-        self._lock = threading.Lock()
+        self._cancel = CancelLatch(transport)
         self.rounds: list[dict] = []
         self.freezer: Freezer | None = None
         self.tracker = None
@@ -292,13 +286,7 @@ class SourceMigration:
     def cancel(self, reason: str = "cancelled by operator") -> None:
         """Thread-safe: stop at the next batch; the transport is shut down
         after CANCEL_GRACE_S if the worker is blocked."""
-        with self._lock:
-            if self._cancel_reason is not None:
-                return
-            self._cancel_reason = reason or "cancelled"
-            self._cancel_timer = threading.Timer(CANCEL_GRACE_S, self.transport.shutdown)
-            self._cancel_timer.daemon = True
-            self._cancel_timer.start()
+        self._cancel.cancel(reason)
 
     def run(self) -> dict:
         t0 = time.perf_counter()
@@ -556,8 +544,8 @@ class SourceMigration:
         return PageRuns.concat(failed) if failed else PageRuns.empty()
 
     def _check_abort(self, live: bool) -> None:
-        if self._cancel_reason is not None:
-            raise MigrationAborted("cancelled", "cancelled", self._cancel_reason)
+        if self._cancel.reason is not None:
+            raise MigrationAborted("cancelled", "cancelled", self._cancel.reason)
         if live and self.policy.expired():
             raise MigrationAborted("failed", "timeout",
                                    f"{TIMEOUT_MESSAGE} ({self.options.timeout_s:g} s): "
@@ -618,8 +606,8 @@ class SourceMigration:
                     raise TransportTimeout(self.peer, f"{self.peer} did not send {what} "
                                                       f"within {timeout:g} s")
                 continue
-            if self._cancel_reason is not None:
-                raise MigrationAborted("cancelled", "cancelled", self._cancel_reason)
+            if self._cancel.reason is not None:
+                raise MigrationAborted("cancelled", "cancelled", self._cancel.reason)
             got = self.channel.next_event(left)
             if isinstance(got, want):
                 return got
@@ -644,8 +632,8 @@ class SourceMigration:
     # -- failure handling ---------------------------------------------------------------
 
     def _classify(self, e: BaseException) -> tuple[str, str, str]:
-        if self._cancel_reason is not None and not isinstance(e, PeerError):
-            return "cancelled", "cancelled", self._cancel_reason
+        if self._cancel.reason is not None and not isinstance(e, PeerError):
+            return "cancelled", "cancelled", self._cancel.reason
         if isinstance(e, MigrationAborted):
             return e.status, e.code, str(e)
         if isinstance(e, PeerError):
@@ -703,9 +691,7 @@ class SourceMigration:
             pass
 
     def _cleanup(self) -> None:
-        with self._lock:
-            if self._cancel_timer is not None:
-                self._cancel_timer.cancel()
+        self._cancel.disarm()
         self.transport.close()          # first: wakes a keepalive blocked in send
         self.channel.stop_keepalive()
         close = getattr(self.tracker, "close", None)

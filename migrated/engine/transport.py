@@ -59,6 +59,38 @@ BUCKET_DEPTH_S = 0.05
 PACED_WRITE_BYTES = 256 * 1024
 
 
+# After a cancel, the engine gets this long to notice the flag between
+# messages and tell the peer (Cancel); then the transport is shut down so a
+# worker blocked on a stalled peer wakes up too.
+CANCEL_GRACE_S = 1.0
+
+
+class CancelLatch:
+    """How both engines are cancelled from another thread: the first reason
+    wins, and the transport is shut down after CANCEL_GRACE_S unless the
+    engine finished (``disarm``) first."""
+
+    def __init__(self, transport: "BlockingTransport"):
+        self._transport = transport
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self.reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason or "cancelled"
+            self._timer = threading.Timer(CANCEL_GRACE_S, self._transport.shutdown)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+
+
 class TransportError(MigratedError):
     """The connection to the peer failed (reset, closed, shut down)."""
 

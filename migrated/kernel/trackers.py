@@ -47,7 +47,7 @@ from migrated.kernel import probe as kprobe
 from migrated.kernel.freezer import Freezer
 from migrated.kernel.maps import Layout, Mapping
 from migrated.kernel.reader import MemReader
-from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
+from migrated.runs import PAGE_SIZE, PageRuns
 
 _U64 = np.uint64
 _PAGE = _U64(PAGE_SIZE)

@@ -105,7 +105,7 @@ def test_core_of_real_child_readable_by_gdb(store, tmp_path):
     # gdb reads NT_FILE: the interpreter's file mappings are listed with
     # their offsets (readelf on some hosts cannot decode the 64-bit note).
     maps = _gdb(core, "info proc mappings")
-    exe = os.path.realpath(f"/proc/self/exe")
+    exe = os.path.realpath("/proc/self/exe")
     files = [m for m in taken if m.kind == "file" and m.path == exe]
     assert files and exe in maps, maps
     assert re.search(rf"{files[0].start:#x}\s+{files[0].end:#x}", maps), maps

@@ -27,9 +27,8 @@ from migrated.kernel.freezer import Freezer
 from migrated.kernel.maps import read_layout
 from migrated.kernel.pagemap import Pagemap
 from migrated.kernel.reader import MemReader
-from migrated.kernel.trackers import (Collected, DigestTracker, PageDigests,
-                                      SoftDirtyTracker, make_tracker, page_digests,
-                                      runs_from_addrs)
+from migrated.kernel.trackers import (Collected, DigestTracker, PageDigests, make_tracker,
+                                      page_digests, runs_from_addrs)
 from migrated.runs import PAGE_SIZE, PageRuns
 
 P = PAGE_SIZE
