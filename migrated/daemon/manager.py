@@ -330,17 +330,15 @@ class Manager:
         self.cancel(m.id, f"timed out after {timeout:g} s (--timeout)")
 
     def _send_worker(self, m: Migration, host: str, port: int, opts: dict) -> None:
-        summary: dict | None = None
-        transport = None
-        try:
+        def build():
             from migrated.daemon import tls
+            from migrated.engine.source import SendOptions, SourceMigration
+            from migrated.engine.transport import BlockingTransport
             m.state = "connecting"
             sock, who = tls.client_connect(host, port, self.client_ctx, self.allow_peer,
                                            on_socket=m.attach_socket)
             m.attach_socket(sock)
             m.peer_name = who
-            from migrated.engine.source import SendOptions, SourceMigration
-            from migrated.engine.transport import BlockingTransport
             transport = BlockingTransport(sock, timeout=IO_TIMEOUT_S,
                                           max_bandwidth=opts.get("max_bandwidth"),
                                           peer=m.peer)
@@ -352,10 +350,22 @@ class Manager:
             engine = SourceMigration(m.pid, options, transport,
                                      on_event=lambda ev: self._event(m, ev),
                                      on_freeze=on_freeze, on_thaw=self.journal.on_thaw)
-            if not m.attach_engine(engine, transport):
-                summary = None   # cancelled before start: filled in below
-            else:
-                m.state = "running"
+            return engine, transport
+
+        self._drive(m, build, running_state="running")
+
+    def _drive(self, m: Migration, build, running_state: str | None = None) -> None:
+        """Worker thread: ``build()`` -> (engine, transport), run the engine
+        to its summary, close the connection and report on the loop.  Errors
+        become a failed summary; a bug never kills the daemon.  A migration
+        cancelled before its engine started gets its summary in _finish."""
+        summary: dict | None = None
+        transport = None
+        try:
+            engine, transport = build()
+            if m.attach_engine(engine, transport):
+                if running_state:
+                    m.state = running_state
                 summary = engine.run()
         except MigratedError as e:
             summary = {"status": "failed", "error": str(e)}
@@ -386,32 +396,17 @@ class Manager:
 
     def run_receive(self, m: Migration, sock: socket.socket) -> None:
         """In the session thread: drive DestMigration to its end."""
-        summary: dict | None = None
-        transport = None
         m.attach_socket(sock)
-        try:
+
+        def build():
             from migrated.engine.dest import DestMigration
             from migrated.engine.transport import BlockingTransport
             transport = BlockingTransport(sock, timeout=IO_TIMEOUT_S, peer=m.peer)
             engine = DestMigration(transport, self.store, node=self.node,
                                    on_event=lambda ev: self._event(m, ev))
-            if m.attach_engine(engine, transport):
-                summary = engine.run()
-        except MigratedError as e:
-            summary = {"status": "failed", "error": str(e)}
-        except Exception as e:   # noqa: BLE001
-            self.log.error("internal_error", m.id, error=f"{type(e).__name__}: {e}",
-                           trace=traceback.format_exc(limit=8))
-            summary = {"status": "failed", "error": f"internal error: {type(e).__name__}: {e}"}
-        finally:
-            if transport is not None:
-                transport.close()
-            else:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-        self._threadsafe(self._finish, m, summary)
+            return engine, transport
+
+        self._drive(m, build)
 
     # -- events and results (on the loop) -------------------------------------------
 
