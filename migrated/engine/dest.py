@@ -141,7 +141,7 @@ class DestMigration:
             result.update(status=status, error_code=code,
                           error=f"incoming migration {self.migration_id or '(no id yet)'} "
                                 f"from {self.peer} {'was cancelled' if status == 'cancelled' else 'failed'}: "
-                                f"{message}; the partial image was removed (never visible)")
+                                f"{message}; " + self._image_fate())
             self._goodbye(status, code, message, e)
             if not isinstance(e, (MigratedError, OSError)):
                 log.exception("incoming migration from %s: unexpected error", self.peer)
@@ -286,15 +286,57 @@ class DestMigration:
             self._unexpected(after)
         t0 = time.perf_counter()
         w.publish()
+        late = time.monotonic() - t_sent
+        if late > window:
+            # Stalled inside the publish: by the time Released could leave,
+            # the source may be past its timeout.  Take the image back.
+            w.withdraw()
+            raise _Abort("failed", "timeout",
+                         f"publishing image {image_id} ended {late:.1f} s after Committed "
+                         f"was sent, past the {window:g} s publish window: the source may "
+                         "have given up")
         self.channel.send_event(ev.Released(image_id))
+        publish_ms = (time.perf_counter() - t0) * 1000.0
+        self._await_verdict(image_id, t_sent + window / L.RELEASE_PUBLISH_SHARE + window)
         frozen_ms = None if self._freeze_at is None else \
             round((time.perf_counter() - self._freeze_at) * 1000.0, 3)
         self._emit({"event": "commit", "image_id": image_id,
                     "digest": getattr(self.channel.conn.committed, "digest", None),
                     "commit_ms": round(self._commit_ms, 3),
-                    "publish_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+                    "publish_ms": round(publish_ms, 3),
                     "since_freeze_ms": frozen_ms,
                     "store": dict(getattr(w, "commit_stats", {}) or {})})
+
+    def _await_verdict(self, image_id: str, deadline: float) -> None:
+        """After Released: the source either got it in time and closes
+        (end of stream), or had already given up and resumed its process,
+        and then its Error or Cancel is next on the stream (SPEC.md 9.1).
+        Both sides follow the source's one decision: on Error or Cancel the
+        published image is withdrawn.  A link that dies or stays silent
+        says nothing; the image stays (presumed released: a source that
+        saw Released may already have ended its process)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("incoming migration %s from %s: no word from the source after "
+                            "Released for image %s; keeping it", self.migration_id,
+                            self.peer, image_id)
+                return
+            try:
+                got = self.channel.next_event(left)
+            except TransportError:       # end of stream, reset, silence
+                return
+            except ProtocolError:
+                return                   # garbage after Released decides nothing
+            if isinstance(got, (ev.Error, ev.Cancel)):
+                self.writer.withdraw()
+                what = (f"error ({got.code}): {got.message}" if isinstance(got, ev.Error)
+                        else f"cancel: {got.reason}")
+                raise _Abort("failed", got.code if isinstance(got, ev.Error) else "cancelled",
+                             f"the source gave up before Released for image {image_id} "
+                             f"reached it and resumed its process ({what})")
+            if not isinstance(got, ev.Keepalive):
+                return                   # end of stream (or a stray message): kept
 
     # -- waiting ----------------------------------------------------------------------
 
@@ -358,6 +400,13 @@ class DestMigration:
         if isinstance(e, OSError):
             return "failed", "internal", f"{e.strerror or e}"
         return "failed", "internal", f"internal error: {type(e).__name__}: {e}"
+
+    def _image_fate(self) -> str:
+        w = self.writer
+        if w is not None and getattr(w, "withdrawn", False):
+            return (f"image {w.image_id}, published for it, was withdrawn: the source "
+                    "keeps the process")
+        return "the partial image was removed (never visible)"
 
     def _abort_writer(self) -> None:
         if self.writer is not None:

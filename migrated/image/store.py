@@ -651,6 +651,7 @@ class ImageWriter:
         self._state = "open"   # open -> prepared -> committed; aborted | failed
         self._prepared_bytes = 0
         self._renamed_to: str | None = None
+        self.withdrawn = False    # published, then taken back out (withdraw())
         self._layout: list[dict] | None = None
         self._layout_runs = PageRuns.empty()
         self._slot_of: dict[int, int] = {}          # chunk number -> slot
@@ -1095,6 +1096,27 @@ class ImageWriter:
         self._renamed_to = None
         self.commit_stats["publish_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         self.store._forget(self, self._prepared_bytes)
+
+    def withdraw(self) -> bool:
+        """Take a just-published image back out of the store: the source
+        gave up before our confirmation reached it (SPEC.md 9.1), so it
+        resumed its process and the image must not stay as a second copy.
+        It goes like ``images rm``: one rename out of images/ (invisible at
+        once), then deletion.  On an image that was never published this is abort().
+        Returns True when a published image was withdrawn."""
+        if self._state != "committed":
+            self.abort()
+            return False
+        self._state = "aborted"
+        self.withdrawn = True
+        try:
+            self.store.remove(self.image_id)   # one rename out of images/, then delete
+        except ImageError:
+            pass                               # an operator removed it already
+        except OSError:
+            shutil.rmtree(os.path.join(self.store.images_dir, self.image_id),
+                          ignore_errors=True)
+        return True
 
     @property
     def state(self) -> str:

@@ -21,7 +21,8 @@ STREAMING loops on Layout/Pages/Zeros/Dropped/RoundEnd from the source,
 FROZEN on Layout/Pages/Zeros/Dropped.  Error (either role) leads from any
 state but CLOSED to CLOSED; Cancel (either role) from any state but DONE
 and CLOSED (so also in COMMITTED and RELEASE_SENT: a source may still back
-out after Committed, and the destination then removes the staged image).
+out after Committed, and the destination then removes the staged image),
+and a source's Cancel also in DONE (it crossed Released on the wire).
 Keepalive (either role) is legal and changes nothing in every
 state but CLOSED and ERROR.  ERROR is local: a connection enters it when
 the peer broke the protocol, and then only sends Error or Cancel.
@@ -98,6 +99,10 @@ def _build() -> dict[tuple[Role, State, type[Event]], State]:
                 table[(role, st, Cancel)] = St.CLOSED
             if st not in (St.CLOSED, St.ERROR):
                 table[(role, st, Keepalive)] = st
+    # A source that cancels while waiting for Released: its Cancel crosses
+    # the Released on the wire and reaches a destination already in DONE,
+    # which then withdraws the image (SPEC.md 9.1).
+    table[(S, St.DONE, Cancel)] = St.CLOSED
     return table
 
 

@@ -17,9 +17,9 @@ import pytest
 from migrated.engine.dest import DestMigration
 from migrated.engine.source import SendOptions
 from migrated.engine.transport import BlockingTransport
-from migrated.image.store import ImageStore
+from migrated.image.store import ImageStore, ImageWriter
 from migrated.runs import PAGE_SIZE, PageRuns
-from migrated.wire import (NEED_DATA, Accept, CommitRequest, Committed, ConnectionClosed,
+from migrated.wire import (NEED_DATA, Accept, Cancel, CommitRequest, Committed, ConnectionClosed,
                            Error, FinalEnd, Freeze, Hello, Layout, MappingInfo, Pages,
                            Release, Released, RoundEnd, SourceConnection, Start, Welcome)
 from migrated.wire import limits as L
@@ -238,12 +238,76 @@ def test_release_publishes_and_released_names_the_image(store):
         src.send(Release(got.image_id))
         rel = src.recv()
         assert rel == Released(got.image_id)
+        # The source's verdict: it got Released in time, so it just closes.
+        src.sock.shutdown(socket.SHUT_WR)
         assert isinstance(src.recv(), ConnectionClosed)
     finally:
         res = src.finish()
     assert res["status"] == "completed" and res["image_id"] == got.image_id
     assert [i["image_id"] for i in store.list()] == [got.image_id]
     assert os.listdir(store.partial_dir) == []
+
+
+@pytest.mark.parametrize("verdict", ["error", "cancel"])
+def test_a_source_that_gave_up_after_release_gets_the_image_withdrawn(store, verdict):
+    # The source timed out waiting for Released (the destination was slow),
+    # resumed its process and said so: the image published meanwhile must
+    # not stay behind as a second copy.
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        src.send(Release(got.image_id))
+        assert src.recv() == Released(got.image_id)
+        assert [i["image_id"] for i in store.list()] == [got.image_id]
+        src.send(Error("timeout", "no Released within 1 s") if verdict == "error"
+                 else Cancel("operator"))
+        src.sock.shutdown(socket.SHUT_WR)
+    finally:
+        res = src.finish()
+    assert res["status"] == "failed"
+    assert res["error_code"] == ("timeout" if verdict == "error" else "cancelled")
+    assert "withdrawn" in res["error"] and got.image_id in res["error"]
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+    assert os.listdir(store.images_dir) == []
+
+
+def test_a_source_that_vanishes_after_released_keeps_the_image(store):
+    # End of stream after Released says nothing against it: presumed
+    # released (the source may already have ended its process).
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        src.send(Release(got.image_id))
+        assert src.recv() == Released(got.image_id)
+        src.sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        res = src.finish()
+    assert res["status"] == "completed"
+    assert [i["image_id"] for i in store.list()] == [got.image_id]
+
+
+def test_a_publish_stalled_past_the_window_is_withdrawn(store, monkeypatch):
+    # Stalled between reading Release and sending Released (here: a slow
+    # publish): the source may be past its timeout, so no Released is sent
+    # and the image does not stay.
+    monkeypatch.setattr(L, "COMMIT_TIMEOUT_S", 1.0)
+    real = ImageWriter.publish
+
+    def slow_publish(self):
+        real(self)
+        time.sleep(L.COMMIT_TIMEOUT_S * L.RELEASE_PUBLISH_SHARE + 0.2)
+
+    monkeypatch.setattr(ImageWriter, "publish", slow_publish)
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        src.send(Release(got.image_id))
+        reply = src.recv()
+    finally:
+        res = src.finish()
+    assert isinstance(reply, Error) and reply.code == "timeout", reply
+    assert res["status"] == "failed" and "withdrawn" in res["error"]
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
 
 
 def test_release_after_the_publish_window_is_not_published(store, monkeypatch):

@@ -71,3 +71,32 @@ def test_commit_is_prepare_then_publish(store):
     image_id, _ = w.commit({})
     assert w.state == "committed"
     assert [i["image_id"] for i in store.list()] == [image_id]
+
+
+def test_withdraw_takes_a_published_image_back_out(store):
+    w, image_id, _ = _staged(store)
+    w.publish()
+    used = store.used_bytes()
+    assert used > 0 and [i["image_id"] for i in store.list()] == [image_id]
+    assert w.withdraw() is True
+    assert w.withdrawn and w.state == "aborted"
+    assert store.list() == [] and os.listdir(store.images_dir) == []
+    assert os.listdir(store.partial_dir) == []
+    assert store.used_bytes() == 0
+    w.abort()                              # idempotent afterwards
+    assert w.withdraw() is False
+
+
+def test_withdraw_of_a_staged_image_is_an_abort(store):
+    w, image_id, _ = _staged(store)
+    assert w.withdraw() is False
+    assert not w.withdrawn and w.state == "aborted"
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+
+
+def test_withdraw_after_an_operator_removed_the_image(store):
+    w, image_id, _ = _staged(store)
+    w.publish()
+    store.remove(image_id)
+    assert w.withdraw() is True
+    assert store.list() == [] and os.listdir(store.partial_dir) == []

@@ -153,6 +153,10 @@ def test_table_shape():
         for r in (S, D):
             assert TRANSITIONS[(r, st, Cancel)] is State.CLOSED
             assert TRANSITIONS[(r, st, Keepalive)] is st
+    # A source's Cancel may cross Released (the destination then withdraws
+    # the image); the destination itself has nothing to cancel once done.
+    assert TRANSITIONS[(S, State.DONE, Cancel)] is State.CLOSED
+    assert (D, State.DONE, Cancel) not in TRANSITIONS
 
 
 @pytest.mark.parametrize("role", [S, D])
