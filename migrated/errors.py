@@ -74,3 +74,7 @@ class QuotaExceeded(ImageError):
 
 class ImageNotFound(ImageError):
     pass
+
+
+class ImageWithdrawn(ImageError):
+    """The source withdrew the migration: its image must not be published."""

@@ -66,6 +66,7 @@ class Daemon:
         self.notifier = Notifier()
         self.journal = FrozenJournal(cfg.state_dir, log)
         self.manager = None
+        self.indoubt = None
         self.listener = None
         self.control = None
         self._stop = None
@@ -120,10 +121,14 @@ class Daemon:
         if any(replay.as_dict().values()):
             self.log.warning("journal_replayed", **{k: len(v) for k, v in replay.as_dict().items()})
         store = self._open_store()
+        self.indoubt = self._indoubt(client_ctx)
+        resumed = self.indoubt.resume()
+        if any(resumed.values()):
+            self.log.warning("indoubt_resumed", **{k: len(v) for k, v in resumed.items()})
         self.manager = Manager(node=cfg.node, max_migrations=cfg.max_migrations, log=self.log,
                                journal=self.journal, notifier=self.notifier,
                                client_ctx=client_ctx, server_ctx=server_ctx,
-                               allow_peer=cfg.allow_peer, store=store)
+                               allow_peer=cfg.allow_peer, store=store, indoubt=self.indoubt)
         self.manager.bind_loop(loop)
         self.listener = PeerListener(cfg.listen_host, cfg.listen_port, self.manager, self.log)
         self.listener.open()
@@ -153,6 +158,26 @@ class Daemon:
             await self._shutdown()
         return 0
 
+    def _indoubt(self, client_ctx):
+        """The in-doubt records, resolved over our own client TLS context."""
+        from migrated.daemon import indoubt, tls
+        from migrated.engine.transport import BlockingTransport
+        from migrated.engine.withdraw import request_withdraw
+        cfg = self.cfg
+
+        def attempt(rec: indoubt.Pending) -> str:
+            t = indoubt.ATTEMPT_TIMEOUT_S
+            sock, _ = tls.client_connect(rec.host, rec.port, client_ctx, cfg.allow_peer,
+                                         timeout=t)
+            transport = BlockingTransport(sock, timeout=t, peer=f"{rec.host}:{rec.port}")
+            try:
+                return request_withdraw(transport, node=cfg.node, migration_id=rec.mid,
+                                        image_id=rec.image_id, timeout=t)
+            finally:
+                transport.close()
+
+        return indoubt.InDoubt(cfg.state_dir, self.log, attempt)
+
     def _on_signal(self, sig: int) -> None:
         self.log.info("signal", signal=signal.Signals(sig).name)
         if self._stop is not None:
@@ -172,6 +197,8 @@ class Daemon:
                                reason="migrations did not stop in time; thawing from the journal")
         if self.control is not None:
             await self.control.close()
+        if self.indoubt is not None:
+            self.indoubt.close()      # records stay: the next start resumes them
         leftover = self.journal.replay()
         if leftover.thawed:
             self.log.warning("journal_replayed", thawed=leftover.thawed)

@@ -107,6 +107,7 @@ class Migration:
     peer: str = ""                  # host:port dialled, or address that connected
     peer_name: str = ""             # certificate CN of the peer
     migration_id: str = ""          # shared with the peer (== id when sending)
+    kind: str = "migration"         # or "withdraw": a source resolving one in doubt
     state: str = "connecting"
     options: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
@@ -177,7 +178,7 @@ class Migration:
 
     def brief(self) -> dict:
         d = {"id": self.id, "migration_id": self.migration_id or self.id, "role": self.role,
-             "state": self.state, "pid": self.pid, "peer": self.peer,
+             "kind": self.kind, "state": self.state, "pid": self.pid, "peer": self.peer,
              "peer_name": self.peer_name, "owner_uid": self.owner_uid,
              "created": round(self.created, 3),
              "elapsed_s": round((self.finished or time.time()) - self.created, 3),
@@ -211,7 +212,7 @@ class Manager:
 
     def __init__(self, *, node: str, max_migrations: int, log, journal, notifier=None,
                  client_ctx=None, server_ctx=None, allow_peer: list[str] | None = None,
-                 store=None):
+                 store=None, indoubt=None):
         self.node = node
         self.max_migrations = max_migrations
         self.log = log
@@ -221,6 +222,7 @@ class Manager:
         self.server_ctx = server_ctx
         self.allow_peer = list(allow_peer or [])
         self.store = store
+        self.indoubt = indoubt        # daemon/indoubt.py, for sending migrations
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._migrations: dict[str, Migration] = {}
@@ -251,6 +253,10 @@ class Manager:
             if m is not None:
                 return m
             hits = [m for m in self._migrations.values() if m.migration_id == ident]
+        if len(hits) > 1:
+            # A withdrawal names the migration it resolves; the migration
+            # itself is what a lookup by its id means.
+            hits = [m for m in hits if m.kind != "withdraw"] or hits[-1:]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -347,9 +353,16 @@ class Manager:
             def on_freeze(pid: int, starttime: int) -> None:
                 self.journal.on_freeze(pid, starttime, m.id)
 
+            def on_release(image_id: str, starttime: int) -> None:
+                from migrated.daemon.indoubt import Pending
+                self.indoubt.record(Pending(mid=m.id, pid=m.pid, starttime=starttime,
+                                            host=host, port=port, image_id=image_id,
+                                            since=time.time()))
+
             engine = SourceMigration(m.pid, options, transport,
                                      on_event=lambda ev: self._event(m, ev),
-                                     on_freeze=on_freeze, on_thaw=self.journal.on_thaw)
+                                     on_freeze=on_freeze, on_thaw=self.journal.on_thaw,
+                                     on_release=on_release if self.indoubt else None)
             return engine, transport
 
         self._drive(m, build, running_state="running")
@@ -403,7 +416,8 @@ class Manager:
             from migrated.engine.transport import BlockingTransport
             transport = BlockingTransport(sock, timeout=IO_TIMEOUT_S, peer=m.peer)
             engine = DestMigration(transport, self.store, node=self.node,
-                                   on_event=lambda ev: self._event(m, ev))
+                                   on_event=lambda ev: self._event(m, ev),
+                                   peer_name=m.peer_name)
             return engine, transport
 
         self._drive(m, build)
@@ -426,6 +440,8 @@ class Manager:
             m.pid = ev["pid"]
         ev["migration_id"] = m.migration_id or m.id
         kind = ev.get("event")
+        if kind == "withdraw":
+            m.kind = "withdraw"
         if kind == "round":
             m.rounds.append({k: v for k, v in ev.items() if k not in ("event", "migration_id")})
             del m.rounds[:-MAX_ROUNDS_KEPT]
@@ -463,6 +479,15 @@ class Manager:
         if m.role == "send":
             s.setdefault("pid", m.pid)
             s.setdefault("peer", m.peer)
+            if self.indoubt is not None:
+                if status == "completed":
+                    self.indoubt.settle(m.id)
+                elif self.indoubt.resolve(m.id):
+                    # Release was sent: whatever the destination did with
+                    # it, the process is ours again -- the image must go.
+                    s["withdrawing"] = True
+                    s["error"] = (f"{s['error']}; migrated is asking {m.peer} to withdraw "
+                                  "the image (log events withdraw_done / withdraw_retry)")
         with m._lock:
             m.done = True
             # A finished record is kept for `status`/`list`; it must not

@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
                                        TransportError, TransportTimeout)
-from migrated.errors import ImageError, MigratedError, ProtocolError, QuotaExceeded
+from migrated.errors import (ImageError, ImageWithdrawn, MigratedError, ProtocolError,
+                             QuotaExceeded)
 from migrated.image.pipeline import PipelinedWriter
 from migrated.wire import events as ev
 from migrated.wire import limits as L
@@ -102,9 +103,12 @@ def mapping_record(m: ev.MappingInfo) -> dict:
 class DestMigration:
     def __init__(self, transport: BlockingTransport, store, *, node: str = "",
                  on_event: Callable[[dict], None] = print,
-                 limits: DestLimits | None = None):
+                 limits: DestLimits | None = None, peer_name: str = ""):
         self.transport = transport
         self.store = store
+        # The TLS identity of the source (certificate name; "" without TLS):
+        # recorded with the image, and only that identity may withdraw it.
+        self.peer_name = peer_name
         self.node = node or socket.gethostname() or "destination"
         self.on_event = on_event
         self.limits = limits or DestLimits()
@@ -164,10 +168,16 @@ class DestMigration:
         caps = tuple(c for c in hello.capabilities if c in CAPABILITIES)
         ch.send_event(ev.Welcome(max(set(hello.versions) & set(L.SUPPORTED_VERSIONS)),
                                  self.node, caps))
-        start = self._wait(lim.handshake_timeout_s, "Start", ev.Start, deadline=handshake_end)
-        result.update(source_node=hello.node, pid=start.pid, migration_id=hello.migration_id)
+        start = self._wait(lim.handshake_timeout_s, "Start", None, deadline=handshake_end)
+        result.update(source_node=hello.node, migration_id=hello.migration_id)
+        if isinstance(start, ev.Withdraw):
+            return self._withdraw(hello, start, result)
+        if not isinstance(start, ev.Start):
+            self._unexpected(start)
+        result.update(pid=start.pid)
         meta = {"pid": start.pid, "cmdline": list(start.cmdline), "exe": start.exe,
                 "source_node": hello.node, "migration_id": hello.migration_id,
+                "source_peer": self.peer_name,
                 "tracker": start.tracker, "options": dict(start.options)}
         try:
             self.writer = PipelinedWriter(self.store.begin(meta, start.estimated_bytes))
@@ -229,6 +239,28 @@ class DestMigration:
             else:
                 self._unexpected(got)
 
+    def _withdraw(self, hello: ev.Hello, req: ev.Withdraw, result: dict) -> tuple[str, None]:
+        """The other conversation (SPEC.md 9.2): a source that sent Release
+        but never saw Released, and runs its process again, asks us to take
+        back whatever we published for that migration -- and to publish
+        nothing for it later."""
+        from migrated.image.manifest import check_image_id
+        try:
+            check_image_id(req.image_id)
+        except ImageError as e:
+            raise _Abort("failed", "malformed", f"withdraw: {e}") from e
+        try:
+            outcome = self.store.withdraw_migration(hello.migration_id, req.image_id,
+                                                    source_node=hello.node,
+                                                    source_peer=self.peer_name)
+        except ImageError as e:
+            raise _Abort("failed", "auth", str(e)) from e
+        self.channel.send_event(ev.Withdrawn(req.image_id, outcome))
+        result["withdrawn"] = outcome
+        self._emit({"event": "withdraw", "image_id": req.image_id, "outcome": outcome,
+                    "source_node": hello.node})
+        return req.image_id, None
+
     def _commit(self, req: ev.CommitRequest) -> tuple[str, str]:
         image_id, digest = self._prepare(req)
         self._release(image_id)
@@ -285,7 +317,11 @@ class DestMigration:
         if after is not self.channel.need_data and not isinstance(after, ev.Keepalive):
             self._unexpected(after)
         t0 = time.perf_counter()
-        w.publish()
+        try:
+            w.publish()
+        except ImageWithdrawn as e:
+            raise _Abort("failed", "cancelled", f"{e} (it resolved the migration as failed "
+                                                "over another connection)") from e
         late = time.monotonic() - t_sent
         if late > window:
             # Stalled inside the publish: by the time Released could leave,

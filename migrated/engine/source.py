@@ -242,7 +242,8 @@ class SourceMigration:
     def __init__(self, pid: int, options: SendOptions, transport: BlockingTransport, *,
                  on_event: Callable[[dict], None] = print,
                  on_freeze: Callable[[int, int], None] | None = None,
-                 on_thaw: Callable[[int], None] | None = None):
+                 on_thaw: Callable[[int], None] | None = None,
+                 on_release: Callable[[str, int], None] | None = None):
         if options.then not in THEN_CHOICES:
             raise ValueError(f"then must be one of {THEN_CHOICES}, not {options.then!r}")
         self.pid = pid
@@ -251,6 +252,7 @@ class SourceMigration:
         self.on_event = on_event
         self.on_freeze = on_freeze
         self.on_thaw = on_thaw
+        self.on_release = on_release
         self.migration_id = options.migration_id or new_migration_id()
         self.node = options.node or socket.gethostname() or "source"
         self.peer = transport.peer
@@ -412,8 +414,12 @@ class SourceMigration:
         # destination; ask it to publish and wait for the confirmation.
         # Until Released the target stays frozen (freeze_ms counts it).
         self._check_abort(False)
-        self.channel.send_event(ev.Release(reply.image_id))
+        if self.on_release is not None:
+            # Durably noted first (the daemon's in-doubt record): if we fail
+            # or die after this, the image gets withdrawn (SPEC.md 9.2).
+            self.on_release(reply.image_id, self.freezer.starttime)
         self._released_pending = reply.image_id
+        self.channel.send_event(ev.Release(reply.image_id))
         self._wait(L.COMMIT_TIMEOUT_S, f"Released for image {reply.image_id}", ev.Released)
         self._released_pending = None
         t_done = time.perf_counter()

@@ -14,6 +14,7 @@ moment leaves either a complete image or a partial one that the next
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -28,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import xxhash
 
-from migrated.errors import ImageError, ImageNotFound, QuotaExceeded
+from migrated.errors import ImageError, ImageNotFound, ImageWithdrawn, QuotaExceeded
 from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 from . import manifest as mf
@@ -45,6 +46,8 @@ FREE_RECHECK_BYTES = 32 * 1024 * 1024
 
 # read_memory() is for inspection: bound what one call may allocate.
 MAX_READ_BYTES = 256 * 1024 * 1024
+# Withdrawn migration ids remembered (SPEC.md 9.2); far more than can be in flight.
+MAX_WITHDRAWN_KEPT = 4096
 
 # Threads digesting the chunks left for commit (pread and xxh3 both release
 # the GIL).  Two: the source is idle waiting for our answer and the
@@ -135,6 +138,10 @@ class ImageStore:
         self._lock = threading.Lock()
         self._writers: set[ImageWriter] = set()
         self._committed: int | None = None   # bytes of complete images
+        # Migrations whose source withdrew them (SPEC.md 9.2): never publish
+        # an image for them.  Bounded; in memory only, because a restart
+        # removes every partial image anyway.
+        self._withdrawn: collections.OrderedDict[str, float] = collections.OrderedDict()
         if create:
             for d in (self.state_dir, self.images_dir, self.partial_dir):
                 os.makedirs(d, mode=_DIR_MODE, exist_ok=True)
@@ -301,6 +308,38 @@ class ImageStore:
         with self._lock:
             if self._committed is not None:
                 self._committed = max(0, self._committed - nbytes)
+
+    def withdraw_migration(self, migration_id: str, image_id: str, *,
+                           source_node: str, source_peer: str = "") -> str:
+        """A source resolving a migration left in doubt (SPEC.md 9.2):
+        remove image ``image_id`` if it was published for ``migration_id``
+        by that source, and make sure nothing is published for that
+        migration later.  Returns "removed" or "absent".  Raises ImageError
+        when the image exists but is not that migration's from that source
+        (the requester may not touch it)."""
+        image_id = mf.check_image_id(image_id)
+        with self._lock:
+            self._withdrawn[migration_id] = time.time()
+            self._withdrawn.move_to_end(migration_id)
+            while len(self._withdrawn) > MAX_WITHDRAWN_KEPT:
+                self._withdrawn.popitem(last=False)
+        try:
+            meta = self.show(image_id).get("meta", {})
+        except (ImageNotFound, FileNotFoundError):
+            return "absent"
+        if (meta.get("migration_id") != migration_id or meta.get("source_node") != source_node
+                or meta.get("source_peer", "") != source_peer):
+            raise ImageError(f"image {image_id} was not published for migration "
+                             f"{migration_id} from {source_node}; it is left alone")
+        try:
+            self.remove(image_id)
+        except ImageNotFound:
+            return "absent"
+        return "removed"
+
+    def is_withdrawn(self, migration_id: str | None) -> bool:
+        with self._lock:
+            return bool(migration_id) and migration_id in self._withdrawn
 
     def verify(self, image_id: str) -> VerifyResult:
         """Recompute the manifest digest and every chunk digest."""
@@ -1082,9 +1121,16 @@ class ImageWriter:
             raise ImageError(f"image {self.image_id} is {self._state}; only a "
                              "prepared image can be published")
         t0 = time.perf_counter()
+        mid = (self.meta or {}).get("migration_id")
         try:
             final = os.path.join(self.store.images_dir, self.image_id)
-            os.rename(self.path, final)
+            # Checked and renamed under the store lock: a Withdraw for this
+            # migration either came first (no publish) or finds the image.
+            with self.store._lock:
+                if mid and mid in self.store._withdrawn:
+                    raise ImageWithdrawn(f"image {self.image_id}: migration {mid} was "
+                                         "withdrawn by its source; not publishing it")
+                os.rename(self.path, final)
             # Until the fsyncs below succeed the publish is not reported; if
             # they fail, abort() takes the image back out of images/.
             self._renamed_to = final

@@ -13,8 +13,8 @@ from .events import (ERROR_CODES, KINDS, MAP_FLAG_DELETED, MAP_FLAG_HEAP,
                      Cancel, CommitRequest, Committed, ConnectionClosed,
                      Dropped, Error, Event, FinalEnd, Freeze, Hello,
                      Keepalive, Layout, MappingInfo, Pages, Release, Released,
-                     RoundEnd, Start,
-                     Welcome, Zeros)
+                     RoundEnd, Start, WITHDRAW_OUTCOMES,
+                     Welcome, Withdraw, Withdrawn, Zeros)
 from .frames import decode_body, encode, encode_parts
 from .state import TRANSITIONS, Role, State
 
@@ -23,7 +23,7 @@ __all__ = [
     "DestConnection", "Role", "State", "TRANSITIONS", "limits", "Event",
     "Hello", "Welcome", "Start", "Accept", "Layout", "MappingInfo", "Pages",
     "Zeros", "Dropped", "RoundEnd", "Freeze", "FinalEnd", "CommitRequest",
-    "Committed", "Release", "Released", "Error", "Cancel", "Keepalive", "ConnectionClosed",
+    "Committed", "Release", "Released", "Withdraw", "Withdrawn", "WITHDRAW_OUTCOMES", "Error", "Cancel", "Keepalive", "ConnectionClosed",
     "MESSAGE_TYPES", "ERROR_CODES", "KINDS", "MIGRATABLE_KINDS",
     "MAP_FLAG_DELETED", "MAP_FLAG_HEAP", "MAP_FLAG_STACK", "encode",
     "encode_parts", "decode_body",

@@ -78,6 +78,7 @@ class _Connection:
         self.total_bytes = 0     # page data bytes of all rounds (quota)
         self.committed: E.Committed | None = None
         self.released: E.Released | None = None
+        self.withdraw: E.Withdraw | None = None
 
     # -- properties ------------------------------------------------------------
 
@@ -393,6 +394,17 @@ class _Connection:
             self.released = ev
         return apply
 
+    def _on_withdraw(self, ev: E.Withdraw, sender: Role):
+        def apply():
+            self.withdraw = ev
+        return apply
+
+    def _on_withdrawn(self, ev: E.Withdrawn, sender: Role):
+        assert self.withdraw is not None
+        if ev.image_id != self.withdraw.image_id:
+            raise _out_of_state(f"withdrawn names image {ev.image_id!r}, but this "
+                                f"conversation withdraws {self.withdraw.image_id!r}")
+
     def _on_error(self, ev: E.Error, sender: Role):
         if sender is self.our_role and ev.code not in E.ERROR_CODES:
             raise E.malformed(f"error code {ev.code!r} is not one of the documented "
@@ -401,11 +413,13 @@ class _Connection:
 
 class SourceConnection(_Connection):
     """The sending side: Hello, Start, layouts and pages, Freeze,
-    CommitRequest, Release."""
+    CommitRequest, Release (or, to resolve a migration in doubt, Hello and
+    Withdraw)."""
     our_role = Role.SOURCE
 
 
 class DestConnection(_Connection):
-    """The receiving side: Welcome, Accept, Committed, Released.  Checks every batch
+    """The receiving side: Welcome, Accept, Committed, Released (or
+    Withdrawn).  Checks every batch
     against the last Layout, the quota and its digest."""
     our_role = Role.DEST

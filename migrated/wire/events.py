@@ -767,6 +767,52 @@ class Released(Event):
         return ev
 
 
+WITHDRAW_OUTCOMES = ("removed", "absent")
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw(Event):
+    """source -> dest, right after Welcome and instead of Start: the
+    migration named in Hello sent Release but never saw Released, and its
+    process runs at the source again.  Remove image ``image_id`` if it was
+    published for that migration, and never publish it later (SPEC.md 9.2)."""
+    image_id: str
+    type_name: ClassVar[str] = "withdraw"
+
+    def to_wire(self):
+        return {"type": self.type_name, "image_id": self.image_id}
+
+    @classmethod
+    def from_wire(cls, d):
+        f = _Fields(d, cls.type_name)
+        ev = cls(f.token("image_id"))
+        f.done()
+        return ev
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn(Event):
+    """dest -> source: the answer to Withdraw.  ``outcome`` is "removed"
+    (it was published; it is gone) or "absent" (not published; it never
+    will be)."""
+    image_id: str
+    outcome: str
+    type_name: ClassVar[str] = "withdrawn"
+
+    def to_wire(self):
+        return {"type": self.type_name, "image_id": self.image_id, "outcome": self.outcome}
+
+    @classmethod
+    def from_wire(cls, d):
+        f = _Fields(d, cls.type_name)
+        ev = cls(f.token("image_id"), f.token("outcome"))
+        f.done()
+        if ev.outcome not in WITHDRAW_OUTCOMES:
+            raise malformed(f"withdrawn.outcome must be one of {', '.join(WITHDRAW_OUTCOMES)}, "
+                            f"not {ev.outcome!r}")
+        return ev
+
+
 @dataclass(frozen=True, slots=True)
 class Error(Event):
     """either side: the migration failed; the sender closes afterwards."""
@@ -828,6 +874,6 @@ class ConnectionClosed:
 
 MESSAGE_TYPES: tuple[type[Event], ...] = (
     Hello, Welcome, Start, Accept, Layout, Pages, Zeros, Dropped, RoundEnd,
-    Freeze, FinalEnd, CommitRequest, Committed, Release, Released, Error, Cancel,
-    Keepalive)
+    Freeze, FinalEnd, CommitRequest, Committed, Release, Released, Withdraw, Withdrawn,
+    Error, Cancel, Keepalive)
 BY_NAME: dict[str, type[Event]] = {c.type_name: c for c in MESSAGE_TYPES}

@@ -60,6 +60,8 @@ TYPE_LIMITS: dict[str, TypeLimits] = {
     "committed": TypeLimits(_C, 3, 0, L.MAX_DIGEST_STR_BYTES, 0, 1, 0),
     "release": TypeLimits(_C, 2, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),
     "released": TypeLimits(_C, 2, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),
+    "withdraw": TypeLimits(_C, 2, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),
+    "withdrawn": TypeLimits(_C, 3, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),
     "error": TypeLimits(_C, 3, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
     "cancel": TypeLimits(_C, 2, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
     "keepalive": TypeLimits(_C, 2, 0, _SMALL_STR, 0, 1, 0),

@@ -12,6 +12,11 @@ LocalProtocolError (our bug), by next_event() as ProtocolError
     --Committed(D)--> COMMITTED --Release(S)--> RELEASE_SENT
     --Released(D)--> DONE
 
+or, to resolve a migration left in doubt (SPEC.md 9.2):
+
+    IDLE --Hello(S)--> HELLO_SENT --Welcome(D)--> WELCOMED
+    --Withdraw(S)--> WITHDRAW_SENT --Withdrawn(D)--> DONE
+
 The commit is three-way: Committed means "prepared" (the image is durable
 but staged, never visible), Release asks the destination to publish it,
 Released confirms.  Neither side ends the conversation in doubt before
@@ -35,7 +40,7 @@ import enum
 from .events import (Accept, Cancel, CommitRequest, Committed, Dropped, Error,
                      Event, FinalEnd, Freeze, Hello, Keepalive, Layout,
                      MESSAGE_TYPES, Pages, Release, Released, RoundEnd, Start,
-                     Welcome, Zeros)
+                     Welcome, Withdraw, Withdrawn, Zeros)
 
 
 class Role(enum.Enum):
@@ -58,6 +63,7 @@ class State(enum.Enum):
     COMMIT_SENT = "COMMIT_SENT"
     COMMITTED = "COMMITTED"          # prepared at the destination, not visible
     RELEASE_SENT = "RELEASE_SENT"    # the source asked to publish: in doubt
+    WITHDRAW_SENT = "WITHDRAW_SENT"  # resolving an in-doubt migration
     DONE = "DONE"
     CLOSED = "CLOSED"
     ERROR = "ERROR"
@@ -86,6 +92,9 @@ _MAIN: dict[tuple[Role, State, type[Event]], State] = {
     (D, St.COMMIT_SENT, Committed): St.COMMITTED,
     (S, St.COMMITTED, Release): St.RELEASE_SENT,
     (D, St.RELEASE_SENT, Released): St.DONE,
+    # The other conversation: resolve a migration left in doubt.
+    (S, St.WELCOMED, Withdraw): St.WITHDRAW_SENT,
+    (D, St.WITHDRAW_SENT, Withdrawn): St.DONE,
 }
 
 

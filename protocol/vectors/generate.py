@@ -33,6 +33,7 @@ from migrated.wire.events import (Accept, Cancel, CommitRequest, Committed,  # n
                                   ConnectionClosed, Dropped, Error, FinalEnd,
                                   Freeze, Hello, Keepalive, Layout, MappingInfo,
                                   Pages, Release, Released, RoundEnd, Start,
+                                  Withdraw, Withdrawn,
                                   Welcome, Zeros)
 from migrated.wire.frames import encode  # noqa: E402
 from migrated.wire.jsonform import event_to_json  # noqa: E402
@@ -89,6 +90,8 @@ COMMIT = CommitRequest(9, bytes(range(16)))
 COMMITTED = Committed("img-20240101-0001", "xxh3-128:00112233445566778899aabbccddeeff")
 RELEASE = Release(COMMITTED.image_id)
 RELEASED = Released(COMMITTED.image_id)
+WITHDRAW = Withdraw(COMMITTED.image_id)
+WITHDRAWN = Withdrawn(COMMITTED.image_id, "removed")
 
 VECTORS: list[dict] = []
 
@@ -483,6 +486,37 @@ def build() -> None:
     vec("cancel-after-done", "source", "cancel after released",
         src_done + [ok(COMMITTED), send(RELEASE), ok(RELEASED),
                     recv(encode(Cancel("late")), (), "out-of-state")])
+
+    # -- resolving a migration in doubt: withdraw / withdrawn --------------------
+    vec("withdraw", "dest",
+        "a source that never saw released asks to withdraw the image: hello, "
+        "welcome, withdraw, withdrawn, orderly close",
+        [okp(HELLO), send(WELCOME), ok(WITHDRAW), send(WITHDRAWN),
+         recv(b"", [ConnectionClosed(True)], eof=True)])
+    vec("withdraw-source", "source",
+        "the source's view of a withdrawal; the image was never published",
+        [send(HELLO), okp(WELCOME), send(WITHDRAW),
+         ok(Withdrawn(COMMITTED.image_id, "absent")),
+         recv(b"", [ConnectionClosed(True)], eof=True)])
+    dest_bad("withdraw-after-start", encode(WITHDRAW), "out-of-state",
+             "withdraw is only legal right after welcome, never inside a migration")
+    vec("withdraw-before-welcome", "dest", "withdraw before the destination answered hello",
+        [okp(HELLO), recv(encode(WITHDRAW), (), "out-of-state")])
+    vec("withdrawn-wrong-image", "source", "withdrawn naming another image",
+        [send(HELLO), okp(WELCOME), send(WITHDRAW),
+         recv(raw({"type": "withdrawn", "image_id": "img-other", "outcome": "absent"}),
+              (), "out-of-state")])
+    vec("withdrawn-bad-outcome", "source", "withdrawn with an outcome we do not know",
+        [send(HELLO), okp(WELCOME), send(WITHDRAW),
+         recv(raw({"type": "withdrawn", "image_id": COMMITTED.image_id,
+                   "outcome": "maybe"}), (), "malformed")])
+    vec("withdrawn-unasked", "source", "withdrawn in the middle of a migration",
+        SOURCE_STREAMING + [recv(encode(WITHDRAWN), (), "out-of-state")])
+    vec("cancel-crosses-released", "dest",
+        "the source gave up (cancel) while released was on its way: legal in "
+        "DONE, the destination withdraws the image",
+        dst_commit + [send(COMMITTED), ok(RELEASE), send(RELEASED), ok(Cancel("gave up")),
+                      recv(b"", [ConnectionClosed(True)], eof=True)])
 
     # -- three-way commit: release / released ----------------------------------
     vec("eof-after-committed", "dest",

@@ -21,7 +21,8 @@ from migrated.image.store import ImageStore, ImageWriter
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.wire import (NEED_DATA, Accept, Cancel, CommitRequest, Committed, ConnectionClosed,
                            Error, FinalEnd, Freeze, Hello, Layout, MappingInfo, Pages,
-                           Release, Released, RoundEnd, SourceConnection, Start, Welcome)
+                           Release, Released, RoundEnd, SourceConnection, Start, Welcome,
+                           Withdraw, Withdrawn)
 from migrated.wire import limits as L
 from migrated.wire.frames import encode
 from tests.engine.harness import migrate
@@ -326,3 +327,89 @@ def test_release_after_the_publish_window_is_not_published(store, monkeypatch):
         res = src.finish()
     assert res["status"] == "failed" and res["error_code"] == "timeout"
     assert store.list() == [] and os.listdir(store.partial_dir) == []
+
+
+# -- resolving a migration left in doubt: Withdraw (SPEC.md 9.2) ----------------
+
+def _withdraw(store: ImageStore, image_id: str, mid: str = "mig-3way", node: str = "src"):
+    """A second conversation: Hello (same migration id) then Withdraw."""
+    a, b = socket.socketpair()
+    a.settimeout(WAIT_S)
+    conn = SourceConnection()
+    res: dict = {}
+    dm = DestMigration(BlockingTransport(b, timeout=WAIT_S), store, node="dst",
+                       on_event=lambda e: None)
+    t = threading.Thread(target=lambda: res.update(dm.run()))
+    t.start()
+
+    def recv():
+        while True:
+            got = conn.next_event()
+            if got is not NEED_DATA:
+                return got
+            conn.receive_data(a.recv(1 << 16))
+    try:
+        a.sendall(conn.send(Hello(L.SUPPORTED_VERSIONS, node, (), mid)))
+        assert isinstance(recv(), Welcome)
+        a.sendall(conn.send(Withdraw(image_id)))
+        reply = recv()
+        a.shutdown(socket.SHUT_WR)
+    finally:
+        t.join(WAIT_S)
+        a.close()
+    assert not t.is_alive()
+    return reply, res
+
+
+def test_withdraw_removes_an_image_published_for_a_source_that_gave_up(store):
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        src.send(Release(got.image_id))
+        assert src.recv() == Released(got.image_id)
+        # The source's connection is gone without a verdict (its daemon died).
+        src.sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        res = src.finish()
+    assert res["status"] == "completed"
+    assert [i["image_id"] for i in store.list()] == [got.image_id]
+    reply, wres = _withdraw(store, got.image_id)
+    assert reply == Withdrawn(got.image_id, "removed")
+    assert wres["status"] == "completed" and wres["withdrawn"] == "removed"
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+    # A retry (the answer was lost) is harmless.
+    reply, _ = _withdraw(store, got.image_id)
+    assert reply == Withdrawn(got.image_id, "absent")
+
+
+def test_withdraw_before_release_arrives_means_no_publish(store):
+    # The destination was stalled with Release in its socket while the
+    # source, restarted, withdrew the migration over a new connection.
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        reply, _ = _withdraw(store, got.image_id)
+        assert reply == Withdrawn(got.image_id, "absent")
+        src.send(Release(got.image_id))
+        answer = src.recv()
+    finally:
+        res = src.finish()
+    assert isinstance(answer, Error) and answer.code == "cancelled", answer
+    assert res["status"] == "failed" and "withdrawn" in res["error"]
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+
+
+def test_withdraw_from_another_source_is_refused(store):
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        src.send(Release(got.image_id))
+        assert src.recv() == Released(got.image_id)
+        src.sock.shutdown(socket.SHUT_WR)
+    finally:
+        src.finish()
+    for mid, node in (("mig-3way", "intruder"), ("mig-other", "src")):
+        reply, wres = _withdraw(store, got.image_id, mid=mid, node=node)
+        assert isinstance(reply, Error) and reply.code == "auth", reply
+        assert wres["status"] == "failed"
+    assert [i["image_id"] for i in store.list()] == [got.image_id]

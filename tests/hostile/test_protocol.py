@@ -28,7 +28,7 @@ import pytest
 
 from migrated.runs import PAGE_SIZE
 from migrated.wire import (CommitRequest, Committed, FinalEnd, Freeze, Keepalive, Layout,
-                           MappingInfo, RoundEnd)
+                           MappingInfo, RoundEnd, Withdraw, Withdrawn)
 from migrated.wire import limits as L
 from tests.cluster import wait_until
 
@@ -334,6 +334,21 @@ def _(p):
     p.send(start(estimated=L.U63_MAX))
 
 
+# -- withdrawals (SPEC.md 9.2) ---------------------------------------------------------------
+
+@attack("withdraw-bad-image-id", {"malformed"})
+def _(p):
+    p.send(hello("hostile-w1"))
+    p.expect_welcome()
+    p.send(Withdraw("etc..passwd"))
+
+
+@attack("withdraw-inside-a-migration", {"out-of-state"})
+def _(p):
+    _streaming(p)
+    p.send_raw(frame(raw_msg(Withdraw("20260101-000000.000-0123456789").to_wire())))
+
+
 # -- peers that never finish ------------------------------------------------------------
 
 @attack("keepalives-instead-of-hello", {"timeout"})
@@ -455,3 +470,17 @@ def test_legitimate_migrations_carried_on(env):
     assert not bad, bad
     print(f"legitimate migrations during the attacks: {len(res)}; "
           f"destination RSS peak {env.rss_peak_kib} KiB")
+
+
+def test_withdraw_answers_absent_for_unknown_images(env):
+    """A withdrawal of nothing is answered, not an error: a source retrying
+    after a lost answer must be able to finish.  (Who may withdraw what:
+    tests/engine/test_three_way_commit.py.)"""
+    with RawPeer("127.0.0.1", env.dst.port) as p:
+        p.send(hello("hostile-w2"))
+        p.expect_welcome()
+        p.send(Withdraw("20260101-000000.000-0123456789"))
+        out = p.finish(timeout=CLOSE_WITHIN_S)
+    assert out.closed and out.error_code is None, out
+    assert Withdrawn("20260101-000000.000-0123456789", "absent") in out.events, out
+

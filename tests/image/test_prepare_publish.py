@@ -100,3 +100,62 @@ def test_withdraw_after_an_operator_removed_the_image(store):
     store.remove(image_id)
     assert w.withdraw() is True
     assert store.list() == [] and os.listdir(store.partial_dir) == []
+
+
+# -- a source resolving a migration left in doubt (SPEC.md 9.2) -----------------
+
+def _staged_for(store, mid="m1", node="src", peer="src-cert"):
+    w = store.begin({"migration_id": mid, "source_node": node, "source_peer": peer}, 0)
+    w.set_layout([mapping(M1, 4)])
+    write_pattern(w, M1, 4, 1)
+    image_id, _ = w.prepare()
+    return w, image_id
+
+
+def test_withdraw_migration_removes_its_published_image(store):
+    w, image_id = _staged_for(store)
+    w.publish()
+    assert store.withdraw_migration("m1", image_id, source_node="src",
+                                    source_peer="src-cert") == "removed"
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+    assert store.used_bytes() == 0
+    # Asked again (a retry after a lost answer): nothing left, same verdict.
+    assert store.withdraw_migration("m1", image_id, source_node="src",
+                                    source_peer="src-cert") == "absent"
+
+
+def test_withdraw_first_means_never_published(store):
+    w, image_id = _staged_for(store)
+    assert store.withdraw_migration("m1", image_id, source_node="src",
+                                    source_peer="src-cert") == "absent"
+    assert store.is_withdrawn("m1") and not store.is_withdrawn("m2")
+    with pytest.raises(ImageError, match="withdrawn"):
+        w.publish()
+    assert w.state == "prepared"
+    w.abort()
+    assert store.list() == [] and os.listdir(store.partial_dir) == []
+
+
+@pytest.mark.parametrize("who", [dict(source_node="other"), dict(source_peer="other-cert"),
+                                 dict(migration_id="m2")])
+def test_withdraw_of_someone_elses_image_is_refused(store, who):
+    w, image_id = _staged_for(store)
+    w.publish()
+    args = dict(migration_id="m1", source_node="src", source_peer="src-cert") | who
+    mid = args.pop("migration_id")
+    with pytest.raises(ImageError, match="left alone"):
+        store.withdraw_migration(mid, image_id, **args)
+    assert [i["image_id"] for i in store.list()] == [image_id]
+
+
+def test_withdraw_names_only_valid_image_ids(store):
+    with pytest.raises(ImageError):
+        store.withdraw_migration("m1", "../../etc", source_node="src")
+
+
+def test_withdrawn_ids_are_bounded(store, monkeypatch):
+    from migrated.image import store as store_mod
+    monkeypatch.setattr(store_mod, "MAX_WITHDRAWN_KEPT", 3)
+    for i in range(10):
+        store.withdraw_migration(f"m{i}", "20260101-000000.000-0000000000", source_node="s")
+    assert [store.is_withdrawn(f"m{i}") for i in range(10)] == [False] * 7 + [True] * 3

@@ -9,6 +9,7 @@ from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.wire import (KINDS, Accept, Cancel, CommitRequest, Committed,
                            Dropped, Error, FinalEnd, Freeze, Hello, Keepalive,
                            Layout, MappingInfo, Pages, Release, Released, RoundEnd,
+                           WITHDRAW_OUTCOMES, Withdraw, Withdrawn,
                            Start, Welcome,
                            Zeros)
 from migrated.wire import limits as L
@@ -95,6 +96,8 @@ EVENTS = {
     "committed": st.builds(Committed, tokens, tokens),
     "release": st.builds(Release, tokens),
     "released": st.builds(Released, tokens),
+    "withdraw": st.builds(Withdraw, tokens),
+    "withdrawn": st.builds(Withdrawn, tokens, st.sampled_from(WITHDRAW_OUTCOMES)),
     "error": st.builds(Error, tokens, st.text(max_size=200)),
     "cancel": st.builds(Cancel, st.text(max_size=200)),
     "keepalive": st.builds(Keepalive, st.integers(0, 2 ** 64 - 1)),

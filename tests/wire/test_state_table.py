@@ -14,8 +14,8 @@ from migrated.wire import (MESSAGE_TYPES, NEED_DATA, TRANSITIONS, Cancel,
                            CommitRequest, Committed, DestConnection, Dropped,
                            Error, FinalEnd, Freeze, Keepalive,
                            LocalProtocolError, Pages, Release, Released, Role,
-                           RoundEnd,
-                           SourceConnection, State, Zeros, encode, limits)
+                           RoundEnd, SourceConnection, State, Withdraw, Withdrawn,
+                           Zeros, encode, limits)
 
 from .helpers import ACCEPT, BASE, HELLO, LAYOUT, START, WELCOME
 
@@ -30,6 +30,7 @@ SAMPLE = {
     "freeze": Freeze(0), "final-end": FinalEnd(0, 0),
     "commit-request": CommitRequest(0), "committed": Committed("img-1", "d"),
     "release": Release("img-1"), "released": Released("img-1"),
+    "withdraw": Withdraw("img-1"), "withdrawn": Withdrawn("img-1", "removed"),
     "error": Error("internal", "boom"), "cancel": Cancel("stop"),
     "keepalive": Keepalive(1),
 }
@@ -72,6 +73,9 @@ def reach(role: Role, state: State) -> Driver:
         for sender, ev in HAPPY[:5]:
             d.apply(sender, ev)
         d.apply(role.peer, Cancel("bye"))
+    elif state is State.WITHDRAW_SENT:
+        for sender, ev in HAPPY[:2] + [(S, Withdraw("img-1"))]:
+            d.apply(sender, ev)
     elif state is State.ERROR:
         with pytest.raises(ProtocolError):
             d.conn.receive_data(b"garbage!")  # refused at once: bad preamble
@@ -144,7 +148,7 @@ def test_table_shape():
             assert legal == set()
         else:
             assert (S, Error) in legal and (D, Error) in legal
-    assert len(CASES) == 2 * 13 * 18 * 2
+    assert len(CASES) == 2 * 14 * 20 * 2
     # The three-way commit: prepared, then released, then done.
     assert TRANSITIONS[(D, State.COMMIT_SENT, Committed)] is State.COMMITTED
     assert TRANSITIONS[(S, State.COMMITTED, Release)] is State.RELEASE_SENT
@@ -157,6 +161,10 @@ def test_table_shape():
     # the image); the destination itself has nothing to cancel once done.
     assert TRANSITIONS[(S, State.DONE, Cancel)] is State.CLOSED
     assert (D, State.DONE, Cancel) not in TRANSITIONS
+    # Resolving a migration in doubt: Withdraw only right after Welcome.
+    assert TRANSITIONS[(S, State.WELCOMED, Withdraw)] is State.WITHDRAW_SENT
+    assert TRANSITIONS[(D, State.WITHDRAW_SENT, Withdrawn)] is State.DONE
+    assert [st for (r, st, t) in TRANSITIONS if t is Withdraw] == [State.WELCOMED]
 
 
 @pytest.mark.parametrize("role", [S, D])
