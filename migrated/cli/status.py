@@ -40,6 +40,11 @@ def print_daemon(d: dict) -> None:
     print(f"migrations: {d.get('sending')} sending, {d.get('receiving')} receiving "
           f"(limit {d.get('max_migrations')} each); {d.get('completed')} completed, "
           f"{d.get('failed')} failed/cancelled; up {d.get('uptime_s')} s")
+    t = d.get("timeouts") or {}
+    if t:
+        print(f"timeouts: peer {t.get('peer_timeout_s'):g} s, handshake "
+              f"{t.get('handshake_timeout_s'):g} s, commit {t.get('commit_timeout_s'):g} s "
+              f"(keepalive every {t.get('keepalive_s'):g} s)")
     for m in d.get("migrations", []):
         print(f"  {m['migration_id']}  {m['role']:<7} {m['state']:<10} pid {m.get('pid')} "
               f"peer {m.get('peer')}  round {m.get('rounds')}  {m.get('elapsed_s')} s")

@@ -34,6 +34,9 @@ DEFAULT_MAX_MIGRATIONS = 4
 # buffers, so thousands would be a misconfiguration, not a workload.
 MAX_MAX_MIGRATIONS = 256
 LOG_FORMATS = ("kv", "json")
+# Accepted ranges (seconds) of the peer timeouts.
+TIMEOUT_BOUNDS = {"peer_timeout": (1.0, 3600.0), "handshake_timeout": (1.0, 600.0),
+                  "commit_timeout": (1.0, 3600.0)}
 
 
 class ConfigError(MigratedError):
@@ -57,6 +60,10 @@ class Config:
     control_group: str | None = None
     image_quota: int | None = None
     min_free: int | None = None
+    # Seconds; None = the built-in value (migrated/daemon/timeouts.py).
+    peer_timeout: float | None = None
+    handshake_timeout: float | None = None
+    commit_timeout: float | None = None
     thaw_journal: bool = False
     config_file: str | None = None
 
@@ -85,6 +92,12 @@ class Config:
                               f"not {self.max_migrations}")
         if not self.node:
             raise ConfigError("node name is empty (set --node)")
+        for name, (lo, hi) in TIMEOUT_BOUNDS.items():
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and lo <= v <= hi):
+                raise ConfigError(f"{name.replace('_', '-')} must be between {lo:g} and "
+                                  f"{hi:g} seconds, not {v!r}")
         if self.thaw_journal:
             return  # only the state dir matters for --thaw-journal
         if not self.insecure:
@@ -192,6 +205,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
       help="most bytes of images kept in the state dir (e.g. 50G; default unlimited)")
     a("--min-free", metavar="SIZE",
       help="free space to keep on the state dir's filesystem (default: the image store's)")
+    a("--peer-timeout", metavar="SECONDS", type=float,
+      help="silence tolerated on a migration connection before it is given up "
+           "(default 30; raise it for slow or lossy links)")
+    a("--handshake-timeout", metavar="SECONDS", type=float,
+      help="connect + TLS + protocol handshake with a peer (default 10)")
+    a("--commit-timeout", metavar="SECONDS", type=float,
+      help="wait for the destination to seal and publish the image (default 120)")
     return p
 
 
@@ -211,6 +231,9 @@ _KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "control_group": ("control_group", (str, int)),
     "image_quota": ("image_quota", (str, int)),
     "min_free": ("min_free", (str, int)),
+    "peer_timeout": ("peer_timeout", (int, float)),
+    "handshake_timeout": ("handshake_timeout", (int, float)),
+    "commit_timeout": ("commit_timeout", (int, float)),
 }
 
 
@@ -269,6 +292,8 @@ def config_from(args: argparse.Namespace) -> Config:
             cfg.control_group = str(value)
         elif key in ("image_quota", "min_free"):
             setattr(cfg, key, parse_size(value, key.replace("_", "-")))
+        elif key in TIMEOUT_BOUNDS:
+            setattr(cfg, key, float(value))
         else:
             setattr(cfg, _KEYS[key][0], value)
     cfg.thaw_journal = bool(args.thaw_journal)

@@ -107,7 +107,7 @@ class Daemon:
                 "sending": len(m.active("send")), "receiving": len(m.active("receive")),
                 "completed": m.completed, "failed": m.failed,
                 "uptime_s": round(time.time() - self.started, 1),
-                "state_dir": self.cfg.state_dir}
+                "state_dir": self.cfg.state_dir, "timeouts": _timeouts_now()}
 
     async def run(self) -> int:
         from migrated.daemon.control import ControlServer
@@ -147,6 +147,7 @@ class Daemon:
         self.log.info("ready", node=cfg.node, listen=f"{host}:{port}", control=cfg.control,
                       tls=not cfg.insecure, allow_peer=cfg.allow_peer or None,
                       max_migrations=cfg.max_migrations, state_dir=cfg.state_dir,
+                      **_timeouts_now(),
                       version=VERSION, pid=os.getpid())
         if cfg.insecure:
             self.log.warning("insecure", reason="--insecure: peers are not authenticated and "
@@ -205,6 +206,11 @@ class Daemon:
         self.log.info("stopped")
 
 
+def _timeouts_now() -> dict:
+    from migrated.daemon import timeouts
+    return timeouts.current()
+
+
 def thaw_journal(cfg: Config, log: EventLog) -> int:
     try:
         fd = lock_state_dir(cfg.state_dir)
@@ -240,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     log = EventLog(cfg.log_format, node=cfg.node)
     if cfg.thaw_journal:
         return thaw_journal(cfg, log)
+    from migrated.daemon import timeouts
+    timeouts.apply(cfg.peer_timeout, cfg.handshake_timeout, cfg.commit_timeout)
     try:
         lock_fd = lock_state_dir(cfg.state_dir)
     except (StateDirLocked, OSError) as e:

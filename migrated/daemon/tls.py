@@ -123,9 +123,12 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 def server_handshake(sock: socket.socket, ctx: ssl.SSLContext | None, allow: list[str],
-                     timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[socket.socket, str]:
-    """Blocking: TLS-accept on ``sock`` within ``timeout``; returns
-    (tls socket, peer name).  ``ctx`` None means --insecure (plaintext)."""
+                     timeout: float | None = None) -> tuple[socket.socket, str]:
+    """Blocking: TLS-accept on ``sock`` within ``timeout`` (default
+    HANDSHAKE_TIMEOUT_S); returns (tls socket, peer name).  ``ctx`` None
+    means --insecure (plaintext)."""
+    if timeout is None:
+        timeout = HANDSHAKE_TIMEOUT_S
     sock.setblocking(True)
     sock.settimeout(timeout)
     tune_socket(sock)
@@ -152,11 +155,14 @@ def server_handshake(sock: socket.socket, ctx: ssl.SSLContext | None, allow: lis
 
 
 def client_connect(host: str, port: int, ctx: ssl.SSLContext | None, allow: list[str], *,
-                   timeout: float = CONNECT_TIMEOUT_S,
+                   timeout: float | None = None,
                    on_socket=None) -> tuple[socket.socket, str]:
-    """Blocking: connect and TLS-handshake to a peer daemon.  ``on_socket``
-    is called with the raw socket before connecting, so that a cancel from
-    another thread can shut it down and unblock us."""
+    """Blocking: connect and TLS-handshake to a peer daemon within
+    ``timeout`` each (default CONNECT_TIMEOUT_S).  ``on_socket`` is called
+    with the raw socket before connecting, so that a cancel from another
+    thread can shut it down and unblock us."""
+    if timeout is None:
+        timeout = CONNECT_TIMEOUT_S
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:

@@ -35,7 +35,7 @@ import itertools
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
@@ -79,10 +79,11 @@ class DestLimits:
     # Page data this migration may send (Accept.quota_bytes); None = what the
     # image store has room for, capped at the protocol's u63.
     quota_bytes: int | None = None
-    handshake_timeout_s: float = L.HANDSHAKE_TIMEOUT_S
+    # (Read when the limits are made: the daemon may have set them at start.)
+    handshake_timeout_s: float = field(default_factory=lambda: L.HANDSHAKE_TIMEOUT_S)
     # Silence tolerated between messages while streaming (the source sends
     # keepalives every KEEPALIVE_INTERVAL_S while it is busy elsewhere).
-    idle_timeout_s: float = L.IDLE_TIMEOUT_S
+    idle_timeout_s: float = field(default_factory=lambda: L.IDLE_TIMEOUT_S)
 
 
 class _Abort(MigratedError):

@@ -97,3 +97,28 @@ def test_hostport_and_sizes():
     for bad in ("0", "-5", "M", "ten"):
         with pytest.raises(ConfigError):
             parse_size(bad)
+
+
+def test_peer_timeouts_from_file_and_flags(tmp_path):
+    cfg = load_config(["--config", "/dev/null", "--insecure"])
+    assert (cfg.peer_timeout, cfg.handshake_timeout, cfg.commit_timeout) == (None, None, None)
+    path = write(tmp_path, "peer-timeout = 90\nhandshake_timeout = 20.5\ncommit-timeout = 600\n")
+    cfg = load_config(["--config", path, "--insecure"])
+    assert (cfg.peer_timeout, cfg.handshake_timeout, cfg.commit_timeout) == (90.0, 20.5, 600.0)
+    cfg = load_config(["--config", path, "--insecure", "--peer-timeout", "5"])
+    assert cfg.peer_timeout == 5.0 and cfg.commit_timeout == 600.0
+
+
+@pytest.mark.parametrize("flag,value", [("--peer-timeout", "0"), ("--peer-timeout", "1e9"),
+                                        ("--handshake-timeout", "-1"),
+                                        ("--commit-timeout", "nan")])
+def test_peer_timeouts_are_bounded(flag, value):
+    with pytest.raises(ConfigError, match=flag.lstrip("-")):
+        load_config(["--config", "/dev/null", "--insecure", flag, value])
+
+
+def test_peer_timeout_wrong_type_in_file(tmp_path):
+    with pytest.raises(ConfigError, match="wrong type|boolean"):
+        load_config(["--config", write(tmp_path, 'peer-timeout = "30s"\n'), "--insecure"])
+    with pytest.raises(ConfigError, match="boolean"):
+        load_config(["--config", write(tmp_path, "commit-timeout = true\n"), "--insecure"])
