@@ -43,7 +43,7 @@ from migrated.runs import PAGE_SIZE, PageRuns  # noqa: E402
 from migrated.wire import (NEED_DATA, Accept, Cancel, CommitRequest,  # noqa: E402
                            Committed, ConnectionClosed, DestConnection,
                            Dropped, Error, FinalEnd, Freeze, Hello, Keepalive,
-                           Layout, MappingInfo, Pages, Release, Released,
+                           Layout, MappingInfo, Pages, Release, Released, Withdraw, Withdrawn,
                            Role, RoundEnd, SourceConnection, Start, State, Welcome, Zeros,
                            encode, limits)
 from migrated.wire.frames import TYPE_LIMITS  # noqa: E402
@@ -306,6 +306,9 @@ def plausible_event(rng, conn):
         lambda: CommitRequest(conn.total_pages), lambda: Committed("img", "d"),
         lambda: Release(_prepared(conn) if rng.random() < 0.8 else "img-x"),
         lambda: Released(_prepared(conn) if rng.random() < 0.8 else "img-x"),
+        lambda: Withdraw(_withdrawing(conn) if rng.random() < 0.8 else "img-x"),
+        lambda: Withdrawn(_withdrawing(conn) if rng.random() < 0.8 else "img-x",
+                          rng.choice(["removed", "absent"])),
         lambda: Error(rng.choice(["internal", "busy", "nope"]), "x"),
         lambda: Cancel("x"), lambda: Keepalive(rng.getrandbits(64)),
     ]
@@ -317,8 +320,15 @@ def _prepared(conn) -> str:
     return conn.committed.image_id if conn.committed is not None else "img"
 
 
+def _withdrawing(conn) -> str:
+    """The image id a Withdraw on ``conn`` named (what Withdrawn must name)."""
+    return conn.withdraw.image_id if conn.withdraw is not None else "img-w"
+
+
 NEXT = {State.IDLE: ("s", lambda c, rng: HELLO), State.HELLO_SENT: ("d", lambda c, rng: WELCOME),
-        State.WELCOMED: ("s", lambda c, rng: START), State.START_SENT: ("d", lambda c, rng: ACCEPT),
+        # One conversation in eight resolves a migration in doubt instead.
+        State.WELCOMED: ("s", lambda c, rng: START if rng.random() < 0.875 else Withdraw("img-w")),
+        State.WITHDRAW_SENT: ("d", lambda c, rng: Withdrawn(_withdrawing(c), "absent")), State.START_SENT: ("d", lambda c, rng: ACCEPT),
         State.FINAL_SENT: ("s", lambda c, rng: CommitRequest(c.total_pages)),
         State.COMMIT_SENT: ("d", lambda c, rng: Committed("img-2", "d")),
         State.COMMITTED: ("s", lambda c, rng: Release(_prepared(c))),
