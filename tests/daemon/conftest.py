@@ -44,8 +44,7 @@ def open_dir() -> str:
 
 
 def ctl(control: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, os.path.join(ROOT, "tests", "daemon", "ctl.py"),
-                           "--control", control, *args],
+    return subprocess.run([PY, "-m", "migrated.cli", "--control", control, *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
