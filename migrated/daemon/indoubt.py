@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from migrated.daemon.durable import fsync_dir, write_record
 from migrated.errors import MigratedError, NoSuchProcess
 from migrated.kernel import procfs
 
@@ -54,14 +55,6 @@ class Pending:
     port: int
     image_id: str
     since: float
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class InDoubt:
@@ -88,21 +81,9 @@ class InDoubt:
         """Durably note that Release is about to be sent.  Raises: the
         engine must not send Release without this record."""
         final = self._path(rec.mid)
-        tmp = f"{final}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, json.dumps(asdict(rec)).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
+            write_record(final, json.dumps(asdict(rec)).encode(), f"{final}.tmp")
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise MigratedError(f"cannot record migration {rec.mid} in {self.dir}: "
                                 f"{e.strerror}; not releasing the image (check the state "
                                 "dir is writable)") from e
@@ -111,7 +92,7 @@ class InDoubt:
         """Released arrived: nothing is in doubt."""
         if _unlink(self._path(mid)):
             try:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             except OSError:
                 pass
 

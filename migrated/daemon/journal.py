@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from migrated.daemon.durable import fsync_dir, write_record
 from migrated.errors import MigratedError, NoSuchProcess
 from migrated.kernel import procfs
 
@@ -62,14 +63,6 @@ class ReplayResult:
                 "gone": self.gone, "failed": self.failed}
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FrozenJournal:
     def __init__(self, state_dir: str, log=None):
         self.dir = os.path.join(state_dir, JOURNAL_SUBDIR)
@@ -93,19 +86,8 @@ class FrozenJournal:
         tmp = f"{final}.tmp.{threading.get_ident()}"
         with self._lock:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, final)
-                _fsync_dir(self.dir)
+                write_record(final, data, tmp)
             except OSError as e:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
                 raise MigratedError(
                     f"cannot journal frozen process {pid} in {self.dir}: {e.strerror}; "
                     "refusing to freeze it (check the state dir is writable)") from e
@@ -116,7 +98,7 @@ class FrozenJournal:
                 os.unlink(self._path(pid))
             except FileNotFoundError:
                 return
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     # -- reading and replay -------------------------------------------------
 

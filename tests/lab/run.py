@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -144,6 +145,13 @@ def summarize(junit: Path) -> dict | None:
     return total
 
 
+def _relay(pipe) -> None:
+    out = sys.stdout.buffer
+    for chunk in iter(lambda: pipe.read1(65536), b""):
+        out.write(chunk)
+        out.flush()
+
+
 def main(argv: list[str]) -> int:
     python = venv_python()
     missing = missing_tools(python)
@@ -186,11 +194,18 @@ def main(argv: list[str]) -> int:
     print(f"lab: booting {kernel} (software emulation, ~35 s) to run the lab tests "
           f"of {len(files)} files", flush=True)
     t0 = time.monotonic()
+    # The VM's console goes through a pipe that we copy to our stdout: qemu
+    # reopens a file it is handed as stdout with O_TRUNC, which would wipe
+    # a CI log that the host tests were written to.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    relay = threading.Thread(target=_relay, args=(proc.stdout,), daemon=True)
+    relay.start()
     try:
         try:
             vm_rc = proc.wait(timeout=TIMEOUT_S)
+            relay.join(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)   # the session we started: vng + qemu
             proc.wait()
