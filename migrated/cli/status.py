@@ -40,6 +40,9 @@ def print_daemon(d: dict) -> None:
     print(f"migrations: {d.get('sending')} sending, {d.get('receiving')} receiving "
           f"(limit {d.get('max_migrations')} each); {d.get('completed')} completed, "
           f"{d.get('failed')} failed/cancelled; up {d.get('uptime_s')} s")
+    if d.get("withdrawing"):
+        print(f"withdrawing images of failed migrations (Release was sent): "
+              f"{', '.join(d['withdrawing'])}")
     t = d.get("timeouts") or {}
     if t:
         print(f"timeouts: peer {t.get('peer_timeout_s'):g} s, handshake "

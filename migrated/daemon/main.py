@@ -107,7 +107,9 @@ class Daemon:
                 "sending": len(m.active("send")), "receiving": len(m.active("receive")),
                 "completed": m.completed, "failed": m.failed,
                 "uptime_s": round(time.time() - self.started, 1),
-                "state_dir": self.cfg.state_dir, "timeouts": _timeouts_now()}
+                "state_dir": self.cfg.state_dir, "timeouts": _timeouts_now(),
+                # Failed migrations whose image is being withdrawn (SPEC 9.2).
+                "withdrawing": self.indoubt.pending() if self.indoubt else []}
 
     async def run(self) -> int:
         from migrated.daemon.control import ControlServer

@@ -160,3 +160,17 @@ def test_unwritable_dir_refuses_to_release(tmp_path, children):
         pass                             # a file where the directory was
     with pytest.raises(Exception, match="not releasing"):
         d.record(_rec(p.pid))
+
+
+def test_pending_lists_withdrawals_in_progress_until_closed(tmp_path, children, monkeypatch):
+    monkeypatch.setattr(ind, "RETRY_FIRST_S", 0.05)
+    p = children()
+    d = InDoubt(str(tmp_path), Log(), Attempts(failures=10 ** 6))
+    d.record(_rec(p.pid))
+    d.resolve("m1")
+    assert d.pending() == ["m1"]
+    d.close()                             # daemon shutdown: the record stays
+    end = time.monotonic() + 5
+    while d.pending() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert d.pending() == [] and d.has("m1")
