@@ -394,7 +394,23 @@ class Manager:
                     m._sock.close()
                 except OSError:
                     pass
+        if m.role == "send" and summary is not None and self.indoubt is not None:
+            self._indoubt_after(m, summary)
         self._threadsafe(self._finish, m, summary)
+
+    def _indoubt_after(self, m: Migration, summary: dict) -> None:
+        """Worker thread (file I/O stays off the loop): a completed migration
+        clears its in-doubt record; one that failed after writing it (Release
+        was sent) has its image withdrawn in the background (SPEC.md 9.2)."""
+        if summary.get("status") == "completed":
+            self.indoubt.settle(m.id)
+        elif self.indoubt.resolve(m.id):
+            # Whatever the destination did with Release, the process is ours
+            # again: the image must go.
+            summary["withdrawing"] = True
+            summary["error"] = (f"{summary.get('error') or 'migration failed'}; migrated is "
+                                f"asking {m.peer} to withdraw the image (log events "
+                                "withdraw_done / withdraw_retry)")
 
     # -- receiving ----------------------------------------------------------------
 
@@ -479,15 +495,6 @@ class Manager:
         if m.role == "send":
             s.setdefault("pid", m.pid)
             s.setdefault("peer", m.peer)
-            if self.indoubt is not None:
-                if status == "completed":
-                    self.indoubt.settle(m.id)
-                elif self.indoubt.resolve(m.id):
-                    # Release was sent: whatever the destination did with
-                    # it, the process is ours again -- the image must go.
-                    s["withdrawing"] = True
-                    s["error"] = (f"{s['error']}; migrated is asking {m.peer} to withdraw "
-                                  "the image (log events withdraw_done / withdraw_retry)")
         with m._lock:
             m.done = True
             # A finished record is kept for `status`/`list`; it must not

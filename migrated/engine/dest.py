@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
-                                       TransportError, TransportTimeout)
+                                       TransportError, TransportTimeout, say_goodbye)
 from migrated.errors import (ImageError, ImageWithdrawn, MigratedError, ProtocolError,
                              QuotaExceeded)
 from migrated.image.pipeline import PipelinedWriter
@@ -147,7 +147,7 @@ class DestMigration:
                           error=f"incoming migration {self.migration_id or '(no id yet)'} "
                                 f"from {self.peer} {'was cancelled' if status == 'cancelled' else 'failed'}: "
                                 f"{message}; " + self._image_fate())
-            self._goodbye(status, code, message, e)
+            say_goodbye(self.channel, status, code, message, e, GOODBYE_TIMEOUT_S)
             if not isinstance(e, (MigratedError, OSError)):
                 log.exception("incoming migration from %s: unexpected error", self.peer)
         finally:
@@ -451,23 +451,6 @@ class DestMigration:
                 self.writer.abort()
             except Exception:  # noqa: BLE001
                 log.exception("removing partial image %s", getattr(self.writer, "image_id", "?"))
-
-    def _goodbye(self, status: str, code: str, message: str, cause: BaseException) -> None:
-        if self.transport.closed or (isinstance(cause, TransportError)
-                                     and not isinstance(cause, TransportTimeout)):
-            return   # the link is gone: nothing can be said (a silent peer
-            #          may still read: try, bounded by GOODBYE_TIMEOUT_S)
-        self.channel.stop_keepalive(GOODBYE_TIMEOUT_S)
-        try:
-            self.transport.set_timeout(GOODBYE_TIMEOUT_S)
-            text = message.encode("utf-8", "replace")[:L.MAX_TEXT_BYTES].decode("utf-8", "ignore")
-            if status == "cancelled" and code == "cancelled":
-                self.channel.send_event(ev.Cancel(text))
-            else:
-                self.channel.send_event(ev.Error(code if code in ev.ERROR_CODES else "internal",
-                                                 text))
-        except Exception:  # noqa: BLE001 -- best effort
-            pass
 
     def _emit(self, event: dict) -> None:
         event.setdefault("migration_id", self.migration_id or None)

@@ -42,7 +42,8 @@ import numpy as np
 
 from migrated.engine.policy import TIMEOUT_MESSAGE, ConvergencePolicy
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
-                                       TokenBucket, TransportError, TransportTimeout)
+                                       TokenBucket, TransportError, TransportTimeout,
+                                       say_goodbye)
 from migrated.errors import MigratedError, ProtocolError
 from migrated.kernel import procfs
 from migrated.kernel.freezer import Freezer
@@ -318,7 +319,7 @@ class SourceMigration:
                           error_code=code)
             if self._released_pending is not None:
                 result["in_doubt_image_id"] = self._released_pending
-            self._goodbye(status, code, message, e)
+            say_goodbye(self.channel, status, code, message, e, GOODBYE_TIMEOUT_S)
             if not isinstance(e, (MigratedError, OSError, ProtocolError)):
                 log.exception("migration %s of PID %d: unexpected error", self.migration_id, self.pid)
         finally:
@@ -679,23 +680,6 @@ class SourceMigration:
             text += f"; {hint}"
         return text
 
-    def _goodbye(self, status: str, code: str, message: str, cause: BaseException) -> None:
-        """Tell the peer why we stop, if the link still works; never raises."""
-        if self.transport.closed or (isinstance(cause, TransportError)
-                                     and not isinstance(cause, TransportTimeout)):
-            return   # the link is gone: nothing can be said (a silent peer
-            #          may still read: try, bounded by GOODBYE_TIMEOUT_S)
-        self.channel.stop_keepalive(GOODBYE_TIMEOUT_S)
-        try:
-            self.transport.set_timeout(GOODBYE_TIMEOUT_S)
-            if status == "cancelled" and code == "cancelled":
-                self.channel.send_event(ev.Cancel(_clip(message)))
-            else:
-                send_code = code if code in ev.ERROR_CODES else "internal"
-                self.channel.send_event(ev.Error(send_code, _clip(message)))
-        except Exception:  # noqa: BLE001 -- best effort
-            pass
-
     def _cleanup(self) -> None:
         self._cancel.disarm()
         self.transport.close()          # first: wakes a keepalive blocked in send
@@ -769,11 +753,6 @@ def _fit_cmdline(args: list[str], limit: int) -> list[str]:
     return out
 
 
-def _clip(text: str) -> str:
-    b = text.encode("utf-8", "replace")
-    if len(b) <= L.MAX_TEXT_BYTES:
-        return text
-    return b[:L.MAX_TEXT_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 def _keepalives() -> Callable[[], ev.Keepalive]:

@@ -31,6 +31,8 @@ import time
 from typing import Any, Sequence
 
 from migrated.errors import MigratedError
+from migrated.wire import events as ev
+from migrated.wire import limits as L
 
 # sendmsg accepts at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
@@ -243,14 +245,9 @@ class BlockingTransport:
         self._check_open("receive")
         try:
             data = self.sock.recv(n)
-        except (socket.timeout, TimeoutError) as e:
-            raise TransportTimeout(
-                self.peer, f"no data from {self.peer} for {self.timeout:g} s: "
-                "the peer is stalled or the link is down") from e
-        except (OSError, ssl.SSLError, ValueError) as e:
-            if self._shut:
-                return b""
-            raise self._failure("receiving from", e) from e
+        except (OSError, ValueError) as e:
+            self._receive_failed(e)
+            return b""
         self.bytes_received += len(data)
         return data
 
@@ -265,16 +262,21 @@ class BlockingTransport:
             n = self.sock.recv_into(buf)
             if self.is_ssl and n:
                 n += self._ssl_drain(buf, n)
-        except (socket.timeout, TimeoutError) as e:
+        except (OSError, ValueError) as e:
+            self._receive_failed(e)
+            return 0
+        self.bytes_received += n
+        return n
+
+    def _receive_failed(self, e: BaseException) -> None:
+        """Raise what a failed receive means; return only when we shut the
+        socket down ourselves (a cancel): then it reads as end of stream."""
+        if isinstance(e, TimeoutError):           # socket.timeout is TimeoutError
             raise TransportTimeout(
                 self.peer, f"no data from {self.peer} for {self.timeout:g} s: "
                 "the peer is stalled or the link is down") from e
-        except (OSError, ssl.SSLError, ValueError) as e:
-            if self._shut:
-                return 0
+        if not self._shut:
             raise self._failure("receiving from", e) from e
-        self.bytes_received += n
-        return n
 
     def _ssl_drain(self, buf, have: int) -> int:
         sock = self.sock
@@ -486,3 +488,33 @@ class Channel:
         self._ka_stop.set()
         t.join(timeout)
         self._ka_thread = None
+
+
+def clip_text(text: str) -> str:
+    """``text`` cut to the protocol's MAX_TEXT_BYTES (UTF-8), marked "..."."""
+    b = text.encode("utf-8", "replace")
+    if len(b) <= L.MAX_TEXT_BYTES:
+        return text
+    return b[:L.MAX_TEXT_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+def say_goodbye(channel: Channel, status: str, code: str, message: str,
+                cause: BaseException, timeout: float) -> None:
+    """Tell the peer why a migration ends (Cancel for a cancel, else Error
+    with ``code``), if the link still works; bounded by ``timeout``, never
+    raises.  Either engine calls it on its failure path."""
+    transport = channel.transport
+    if transport.closed or (isinstance(cause, TransportError)
+                            and not isinstance(cause, TransportTimeout)):
+        return   # the link is gone: nothing can be said (a silent peer may
+        #          still read: try, bounded by ``timeout``)
+    channel.stop_keepalive(timeout)
+    try:
+        transport.set_timeout(timeout)
+        if status == "cancelled" and code == "cancelled":
+            channel.send_event(ev.Cancel(clip_text(message)))
+        else:
+            channel.send_event(ev.Error(code if code in ev.ERROR_CODES else "internal",
+                                        clip_text(message)))
+    except Exception:  # noqa: BLE001 -- best effort
+        pass
