@@ -42,6 +42,7 @@ from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, 
                                        TransportError, TransportTimeout, say_goodbye)
 from migrated.errors import (ImageError, ImageWithdrawn, MigratedError, ProtocolError,
                              QuotaExceeded)
+from migrated.image.manifest import check_image_id
 from migrated.image.pipeline import PipelinedWriter
 from migrated.wire import events as ev
 from migrated.wire import limits as L
@@ -245,7 +246,6 @@ class DestMigration:
         but never saw Released, and runs its process again, asks us to take
         back whatever we published for that migration -- and to publish
         nothing for it later."""
-        from migrated.image.manifest import check_image_id
         try:
             check_image_id(req.image_id)
         except ImageError as e:
