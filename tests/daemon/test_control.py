@@ -152,6 +152,12 @@ def test_migratectl_list_status_against_daemon(daemons):
     assert r.returncode == 1 and "no migration nope" in r.stderr
     r = ctl(os.path.join(daemons.base, "absent.sock"), "list")
     assert r.returncode == 1 and "is migrated running?" in r.stderr
+    # --control also after the command, and then it wins over the outer one.
+    absent = os.path.join(daemons.base, "absent.sock")
+    r = ctl(absent, "status", "--json", "--control", d.control)
+    assert r.returncode == 0 and json.loads(r.stdout)["node"] == "n1"
+    r = ctl(d.control, "list", "--control", absent)
+    assert r.returncode == 1 and absent in r.stderr
 
 
 def silent_peer():
