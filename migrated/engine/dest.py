@@ -116,9 +116,11 @@ class DestMigration:
         self.limits = limits or DestLimits()
         self.peer = transport.peer
         seq = itertools.count()
-        # Page batches are written to the image before the next event is
-        # asked for, so they are borrowed from the receive buffer (no copy).
-        self.channel = Channel(DestConnection(borrow_pages=True), transport, NEED_DATA,
+        # Page batches are not copied out of the receive buffer: big ones
+        # are handed over to the image writer's thread (given back once
+        # written), small ones lent until the next event.
+        self.channel = Channel(DestConnection(borrow_pages=True, hand_over_pages=True),
+                               transport, NEED_DATA,
                                lambda: ev.Keepalive(next(seq)))
         self.migration_id = ""
         self.writer = None
@@ -126,6 +128,7 @@ class DestMigration:
         self._cancel = CancelLatch(transport)
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
+        self._totals: dict = {}     # the writer's totals() at commit
         self._committed_at = 0.0
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
@@ -205,8 +208,8 @@ class DestMigration:
         while True:
             got = self._wait(lim.idle_timeout_s, "the next message", None)
             if isinstance(got, ev.Pages):
-                w.write_pages(got.runs, got.data)
                 unflushed += len(got.data)
+                w.write_pages(got.runs, got.data)
                 if frozen and checkpoint is not None:
                     if unflushed >= FROZEN_CHECKPOINT_BYTES:
                         unflushed = 0
@@ -270,6 +273,7 @@ class DestMigration:
     def _prepare(self, req: ev.CommitRequest) -> tuple[str, str]:
         w = self.writer
         totals = w.totals()
+        self._totals = totals
         held = totals["data_pages"] + totals["zero_pages"]
         if req.pages != held:
             raise _Abort("failed", "bad-pages",
@@ -342,7 +346,9 @@ class DestMigration:
                     "commit_ms": round(self._commit_ms, 3),
                     "publish_ms": round(publish_ms, 3),
                     "since_freeze_ms": frozen_ms,
-                    "store": dict(getattr(w, "commit_stats", {}) or {})})
+                    "store": dict(getattr(w, "commit_stats", {}) or {}),
+                    "page_bytes": self._totals.get("bytes_received"),
+                    "write_cpu_ms": round(self._totals.get("write_cpu_s", 0.0) * 1000.0, 3)})
 
     def _await_verdict(self, image_id: str, deadline: float) -> None:
         """After Released: the source either got it in time and closes

@@ -8,6 +8,11 @@ from the network while the last one is written.  Everything else (commit,
 prepare, publish, abort, totals ...) first waits until the queue is empty,
 so callers see exactly the semantics of the wrapped writer.
 
+Page data is not copied when it comes in a receive buffer handed over by
+the wire layer (``migrated.wire.frames.handed_over``): the worker writes
+it from there and gives the buffer back.  Anything else (bytes, a lent
+view the caller will reuse) is first copied into a pooled buffer.
+
 Memory stays bounded: at most ``MAX_QUEUED`` calls wait, each holding at
 most one protocol batch (4 MiB).  The first error in the worker is kept and
 raised, with its own type, from the next call in the caller's thread; later
@@ -20,6 +25,8 @@ import mmap
 import queue
 import threading
 from typing import Any
+
+from migrated.wire.frames import ReceiveBuffer, handed_over
 
 # Four batches of at most 4 MiB: enough to ride over a slow pwrite without
 # letting a fast sender pile up more than 16 MiB in the destination.
@@ -65,7 +72,7 @@ class PipelinedWriter:
                         getattr(self._w, name)(*call, **kwargs)
                 finally:
                     if name == "write_pages":
-                        self._free.put(args[2])
+                        self._recycle(args[2])
             except BaseException as exc:   # noqa: BLE001 -- handed to the caller
                 self._error = exc
             finally:
@@ -86,15 +93,27 @@ class PipelinedWriter:
         self._raise_pending()
         if name == "write_pages":
             runs, data = args
-            # The caller may reuse its buffer (a borrowed receive buffer):
-            # the worker writes from a private copy in a pooled buffer.
-            view = memoryview(data).cast("B")
-            buf = self._buffer(view.nbytes)
-            buf[:view.nbytes] = view
-            args = (runs, memoryview(buf)[:view.nbytes], buf)
+            owner = handed_over(data)
+            if owner is not None:
+                # A receive buffer handed over to us: written from where it
+                # is, given back to the reader once written.
+                args = (runs, data, owner)
+            else:
+                # The caller may reuse its buffer (a borrowed receive
+                # buffer): the worker writes from a private pooled copy.
+                view = memoryview(data).cast("B")
+                buf = self._buffer(view.nbytes)
+                buf[:view.nbytes] = view
+                args = (runs, memoryview(buf)[:view.nbytes], buf)
         elif name == "set_layout":
             args = (list(args[0]),)      # a generator must not outlive the call
         self._q.put((name, args, kwargs))
+
+    def _recycle(self, buf) -> None:
+        if isinstance(buf, ReceiveBuffer):
+            buf.give_back()
+        else:
+            self._free.put(buf)
 
     def _buffer(self, nbytes: int):
         try:

@@ -48,15 +48,18 @@ class _Connection:
     our_role: Role
 
     def __init__(self, *, versions=L.SUPPORTED_VERSIONS, page_size: int = PAGE_SIZE,
-                 borrow_pages: bool = False):
+                 borrow_pages: bool = False, hand_over_pages: bool = False):
         """``borrow_pages=True``: the ``data`` of a received Pages event is
         a memoryview of the receive buffer instead of a copy, valid only
         until the next call on this connection (for a receiver that writes
-        each batch out before asking for the next event)."""
+        each batch out before asking for the next event).
+        ``hand_over_pages=True``: big batches are moreover handed over, valid
+        until given back (``frames.FrameReader``, ``frames.handed_over``),
+        for a receiver that writes them out in another thread."""
         if page_size != PAGE_SIZE:
             raise ValueError(f"protocol v1 runs are in host pages ({PAGE_SIZE} bytes)")
         self._versions = tuple(versions)
-        self._reader = FrameReader(borrow=borrow_pages)
+        self._reader = FrameReader(borrow=borrow_pages, hand_over=hand_over_pages)
         self._state = State.IDLE
         self._preamble_sent = False
         self._error: ProtocolError | None = None

@@ -10,6 +10,7 @@ decodes bodies with msgpack limits chosen per message type.
 
 from __future__ import annotations
 
+import collections
 import re
 import struct
 from dataclasses import dataclass
@@ -306,6 +307,47 @@ def _pages_fields(body, limits: TypeLimits, borrow: bool) -> dict | None:
 
 # -- reader --------------------------------------------------------------------
 
+# Receive buffers a hand-over reader keeps for reuse (given back by their
+# owners): reused buffers are warm, a new one costs a page fault per page.
+MAX_SPARE_BUFFERS = 8
+
+
+class ReceiveBuffer(bytearray):
+    """A FrameReader's receive buffer.  A reader in hand-over mode gives the
+    whole buffer of a big Pages frame to the event's consumer instead of
+    lending it (see FrameReader): ``handed`` is then true, the event's
+    ``data`` stays valid, and the consumer calls ``give_back()`` once no view
+    of it is used any more, so the reader can receive into it again."""
+
+    def __init__(self, size: int, spares: collections.deque | None = None):
+        super().__init__(size)
+        self.handed = False
+        self._spares = spares
+
+    def give_back(self) -> None:
+        """Return the buffer to its reader (thread-safe); the data in it is
+        overwritten from then on.  Idempotent."""
+        if not self.handed:
+            return
+        self.handed = False
+        spares = self._spares
+        if spares is not None and len(spares) < MAX_SPARE_BUFFERS:
+            spares.append(self)
+
+
+def handed_over(data) -> ReceiveBuffer | None:
+    """The buffer a Pages event's ``data`` was handed over in (the caller
+    owns it until ``give_back()``), or None: bytes, or a loan that ends at
+    the reader's next call."""
+    try:
+        owner = getattr(data, "obj", None)
+    except ValueError:          # a released loan
+        return None
+    if isinstance(owner, ReceiveBuffer) and owner.handed:
+        return owner
+    return None
+
+
 class FrameReader:
     """Buffers received bytes and yields decoded messages one at a time.
 
@@ -319,6 +361,16 @@ class FrameReader:
     of the receive buffer, valid only until the next call on this reader
     (it is released then, so a late use fails loudly instead of reading
     other bytes).
+
+    ``hand_over=True`` (implies ``borrow``): a Pages frame of at least
+    ``FRAME_CAP_MIN`` bytes that ends the received bytes -- every big batch,
+    since get_buffer() stops at its end -- is not lent but handed over: the
+    reader takes a spare buffer for what comes next, and the event's
+    ``data`` stays valid until the consumer gives the buffer back
+    (``handed_over(data).give_back()``).  A writer thread can then write
+    the batch out while the next one is received, without a copy.  Smaller
+    batches are lent as with ``borrow``.  Memory stays bounded by what the
+    consumer holds: at most ``MAX_SPARE_BUFFERS`` are kept for reuse.
     """
 
     _INITIAL = 64 * 1024
@@ -329,10 +381,12 @@ class FrameReader:
     # while small frames are still read many per call.
     FRAME_CAP_MIN = 64 * 1024
 
-    def __init__(self, borrow: bool = False) -> None:
-        self.borrow = borrow
+    def __init__(self, borrow: bool = False, hand_over: bool = False) -> None:
+        self.borrow = borrow or hand_over
+        self.hand_over = hand_over
+        self._spares: collections.deque = collections.deque()
         self._lent: memoryview | None = None   # borrowed view handed out
-        self._buf = bytearray(self._INITIAL)
+        self._buf = self._new_buffer(self._INITIAL)
         self._start = 0          # first unconsumed byte
         self._end = 0            # one past the last received byte
         self._preamble_left = L.PREAMBLE_SIZE
@@ -341,6 +395,18 @@ class FrameReader:
         self.eof = False
 
     # -- input -----------------------------------------------------------------
+
+    def _new_buffer(self, size: int) -> bytearray:
+        if not self.hand_over:
+            return bytearray(size)
+        while True:
+            try:
+                spare = self._spares.pop()
+            except IndexError:
+                return ReceiveBuffer(size, self._spares)
+            if len(spare) >= size:
+                return spare
+            # too small for this frame: let it go, a fitting one is made
 
     def _reclaim(self) -> None:
         """End the loan of the last borrowed Pages data (see class doc)."""
@@ -365,7 +431,7 @@ class FrameReader:
             # while a caller still holds a memoryview from get_buffer().
             self._buf[:live] = self._buf[self._start:self._end]
         else:
-            new = bytearray(max(2 * cap, live + n))
+            new = self._new_buffer(max(2 * cap, live + n))
             new[:live] = self._buf[self._start:self._end]
             self._buf = new
         self._start, self._end = 0, live
@@ -521,6 +587,12 @@ class FrameReader:
             # Borrowed data keeps its own slice; ours are released now.
             body.release()
             mv.release()
-        if self.borrow:
+        if self.hand_over and n >= self.FRAME_CAP_MIN and self._end == body_at + n:
+            # Nothing after the frame is buffered: give the whole buffer away
+            # and go on in a spare (next_frame() resets the offsets).
+            old = self._buf
+            old.handed = True
+            self._buf = self._new_buffer(len(old))
+        elif self.borrow:
             self._lent = fields["data"]
         return event

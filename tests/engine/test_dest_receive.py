@@ -225,3 +225,68 @@ def test_random_page_data_round_trips(n):
     got = d.next_event()
     assert bytes(got.data) == bytes(ev.data) and got.runs == ev.runs
     assert PAGE_SIZE * got.runs.total_pages() == len(got.data)
+
+
+# -- hand-over: big batches change hands instead of being copied -------------
+
+def _one_by_one(d, events):
+    """Deliver each frame on its own (as get_buffer() makes a big frame
+    arrive) and collect the events."""
+    out = []
+    for ev in events:
+        d.receive_data(encode(ev))
+        got = d.next_event()
+        assert got == ev
+        out.append(got)
+    assert d.next_event() is NEED_DATA
+    return out
+
+
+def test_big_batches_are_handed_over_and_stay_valid_until_given_back():
+    from migrated.wire.frames import handed_over
+    d = _streaming_dest(hand_over_pages=True)
+    evs = [_pages(64, 0, seed=k) for k in range(3)]     # 256 KiB each
+    got = _one_by_one(d, evs)
+    owners = [handed_over(g.data) for g in got]
+    assert all(o is not None for o in owners)
+    assert len({id(o) for o in owners}) == 3          # three buffers, none reused
+    # Still intact after the reader received two more batches.
+    assert [bytes(g.data) for g in got] == [bytes(e.data) for e in evs]
+    # Given back, a buffer is received into again (warm, not a new one):
+    # the reader takes it as its next buffer after the one it is filling.
+    owners[0].give_back()
+    assert handed_over(got[0].data) is None
+    later = _one_by_one(d, [_pages(64, 0, seed=8), _pages(64, 0, seed=9)])
+    assert handed_over(later[1].data) is owners[0]
+    assert bytes(later[1].data) == bytes(_pages(64, 0, seed=9).data)
+    assert bytes(later[0].data) == bytes(_pages(64, 0, seed=8).data)
+    owners[0].give_back()
+    owners[0].give_back()                               # idempotent
+
+
+def test_small_batches_and_batches_with_bytes_behind_are_only_lent():
+    from migrated.wire.frames import handed_over
+    d = _streaming_dest(hand_over_pages=True)
+    small = _pages(8)                                   # 32 KiB: below the cap
+    assert len(encode(small)) < FrameReader.FRAME_CAP_MIN
+    got = _one_by_one(d, [small])[0]
+    assert handed_over(got.data) is None
+    big1, big2 = _pages(64, 0, seed=1), _pages(64, 0, seed=2)
+    d.receive_data(encode(big1) + encode(big2))         # big1 has bytes behind it
+    g1 = d.next_event()
+    assert g1 == big1 and handed_over(g1.data) is None
+    held = g1.data
+    g2 = d.next_event()                                 # big2 ends the buffer
+    assert g2 == big2 and handed_over(g2.data) is not None
+    with pytest.raises(ValueError):                     # big1's loan ended
+        bytes(held)
+
+
+def test_spare_buffers_kept_for_reuse_are_bounded():
+    from migrated.wire.frames import MAX_SPARE_BUFFERS, handed_over
+    d = _streaming_dest(hand_over_pages=True)
+    n = MAX_SPARE_BUFFERS + 4
+    got = _one_by_one(d, [_pages(64, 0, seed=k) for k in range(n)])
+    for g in got:
+        handed_over(g.data).give_back()
+    assert len(d._reader._spares) == MAX_SPARE_BUFFERS

@@ -67,3 +67,40 @@ def test_error_raised_in_caller_with_its_type_then_abort(store):
     import os
     assert os.listdir(store.partial_dir) == []
     assert threading.active_count() == before
+
+
+def test_handed_over_batches_are_written_without_a_copy_and_given_back(store):
+    # The destination's receive buffers: written from where they are (no
+    # pooled copy is made) and given back to the reader once on disk.
+    from migrated.wire.frames import ReceiveBuffer
+    w = PipelinedWriter(store.begin(META))
+    w.set_layout([mapping(BASE, 2048)])
+    bufs = []
+    for i in range(8):
+        data = write_pattern_bytes(i)
+        buf = ReceiveBuffer(len(data) + 100)
+        buf[:len(data)] = data
+        buf.handed = True
+        bufs.append(buf)
+        w.write_pages(runs(BASE + i * 256 * PAGE_SIZE, 256), memoryview(buf)[:len(data)])
+    w.drain()
+    assert w._pool_made == 0                    # never copied
+    assert not any(b.handed for b in bufs)      # all given back
+    image_id, _ = w.commit({})
+    assert store.verify(image_id).ok
+    for i in range(8):
+        got = store.read_memory(image_id, BASE + i * 256 * PAGE_SIZE, 256 * PAGE_SIZE)
+        assert got == write_pattern_bytes(i)
+
+
+def test_handed_over_buffer_is_given_back_when_the_write_fails(store):
+    from migrated.wire.frames import ReceiveBuffer
+    w = PipelinedWriter(store.begin(META))
+    w.set_layout([mapping(BASE, 16)])
+    buf = ReceiveBuffer(PAGE_SIZE)
+    buf.handed = True
+    w.write_pages(runs(BASE + 64 * PAGE_SIZE, 1), memoryview(buf))   # outside the layout
+    with pytest.raises(LayoutViolation):
+        w.drain()
+    assert not buf.handed
+    w.abort()
