@@ -23,9 +23,12 @@ small timer thread while the engine is busy without talking.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import select
 import socket
 import ssl
+import termios
 import threading
 import time
 from typing import Any, Sequence
@@ -51,6 +54,13 @@ RECV_CHUNK = 1024 * 1024
 # one largest Pages frame (4 MiB + header).  A buffer with room for a whole
 # frame past what is buffered rarely has to move a partial frame around.
 RECV_BUFFER_HINT = 4 * 1024 * 1024 + 64 * 1024 + 4
+
+# The most socket bytes one TLS 1.3 record can take: 5 bytes of header and
+# at most 2^14 + 256 of ciphertext (RFC 8446 5.2).  While twice this many
+# bytes are known to be queued a record read cannot block, even if it also
+# swallows a record without application data (a post-handshake message).
+TLS_RECORD_MAX_WIRE = 5 + 2 ** 14 + 256
+TLS_SAFE_QUEUED = 2 * TLS_RECORD_MAX_WIRE
 
 # Token-bucket depth in seconds of the configured rate: allows short bursts
 # (a frame header plus part of a batch) while keeping the average exact.
@@ -279,26 +289,48 @@ class BlockingTransport:
             raise self._failure("receiving from", e) from e
 
     def _ssl_drain(self, buf, have: int) -> int:
+        """Read on the TLS records that already arrived (after a first read
+        of ``have`` bytes), without blocking.  One FIONREAD tells how many
+        bytes the socket holds; a read is safe as long as whole records are
+        sure to be among them (each read takes at most its plaintext plus
+        the record overhead), so most records cost one read, not a poll
+        and a read.  Past that, each further record is polled for."""
         sock = self.sock
+        mv = memoryview(buf)
+        got = 0
+        try:
+            queued = self._queued_bytes()
+            while have + got < len(mv):
+                if queued < TLS_SAFE_QUEUED and not sock.pending():
+                    if not self._readable_now():
+                        break
+                    queued = self._queued_bytes()
+                k = sock.recv_into(mv[have + got:])
+                if not k:
+                    break
+                got += k
+                queued -= k + (TLS_RECORD_MAX_WIRE - 2 ** 14)
+        finally:
+            mv.release()
+        return got
+
+    def _queued_bytes(self) -> int:
+        """Bytes waiting in the kernel's receive queue of the socket."""
+        out = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, out, True)
+        except OSError:
+            return 0
+        return out[0]
+
+    def _readable_now(self) -> bool:
         poller = self._poller
         if poller is None:
             # One poll object for the transport's life: cheaper per TLS
             # record than building select()'s lists every time.
             poller = self._poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN)
-        mv = memoryview(buf)
-        got = 0
-        try:
-            while have + got < len(mv):
-                if not sock.pending() and not poller.poll(0):
-                    break
-                k = sock.recv_into(mv[have + got:])
-                if not k:
-                    break
-                got += k
-        finally:
-            mv.release()
-        return got
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     # -- closing ------------------------------------------------------------------
 

@@ -170,3 +170,56 @@ def test_recv_into_fills_across_records(kind):
     finally:
         ta.close()
         tb.close()
+
+
+@pytest.mark.parametrize("size", [1, 16 * 1024, 33 * 1024 + 5, 300 * 1024])
+def test_tls_recv_into_returns_what_arrived_without_waiting_for_more(size):
+    # The peer sends `size` bytes and then nothing: one read must hand back
+    # all of them at once, never wait (for up to the 30 s timeout) for a
+    # record that is not coming -- whatever the queued-bytes arithmetic.
+    a, b = tls_pair()
+    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=30)
+    try:
+        data = os.urandom(size)
+        ta.send([data])
+        time.sleep(0.2)                       # everything is queued at b
+        buf = bytearray(1 << 20)
+        t0 = time.monotonic()
+        got = tb.recv_into(buf)
+        assert time.monotonic() - t0 < 2.0
+        assert bytes(buf[:got]) == data       # all of it, in one call
+        # ...and the stream goes on normally afterwards.
+        ta.send([b"more"])
+        assert tb.recv_into(buf) == 4 and bytes(buf[:4]) == b"more"
+    finally:
+        ta.close()
+        tb.close()
+
+
+def test_tls_drain_polls_only_near_the_end_of_what_is_queued(monkeypatch):
+    # With 2 MiB queued, records are read on without a poll per record: a
+    # poll is needed only once fewer than two whole records may be left
+    # (then the queue is measured again; the sender is still sending).
+    a, b = tls_pair()
+    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
+    polls = []
+    real = BlockingTransport._readable_now
+    monkeypatch.setattr(BlockingTransport, "_readable_now",
+                        lambda self: polls.append(1) or real(self))
+    try:
+        data = os.urandom(2 * 1024 * 1024)
+        t = threading.Thread(target=ta.send, args=([data],))
+        t.start()
+        time.sleep(0.3)
+        buf = bytearray(len(data))
+        got = tb.recv_into(buf)
+        records = got // (16 * 1024)
+        assert records > 8
+        assert len(polls) <= records // 8, (len(polls), records)
+        while got < len(data):
+            got += tb.recv_into(memoryview(buf)[got:])
+        t.join(10)
+        assert bytes(buf) == data
+    finally:
+        ta.close()
+        tb.close()
