@@ -11,8 +11,10 @@ decodes bodies with msgpack limits chosen per message type.
 from __future__ import annotations
 
 import collections
+import mmap
 import re
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -312,17 +314,24 @@ def _pages_fields(body, limits: TypeLimits, borrow: bool) -> dict | None:
 MAX_SPARE_BUFFERS = 8
 
 
-class ReceiveBuffer(bytearray):
-    """A FrameReader's receive buffer.  A reader in hand-over mode gives the
-    whole buffer of a big Pages frame to the event's consumer instead of
+class ReceiveBuffer(mmap.mmap):
+    """A hand-over FrameReader's receive buffer (anonymous memory of its own,
+    returned to the system when the last reference goes).  The reader gives
+    the whole buffer of a big Pages frame to the event's consumer instead of
     lending it (see FrameReader): ``handed`` is then true, the event's
     ``data`` stays valid, and the consumer calls ``give_back()`` once no view
     of it is used any more, so the reader can receive into it again."""
 
-    def __init__(self, size: int, spares: collections.deque | None = None):
-        super().__init__(size)
+    def __new__(cls, size: int, spares: collections.deque | None = None):
+        self = super().__new__(cls, -1, size)
         self.handed = False
-        self._spares = spares
+        # Weak: a buffer still out when its reader is gone must not keep
+        # the reader's spares (and their memory) alive, nor make a cycle.
+        self._spares = None if spares is None else weakref.ref(spares)
+        return self
+
+    def __init__(self, size: int, spares: collections.deque | None = None):
+        pass   # all done in __new__ (mmap takes other arguments)
 
     def give_back(self) -> None:
         """Return the buffer to its reader (thread-safe); the data in it is
@@ -330,7 +339,7 @@ class ReceiveBuffer(bytearray):
         if not self.handed:
             return
         self.handed = False
-        spares = self._spares
+        spares = self._spares() if self._spares is not None else None
         if spares is not None and len(spares) < MAX_SPARE_BUFFERS:
             spares.append(self)
 
@@ -396,7 +405,7 @@ class FrameReader:
 
     # -- input -----------------------------------------------------------------
 
-    def _new_buffer(self, size: int) -> bytearray:
+    def _new_buffer(self, size: int):
         if not self.hand_over:
             return bytearray(size)
         while True:

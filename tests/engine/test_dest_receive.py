@@ -290,3 +290,25 @@ def test_spare_buffers_kept_for_reuse_are_bounded():
     for g in got:
         handed_over(g.data).give_back()
     assert len(d._reader._spares) == MAX_SPARE_BUFFERS
+
+
+def test_a_hand_over_reader_is_freed_with_its_buffers_without_the_cycle_collector():
+    # Buffers point back to their reader's spares only weakly: dropping a
+    # finished migration's connection frees every receive buffer at once
+    # (a cycle would hold them -- 4 MiB each -- until a full collection).
+    import gc
+    import weakref
+    from migrated.wire.frames import handed_over
+    gc.disable()
+    try:
+        d = _streaming_dest(hand_over_pages=True)
+        got = _one_by_one(d, [_pages(64, 0, seed=k) for k in range(4)])
+        owners = [handed_over(g.data) for g in got]
+        for o in owners[:3]:
+            o.give_back()                      # three spares, one still out
+        spares = weakref.ref(d._reader._spares)
+        bufs = [weakref.ref(o) for o in owners]
+        del d, got, o, owners
+        assert spares() is None and all(b() is None for b in bufs)
+    finally:
+        gc.enable()
