@@ -103,6 +103,8 @@ def conversation(rng: random.Random):
         for _ in range(rng.randint(0, 3)):
             start = rng.randint(0, 70)
             n = rng.randint(1, min(8, 80 - start))
+            if rng.random() < 0.2:     # a batch big enough to be handed over
+                start, n = 0, rng.randint(16, 32)
             runs = PageRuns.from_pairs([(BASE + pg(start), n)])
             kind = rng.random()
             if kind < 0.6:
@@ -175,9 +177,21 @@ def mutate(rng: random.Random, b: bytes) -> bytes:
 def feed(conn, data: bytes, rng: random.Random, replies, eof=True):
     got = []
     pos = 0
+    for r in (replies or {}).get(-1, []):    # what this side says first (Hello)
+        conn.send(r)
+    # Half the time the way the engines receive: recv_into a buffer the
+    # connection offers (which stops at the end of a big frame).
+    in_place = rng.random() < 0.5
     while pos < len(data):
         n = rng.choice([1, 7, 100, 4096, 65536, len(data)])
-        conn.receive_data(data[pos:pos + n])
+        if in_place:
+            buf = conn.get_buffer(n)
+            n = min(len(buf), len(data) - pos)
+            buf[:n] = data[pos:pos + n]
+            buf.release()
+            conn.buffer_updated(n)
+        else:
+            conn.receive_data(data[pos:pos + n])
         pos += n
         drain(conn, replies, got)
     if eof:
@@ -190,7 +204,7 @@ def campaign_mutate(rng, stats, seed):
     script = conversation(rng)
     src_bytes, dst_bytes, replies = streams(script)
     role = rng.choice("sd")
-    conn = DestConnection() if role == "d" else SourceConnection()
+    conn = _dest(rng) if role == "d" else SourceConnection()
     data = src_bytes if role == "d" else dst_bytes
     if rng.random() < 0.1:
         got = feed(conn, data, rng, replies[role])  # unmutated: must all decode
@@ -277,8 +291,15 @@ def campaign_frames(rng, stats, seed):
     stats.states[conn.state.value] += 1
 
 
+def _dest(rng):
+    """A destination in one of the receive modes: copies (the default),
+    borrowed page data, or big batches handed over (the engine's)."""
+    mode = rng.randrange(3)
+    return DestConnection(borrow_pages=mode >= 1, hand_over_pages=mode == 2)
+
+
 def campaign_garbage(rng, stats, seed):
-    conn = DestConnection() if rng.random() < 0.5 else SourceConnection()
+    conn = _dest(rng) if rng.random() < 0.5 else SourceConnection()
     junk = rng.randbytes(rng.randint(0, 400))
     if rng.random() < 0.5:
         junk = struct.pack(">I", len(junk)) + junk
