@@ -32,10 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     # `migratectl send PID HOST --control PATH` works too: each command also
     # takes --control; SUPPRESS keeps its absence from undoing the outer one.
     for cmd in sub.choices.values():
-        if not any("--control" in a.option_strings for a in cmd._actions):
-            cmd.add_argument("--control", default=argparse.SUPPRESS, metavar="PATH",
-                             help="control socket of the daemon (also accepted "
-                                  "before the command)")
+        cmd.add_argument("--control", default=argparse.SUPPRESS, metavar="PATH",
+                         help="control socket of the daemon (also accepted "
+                              "before the command)")
     return p
 
 

@@ -128,7 +128,6 @@ class DestMigration:
         self._cancel = CancelLatch(transport)
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
-        self._totals: dict = {}     # the writer's totals() at commit
         self._committed_at = 0.0
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
@@ -273,7 +272,6 @@ class DestMigration:
     def _prepare(self, req: ev.CommitRequest) -> tuple[str, str]:
         w = self.writer
         totals = w.totals()
-        self._totals = totals
         held = totals["data_pages"] + totals["zero_pages"]
         if req.pages != held:
             raise _Abort("failed", "bad-pages",
@@ -341,14 +339,15 @@ class DestMigration:
         self._await_verdict(image_id, t_sent + window / L.RELEASE_PUBLISH_SHARE + window)
         frozen_ms = None if self._freeze_at is None else \
             round((time.perf_counter() - self._freeze_at) * 1000.0, 3)
+        totals = w.totals()
         self._emit({"event": "commit", "image_id": image_id,
                     "digest": getattr(self.channel.conn.committed, "digest", None),
                     "commit_ms": round(self._commit_ms, 3),
                     "publish_ms": round(publish_ms, 3),
                     "since_freeze_ms": frozen_ms,
                     "store": dict(getattr(w, "commit_stats", {}) or {}),
-                    "page_bytes": self._totals.get("bytes_received"),
-                    "write_cpu_ms": round(self._totals.get("write_cpu_s", 0.0) * 1000.0, 3)})
+                    "page_bytes": totals.get("bytes_received"),
+                    "write_cpu_ms": round(totals.get("write_cpu_s", 0.0) * 1000.0, 3)})
 
     def _await_verdict(self, image_id: str, deadline: float) -> None:
         """After Released: the source either got it in time and closes

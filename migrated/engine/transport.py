@@ -59,7 +59,8 @@ RECV_BUFFER_HINT = 4 * 1024 * 1024 + 64 * 1024 + 4
 # at most 2^14 + 256 of ciphertext (RFC 8446 5.2).  While twice this many
 # bytes are known to be queued a record read cannot block, even if it also
 # swallows a record without application data (a post-handshake message).
-TLS_RECORD_MAX_WIRE = 5 + 2 ** 14 + 256
+TLS_RECORD_OVERHEAD = 5 + 256
+TLS_RECORD_MAX_WIRE = 2 ** 14 + TLS_RECORD_OVERHEAD
 TLS_SAFE_QUEUED = 2 * TLS_RECORD_MAX_WIRE
 
 # Token-bucket depth in seconds of the configured rate: allows short bursts
@@ -309,7 +310,7 @@ class BlockingTransport:
                 if not k:
                     break
                 got += k
-                queued -= k + (TLS_RECORD_MAX_WIRE - 2 ** 14)
+                queued -= k + TLS_RECORD_OVERHEAD
         finally:
             mv.release()
         return got

@@ -330,9 +330,6 @@ class ReceiveBuffer(mmap.mmap):
         self._spares = None if spares is None else weakref.ref(spares)
         return self
 
-    def __init__(self, size: int, spares: collections.deque | None = None):
-        pass   # all done in __new__ (mmap takes other arguments)
-
     def give_back(self) -> None:
         """Return the buffer to its reader (thread-safe); the data in it is
         overwritten from then on.  Idempotent."""
