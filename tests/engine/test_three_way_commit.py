@@ -272,19 +272,27 @@ def test_a_source_that_gave_up_after_release_gets_the_image_withdrawn(store, ver
     assert os.listdir(store.images_dir) == []
 
 
-def test_a_source_that_vanishes_after_released_keeps_the_image(store):
-    # End of stream after Released says nothing against it: presumed
-    # released (the source may already have ended its process).
+def _published(store: ImageStore, how: int = socket.SHUT_RDWR) -> tuple[str, dict]:
+    """A migration the destination published and answered Released for,
+    whose source then shut its end (``how``) without a verdict: (image id,
+    the destination's result)."""
     src = ScriptedSource(store)
     try:
         got = src.to_committed()
         src.send(Release(got.image_id))
         assert src.recv() == Released(got.image_id)
-        src.sock.shutdown(socket.SHUT_RDWR)
+        src.sock.shutdown(how)
     finally:
         res = src.finish()
+    return got.image_id, res
+
+
+def test_a_source_that_vanishes_after_released_keeps_the_image(store):
+    # End of stream after Released says nothing against it: presumed
+    # released (the source may already have ended its process).
+    image_id, res = _published(store)
     assert res["status"] == "completed"
-    assert [i["image_id"] for i in store.list()] == [got.image_id]
+    assert [i["image_id"] for i in store.list()] == [image_id]
 
 
 def test_a_publish_stalled_past_the_window_is_withdrawn(store, monkeypatch):
@@ -362,24 +370,17 @@ def _withdraw(store: ImageStore, image_id: str, mid: str = "mig-3way", node: str
 
 
 def test_withdraw_removes_an_image_published_for_a_source_that_gave_up(store):
-    src = ScriptedSource(store)
-    try:
-        got = src.to_committed()
-        src.send(Release(got.image_id))
-        assert src.recv() == Released(got.image_id)
-        # The source's connection is gone without a verdict (its daemon died).
-        src.sock.shutdown(socket.SHUT_RDWR)
-    finally:
-        res = src.finish()
+    # The source's connection is gone without a verdict (its daemon died).
+    image_id, res = _published(store)
     assert res["status"] == "completed"
-    assert [i["image_id"] for i in store.list()] == [got.image_id]
-    reply, wres = _withdraw(store, got.image_id)
-    assert reply == Withdrawn(got.image_id, "removed")
+    assert [i["image_id"] for i in store.list()] == [image_id]
+    reply, wres = _withdraw(store, image_id)
+    assert reply == Withdrawn(image_id, "removed")
     assert wres["status"] == "completed" and wres["withdrawn"] == "removed"
     assert store.list() == [] and os.listdir(store.partial_dir) == []
     # A retry (the answer was lost) is harmless.
-    reply, _ = _withdraw(store, got.image_id)
-    assert reply == Withdrawn(got.image_id, "absent")
+    reply, _ = _withdraw(store, image_id)
+    assert reply == Withdrawn(image_id, "absent")
 
 
 def test_withdraw_before_release_arrives_means_no_publish(store):
@@ -400,16 +401,9 @@ def test_withdraw_before_release_arrives_means_no_publish(store):
 
 
 def test_withdraw_from_another_source_is_refused(store):
-    src = ScriptedSource(store)
-    try:
-        got = src.to_committed()
-        src.send(Release(got.image_id))
-        assert src.recv() == Released(got.image_id)
-        src.sock.shutdown(socket.SHUT_WR)
-    finally:
-        src.finish()
+    image_id, _ = _published(store, socket.SHUT_WR)
     for mid, node in (("mig-3way", "intruder"), ("mig-other", "src")):
-        reply, wres = _withdraw(store, got.image_id, mid=mid, node=node)
+        reply, wres = _withdraw(store, image_id, mid=mid, node=node)
         assert isinstance(reply, Error) and reply.code == "auth", reply
         assert wres["status"] == "failed"
-    assert [i["image_id"] for i in store.list()] == [got.image_id]
+    assert [i["image_id"] for i in store.list()] == [image_id]
