@@ -18,6 +18,19 @@ certificates) it measures, in this run:
   (a VM whose host backs guest pages lazily) this, not the protocol, is
   the ceiling; the script also prints the first-touch cost of memory.
 
+And a **minimal pipeline** (``--no-minimal`` skips it): the work every
+engine of this design does, with nothing else -- no protocol, no state
+machine, no tracker, no image format.  A reader thread fills 8 MiB buffers
+with process_vm_readv and takes the xxh3-128 of each 4 MiB batch; the main
+thread sends a 24-byte header (length, digest) and the batch; the receiver
+reads each batch into one of a few reused buffers and checks its digest; a
+writer thread appends it to a fresh file, and a flusher thread runs
+fdatasync every 32 MiB as the destination does during live rounds (so the
+commit inside the freeze finds little left to write).  Its rate is timed
+like the engine's round 0, at the sender.  ``engine / minimal`` tells how
+much the engine itself costs; ``minimal / raw`` what keeping the bytes costs
+on this machine.
+
 And a **budget** (``--no-budget`` skips it): the CPU time per byte of the
 raw link (both ends, from their own rusage) plus what every engine that
 reads, verifies and keeps the bytes must add -- one process_vm_readv of
@@ -41,6 +54,7 @@ import os
 import resource
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,6 +67,12 @@ from tests.engine.procs import workload  # noqa: E402
 from tests.engine.tlspair import _self_signed  # noqa: E402
 
 TARGET_RATIO = 0.5
+# The minimal pipeline's sizes: the engine's (source READ_BUFFER_BYTES, the
+# protocol's largest batch, the destination writer's queue).
+MIN_READ = 8 * 1024 * 1024
+MIN_BATCH = 4 * 1024 * 1024
+MIN_QUEUED = 4
+MIN_BUFFERS = MIN_QUEUED + 4
 RAW_BLOCK = 4 * 1024 * 1024
 RECV_BLOCK = 1024 * 1024
 
@@ -105,6 +125,128 @@ def serve_raw(tls_dir: str | None, store_dir: str = "") -> None:
     conn.close()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime}), flush=True)
+
+
+# The minimal pipeline's batch header: payload length, xxh3-128 digest.
+_MIN_HEADER = struct.Struct("<Q16s")
+
+
+def _recv_exact(conn, view: memoryview) -> bool:
+    """Fill ``view`` from ``conn``; False at EOF before the first byte."""
+    have = 0
+    while have < len(view):
+        n = conn.recv_into(view[have:])
+        if not n:
+            if have:
+                raise SystemExit("minimal pipeline: stream ended inside a batch")
+            return False
+        have += n
+    return True
+
+
+def serve_minimal(tls_dir: str | None, store_dir: str) -> None:
+    """Receiving half of the minimal pipeline (module doc)."""
+    import queue
+    import threading
+    import xxhash
+    from migrated.engine.dest import LIVE_FLUSH_BYTES
+    conn = _listen(tls_dir)
+    fd = os.open(os.path.join(store_dir, "minimal.img"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    free: queue.Queue = queue.Queue()
+    for _ in range(MIN_BUFFERS):
+        free.put(bytearray(MIN_BATCH))
+    todo: queue.Queue = queue.Queue(MIN_QUEUED)
+    kick = threading.Event()
+    stop = False
+
+    def flusher() -> None:
+        while True:
+            kick.wait()
+            kick.clear()
+            if stop:
+                return
+            os.fdatasync(fd)
+
+    def writer() -> None:
+        off = unflushed = 0
+        while (item := todo.get()) is not None:
+            buf, n = item
+            os.pwrite(fd, memoryview(buf)[:n], off)
+            off += n
+            unflushed += n
+            free.put(buf)
+            if unflushed >= LIVE_FLUSH_BYTES:
+                unflushed = 0
+                kick.set()
+
+    threads = [threading.Thread(target=flusher), threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    head = bytearray(_MIN_HEADER.size)
+    while _recv_exact(conn, memoryview(head)):
+        n, digest = _MIN_HEADER.unpack(head)
+        buf = free.get()
+        _recv_exact(conn, memoryview(buf)[:n])
+        if xxhash.xxh3_128_digest(memoryview(buf)[:n]) != digest:
+            raise SystemExit("minimal pipeline: digest mismatch")
+        todo.put((buf, n))
+    todo.put(None)
+    threads[1].join()
+    stop = True
+    kick.set()
+    threads[0].join()
+    os.close(fd)
+    conn.close()
+    print(json.dumps({"ok": True}), flush=True)
+
+
+def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float:
+    """Bytes/s of the minimal pipeline (module doc), timed at the sender."""
+    import queue
+    import threading
+    import numpy as np
+    import xxhash
+    from migrated.kernel.reader import process_vm_readv
+    with tempfile.TemporaryDirectory(prefix="bench-minimal-") as d:
+        p, port = _spawn("minimal", tls_dir, d)
+        try:
+            s = _connect(port, tls_dir)
+            bufs = [np.zeros(MIN_READ, np.uint8) for _ in range(2)]
+            ready: queue.Queue = queue.Queue()
+            slots = threading.Semaphore(len(bufs))
+
+            def reader() -> None:
+                for i, off in enumerate(range(0, nbytes, MIN_READ)):
+                    slots.acquire()
+                    n = min(MIN_READ, nbytes - off)
+                    buf = bufs[i % len(bufs)]
+                    got = process_vm_readv(pid, np.array([[buf.ctypes.data, n]], np.uint64),
+                                           np.array([[addr + off, n]], np.uint64))
+                    view = memoryview(buf)[:got]
+                    ready.put([(view[k:k + MIN_BATCH],
+                                xxhash.xxh3_128_digest(view[k:k + MIN_BATCH]))
+                               for k in range(0, got, MIN_BATCH)])
+                ready.put(None)
+
+            t = threading.Thread(target=reader)
+            t0 = time.perf_counter()
+            t.start()
+            while (batches := ready.get()) is not None:
+                for view, digest in batches:
+                    s.sendall(_MIN_HEADER.pack(len(view), digest))
+                    s.sendall(view)
+                slots.release()
+            dt = time.perf_counter() - t0
+            t.join()
+            socket.socket.shutdown(s, socket.SHUT_WR)
+            if not dest_report(p).get("ok"):
+                raise SystemExit("minimal pipeline: the receiver failed")
+            s.close()
+            return nbytes / dt
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
 
 def serve_dest(tls_dir: str | None, state_dir: str) -> None:
@@ -271,13 +413,19 @@ def main() -> int:
     ap.add_argument("--tracker", default="auto")
     ap.add_argument("--no-budget", action="store_true",
                     help="skip the budget (fastest round 0 this machine allows)")
+    ap.add_argument("--no-minimal", action="store_true",
+                    help="skip the minimal pipeline (the same work with no protocol)")
     ap.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-minimal", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-dest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--state-dir", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_raw:
         serve_raw(a.tls_dir or None, a.state_dir)
+        return 0
+    if a.serve_minimal:
+        serve_minimal(a.tls_dir or None, a.state_dir)
         return 0
     if a.serve_dest:
         serve_dest(a.tls_dir or None, a.state_dir)
@@ -301,6 +449,10 @@ def main() -> int:
                   f"{nbytes / 2**20:.0f} MiB]")
             print(f"{'':7s} raw + store    {rs / 2**20:8.1f} MiB/s  (raw receiver appending to a "
                   f"fresh file)  engine / raw+store {e / rs:.2f}, raw+store / raw {rs / r:.2f}")
+            if not a.no_minimal:
+                m = max(minimal_rate(w.pid, w.addr, w.mib << 20, tls) for _ in range(a.repeat))
+                print(f"{'':7s} minimal pipeline {m / 2**20:6.1f} MiB/s  (the same work with no "
+                      f"protocol)  engine / minimal {e / m:.2f}, minimal / raw {m / r:.2f}")
             if not a.no_budget:
                 runs = []
                 with tempfile.TemporaryDirectory(prefix="bench-budget-") as d:

@@ -125,7 +125,17 @@ class PageRuns:
         return self.intersect(PageRuns.from_range(start, end))
 
     def contains(self, other: "PageRuns") -> bool:
-        return not other.subtract(self)
+        """Every page of ``other`` is in this set.  Both sets are coalesced,
+        so each run of ``other`` must lie inside one run of this one: one
+        searchsorted for all of them."""
+        if not other:
+            return True
+        if not self:
+            return False
+        i = np.searchsorted(self.starts, other.starts, side="right").astype(np.int64) - 1
+        if i[0] < 0:
+            return False
+        return bool((other.ends() <= self.ends()[i]).all())
 
     def split(self, max_pages: int) -> Iterator["PageRuns"]:
         """Yield consecutive pieces of at most ``max_pages`` pages each."""

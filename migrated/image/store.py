@@ -54,6 +54,10 @@ MAX_WITHDRAWN_KEPT = 4096
 # machines we measure on have two cores; more would only contend.
 COMMIT_DIGEST_THREADS = 2
 
+# A write_pages call whose pages fall into at most this many stretches of
+# the page file updates the bitmaps by slices, else by page index.
+_FEW_STRETCHES = 16
+
 # Initial rows of the per-chunk bitmaps; they double as needed.
 _INITIAL_SLOTS = 64
 
@@ -704,7 +708,7 @@ class ImageWriter:
         self._dirty = np.zeros(_INITIAL_SLOTS, bool)
         self._snap_job = np.zeros(_INITIAL_SLOTS, np.int64)
         self._job = 0
-        self._last_fp: np.ndarray | None = None   # file pages of the last write
+        self._last_slots: np.ndarray | None = None   # slots of the last write
         self._ckpt: _Checkpointer | None = None
         self._flusher: _Flusher | None = None
         self.commit_stats: dict = {}
@@ -750,7 +754,14 @@ class ImageWriter:
 
     def _slots_for(self, chunks: np.ndarray) -> np.ndarray:
         """Slot of each chunk number (allocating new slots); per chunk."""
-        uniq, inv = np.unique(chunks, return_inverse=True)
+        if chunks.size and (chunks[1:] >= chunks[:-1]).all():
+            # In address order (always, for runs): no sort needed.
+            first = np.empty(chunks.size, bool)
+            first[0] = True
+            np.not_equal(chunks[1:], chunks[:-1], out=first[1:])
+            uniq, inv = chunks[first], np.cumsum(first) - 1
+        else:
+            uniq, inv = np.unique(chunks, return_inverse=True)
         out = np.empty(uniq.size, np.int64)
         for i, c in enumerate(uniq.tolist()):
             s = self._slot_of.get(c)
@@ -793,12 +804,42 @@ class ImageWriter:
         fp[slots < 0] = -1
         return fp
 
+    def _segments(self, runs: PageRuns) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Where the pages of ``runs`` go in the page file, allocating slots:
+        (first file page, first page in the data, pages) of each stretch
+        that is contiguous both in the data and in the file, and the slot of
+        every piece (a run cut at chunk boundaries).  Vectorised over runs
+        and chunks, never pages: a batch of one run is a few stretches."""
+        pn = (runs.starts >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        end = pn + runs.counts.astype(np.int64)
+        first_chunk = pn // CHUNK_PAGES
+        pieces = (end - 1) // CHUNK_PAGES - first_chunk + 1
+        if (pieces == 1).all():
+            chunk, p_start, p_end = first_chunk, pn, end
+        else:
+            run = np.repeat(np.arange(pn.size), pieces)
+            k = np.arange(run.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+            chunk = first_chunk[run] + k
+            p_start = np.maximum(pn[run], chunk * CHUNK_PAGES)
+            p_end = np.minimum(end[run], (chunk + 1) * CHUNK_PAGES)
+        p_cnt = p_end - p_start
+        slots = self._slots_for(chunk)
+        fp = slots * CHUNK_PAGES + p_start % CHUNK_PAGES
+        # Pieces follow each other in the data; a stretch ends where the
+        # next piece does not follow in the file.
+        cut = np.flatnonzero(fp[1:] != fp[:-1] + p_cnt[:-1]) + 1
+        heads = np.concatenate(([0], cut))
+        data_page = np.cumsum(p_cnt) - p_cnt
+        return fp[heads], data_page[heads], np.add.reduceat(p_cnt, heads), slots
+
     def _check_runs(self, runs: PageRuns, what: str) -> None:
         if not isinstance(runs, PageRuns):
             raise ImageError(f"{what}: expected PageRuns, got {type(runs).__name__}")
         if self._layout is None:
             raise LayoutViolation(f"image {self.image_id}: {what} before any memory "
                                   "layout was declared")
+        if self._layout_runs.contains(runs):
+            return
         outside = runs.subtract(self._layout_runs)
         if outside:
             a, n = outside.pairs()[0]
@@ -860,8 +901,16 @@ class ImageWriter:
                              f"for {npages} pages ({npages * PAGE_SIZE} expected)")
         if npages == 0:
             return
-        fp = self._file_pages(runs, allocate=True)
-        new = int(np.count_nonzero(~self._alloc.flat[fp]))
+        seg_fp, seg_data, seg_n, slots = self._segments(runs)
+        # Bookkeeping by slices of the flat bitmaps while the stretches are
+        # few (the usual case: one source run cut at chunk boundaries), by
+        # page index otherwise.
+        if seg_fp.size <= _FEW_STRETCHES:
+            spans = [slice(a, a + n) for a, n in zip(seg_fp.tolist(), seg_n.tolist())]
+        else:
+            spans = [np.repeat(seg_fp - seg_data, seg_n) + np.arange(npages)]
+        alloc_bits = self._alloc.reshape(-1)
+        new = npages - sum(int(np.count_nonzero(alloc_bits[sp])) for sp in spans)
         st = self.store
         with st._lock:
             try:
@@ -879,19 +928,15 @@ class ImageWriter:
                 raise DiskFull(f"image {self.image_id}: free space in {st.state_dir} "
                                f"fell to {_mib(free)}, below the {_mib(st.min_free_bytes)} "
                                "reserve; the partial image will be removed")
-        # One pwrite per run of consecutive file pages (a run of the source
-        # cut where it crosses into a chunk with a non-adjacent slot); the
-        # offsets and byte bounds are computed for all runs at once.
-        brk = np.flatnonzero(np.diff(fp) != 1) + 1
-        seg_start = np.concatenate(([0], brk))
-        seg_end = np.concatenate((brk, [fp.size]))
-        offs = (fp[seg_start] * PAGE_SIZE).tolist()
-        lo = (seg_start * PAGE_SIZE).tolist()
-        hi = (seg_end * PAGE_SIZE).tolist()
+        # One pwrite per stretch of consecutive file pages (a run of the
+        # source cut where it crosses into a chunk with a non-adjacent slot).
+        offs = (seg_fp * PAGE_SIZE).tolist()
+        lo = (seg_data * PAGE_SIZE).tolist()
+        hi = ((seg_data + seg_n) * PAGE_SIZE).tolist()
         # Marked before writing: a chunk half written when an error strikes
         # must not keep a digest taken earlier.
-        self._dirty[fp // CHUNK_PAGES] = True
-        self._last_fp = fp
+        self._dirty[slots] = True
+        self._last_slots = slots
         fd, pwrite = self._fd, os.pwrite
         cpu0 = time.thread_time()
         try:
@@ -905,9 +950,11 @@ class ImageWriter:
         except OSError as exc:
             raise self._fail(exc, "writing page data") from None
         self._alloc_pages += new
-        self._alloc.flat[fp] = True
-        self._data.flat[fp] = True
-        self._zero.flat[fp] = False
+        data_bits, zero_bits = self._data.reshape(-1), self._zero.reshape(-1)
+        for sp in spans:
+            alloc_bits[sp] = True
+            data_bits[sp] = True
+            zero_bits[sp] = False
         self.bytes_received += mv.nbytes
         self.write_cpu_s += time.thread_time() - cpu0
 
@@ -954,9 +1001,9 @@ class ImageWriter:
         self._check_open()
         n = self.slots
         dirty = self._dirty[:n]
-        if settled_only and self._last_fp is not None:
+        if settled_only and self._last_slots is not None:
             dirty = dirty.copy()
-            dirty[self._last_fp // CHUNK_PAGES] = False
+            dirty[self._last_slots] = False
         slots = np.flatnonzero(dirty)
         if self._ckpt is None:
             self._ckpt = _Checkpointer(self._fd)
