@@ -297,16 +297,30 @@ class BlockingTransport:
         the record overhead), so most records cost one read, not a poll
         and a read.  Past that, each further record is polled for."""
         sock = self.sock
+        # One record per read, so this loop runs every 16 KiB: it calls the
+        # SSL object under the SSLSocket directly (SSLSocket.recv_into adds
+        # two Python calls and two closed-checks per record), and treats a
+        # ragged EOF as the end of the drain, as SSLSocket would.
+        sslobj = getattr(sock, "_sslobj", None)
+        read = sslobj.read if sslobj is not None else None
+        pending = sslobj.pending if sslobj is not None else sock.pending
         mv = memoryview(buf)
+        end = len(mv)
         got = 0
         try:
             queued = self._queued_bytes()
-            while have + got < len(mv):
-                if queued < TLS_SAFE_QUEUED and not sock.pending():
+            while have + got < end:
+                if queued < TLS_SAFE_QUEUED and not pending():
                     if not self._readable_now():
                         break
                     queued = self._queued_bytes()
-                k = sock.recv_into(mv[have + got:])
+                view = mv[have + got:]
+                try:
+                    k = read(end - have - got, view) if read is not None else sock.recv_into(view)
+                except ssl.SSLEOFError:
+                    k = 0
+                finally:
+                    view.release()
                 if not k:
                     break
                 got += k

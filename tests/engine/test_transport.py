@@ -223,3 +223,28 @@ def test_tls_drain_polls_only_near_the_end_of_what_is_queued(monkeypatch):
     finally:
         ta.close()
         tb.close()
+
+
+def test_tls_drain_reads_up_to_a_ragged_eof_then_reports_the_end():
+    # The peer sends some records and then closes its TCP side without a
+    # TLS close_notify.  The drain (which calls the SSL object directly)
+    # must hand back every byte that arrived and then report end of
+    # stream, as SSLSocket does -- not a transport failure.
+    a, b = tls_pair()
+    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
+    try:
+        data = os.urandom(300 * 1024)
+        ta.send([data])
+        socket.socket.shutdown(a, socket.SHUT_WR)   # FIN, no close_notify
+        time.sleep(0.2)
+        buf = bytearray(1 << 20)
+        got = 0
+        while True:
+            n = tb.recv_into(memoryview(buf)[got:])
+            if not n:
+                break
+            got += n
+        assert bytes(buf[:got]) == data
+    finally:
+        ta.close()
+        tb.close()
