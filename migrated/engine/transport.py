@@ -314,13 +314,13 @@ class BlockingTransport:
                     if not self._readable_now():
                         break
                     queued = self._queued_bytes()
-                view = mv[have + got:]
                 try:
-                    k = read(end - have - got, view) if read is not None else sock.recv_into(view)
+                    if read is not None:
+                        k = read(end - have - got, mv[have + got:])
+                    else:
+                        k = sock.recv_into(mv[have + got:])
                 except ssl.SSLEOFError:
                     k = 0
-                finally:
-                    view.release()
                 if not k:
                     break
                 got += k
