@@ -133,7 +133,7 @@ class PageRuns:
         if not self:
             return False
         i = np.searchsorted(self.starts, other.starts, side="right").astype(np.int64) - 1
-        if i[0] < 0:
+        if (i < 0).any():
             return False
         return bool((other.ends() <= self.ends()[i]).all())
 

@@ -19,6 +19,7 @@ def pages_of(r: PageRuns):
 @given(pages, pages)
 def test_algebra_matches_sets(a, b):
     ra, rb = runs_of(a), runs_of(b)
+    assert ra.contains(rb) == (b <= a)
     assert pages_of(ra) == a
     assert pages_of(ra.union(rb)) == a | b
     assert pages_of(ra.intersect(rb)) == a & b
@@ -58,3 +59,14 @@ def test_rejects_unaligned():
     import pytest
     with pytest.raises(ValueError):
         PageRuns.from_pairs([(123, 1)])
+
+
+def test_contains_holds_for_runs_in_any_order():
+    inside = PageRuns.from_range(10 * PAGE_SIZE, 20 * PAGE_SIZE)
+    # Hand-built, unsorted: the second run lies before every run of `inside`.
+    stray = PageRuns(np.array([12 * PAGE_SIZE, 2 * PAGE_SIZE], np.uint64),
+                     np.array([1, 1], np.uint64), normalized=True)
+    assert not inside.contains(stray)
+    assert inside.contains(PageRuns(np.array([15 * PAGE_SIZE, 11 * PAGE_SIZE], np.uint64),
+                                    np.array([5, 2], np.uint64), normalized=True))
+    assert inside.contains(PageRuns.empty()) and not PageRuns.empty().contains(inside)
