@@ -98,6 +98,12 @@ def _punch(fd: int, offset: int, length: int) -> bool:
                            offset, length) == 0
 
 
+def _page_index(seg_fp: np.ndarray, seg_data: np.ndarray, seg_n: np.ndarray) -> np.ndarray:
+    """File page of every page of the stretches ImageWriter._segments
+    returns, in data order."""
+    return np.repeat(seg_fp - seg_data, seg_n) + np.arange(int(seg_n.sum()))
+
+
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
     """pread that pads a short read (sparse tail) with zeros."""
     buf = os.pread(fd, length, offset)
@@ -752,20 +758,21 @@ class ImageWriter:
     def slots(self) -> int:
         return len(self._slot_of)
 
-    def _slots_for(self, chunks: np.ndarray) -> np.ndarray:
-        """Slot of each chunk number (allocating new slots); per chunk."""
-        if chunks.size and (chunks[1:] >= chunks[:-1]).all():
-            # In address order (always, for runs): no sort needed.
-            first = np.empty(chunks.size, bool)
-            first[0] = True
-            np.not_equal(chunks[1:], chunks[:-1], out=first[1:])
-            uniq, inv = chunks[first], np.cumsum(first) - 1
-        else:
-            uniq, inv = np.unique(chunks, return_inverse=True)
+    def _slots_for(self, chunks: np.ndarray, allocate: bool = True) -> np.ndarray:
+        """Slot of each chunk number: new chunks get the next slots in the
+        order they come, or -1 when not allocating.  Runs are in address
+        order, so equal chunk numbers are neighbours: each stretch of them
+        is looked up once (a chunk seen again later just finds its slot)."""
+        first = np.empty(chunks.size, bool)
+        first[:1] = True
+        np.not_equal(chunks[1:], chunks[:-1], out=first[1:])
+        uniq, inv = chunks[first], np.cumsum(first) - 1
         out = np.empty(uniq.size, np.int64)
         for i, c in enumerate(uniq.tolist()):
             s = self._slot_of.get(c)
-            if s is None:
+            if s is None and not allocate:
+                s = -1
+            elif s is None:
                 s = len(self._slot_of)
                 if s >= self._data.shape[0]:
                     self._grow()
@@ -792,14 +799,11 @@ class ImageWriter:
         """File page index (slot*512 + page in chunk) of every page of runs,
         in run order; -1 for pages of chunks without a slot when not
         allocating.  Vectorised over pages."""
-        pn = (runs.page_addresses() >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-        chunks = pn // CHUNK_PAGES
         if allocate:
-            slots = self._slots_for(chunks)
-        else:
-            uniq, inv = np.unique(chunks, return_inverse=True)
-            slots = np.array([self._slot_of.get(c, -1) for c in uniq.tolist()],
-                             np.int64)[inv]
+            seg_fp, seg_data, seg_n, _ = self._segments(runs)
+            return _page_index(seg_fp, seg_data, seg_n)
+        pn = (runs.page_addresses() >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        slots = self._slots_for(pn // CHUNK_PAGES, allocate=False)
         fp = slots * CHUNK_PAGES + pn % CHUNK_PAGES
         fp[slots < 0] = -1
         return fp
@@ -908,7 +912,7 @@ class ImageWriter:
         if seg_fp.size <= _FEW_STRETCHES:
             spans = [slice(a, a + n) for a, n in zip(seg_fp.tolist(), seg_n.tolist())]
         else:
-            spans = [np.repeat(seg_fp - seg_data, seg_n) + np.arange(npages)]
+            spans = [_page_index(seg_fp, seg_data, seg_n)]
         alloc_bits = self._alloc.reshape(-1)
         new = npages - sum(int(np.count_nonzero(alloc_bits[sp])) for sp in spans)
         st = self.store
