@@ -302,8 +302,10 @@ class BlockingTransport:
         # two Python calls and two closed-checks per record), and treats a
         # ragged EOF as the end of the drain, as SSLSocket would.
         sslobj = getattr(sock, "_sslobj", None)
-        read = sslobj.read if sslobj is not None else None
-        pending = sslobj.pending if sslobj is not None else sock.pending
+        if sslobj is not None:
+            read, pending = sslobj.read, sslobj.pending
+        else:           # closed under us: SSLSocket's own calls say so
+            read, pending = (lambda n, view: sock.recv_into(view, n)), sock.pending
         mv = memoryview(buf)
         end = len(mv)
         got = 0
@@ -315,10 +317,7 @@ class BlockingTransport:
                         break
                     queued = self._queued_bytes()
                 try:
-                    if read is not None:
-                        k = read(end - have - got, mv[have + got:])
-                    else:
-                        k = sock.recv_into(mv[have + got:])
+                    k = read(end - have - got, mv[have + got:])
                 except ssl.SSLEOFError:
                     k = 0
                 if not k:
