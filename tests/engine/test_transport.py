@@ -1,5 +1,6 @@
 """BlockingTransport over real sockets: plain, TLS, slow readers, cancel."""
 
+import contextlib
 import os
 import socket
 import threading
@@ -10,6 +11,18 @@ import pytest
 from migrated.engine.transport import (BlockingTransport, TransportClosed,
                                        TransportError, TransportTimeout)
 from tests.engine.tlspair import tcp_pair, tls_pair
+
+
+@contextlib.contextmanager
+def _transports(a, b, timeout: float, timeout_b: float | None = None):
+    """Transports over both ends of a connected pair, closed at the end."""
+    ta = BlockingTransport(a, timeout=timeout)
+    tb = BlockingTransport(b, timeout=timeout if timeout_b is None else timeout_b)
+    try:
+        yield ta, tb
+    finally:
+        ta.close()
+        tb.close()
 
 
 def _drain(tr: BlockingTransport, n: int, out: list) -> None:
@@ -30,8 +43,7 @@ def _parts():
 @pytest.mark.parametrize("kind", ["tcp", "tls", "socketpair"])
 def test_send_parts_arrive_in_order(kind):
     a, b = {"tcp": tcp_pair, "tls": tls_pair, "socketpair": socket.socketpair}[kind]()
-    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
-    try:
+    with _transports(a, b, 10) as (ta, tb):
         parts = _parts()          # > IOV_MAX parts: several sendmsg groups
         want = b"".join(bytes(p) for p in parts)
         out: list = []
@@ -41,21 +53,14 @@ def test_send_parts_arrive_in_order(kind):
         t.join(10)
         assert out[0] == want
         assert ta.bytes_sent == len(want) and tb.bytes_received == len(want)
-    finally:
-        ta.close()
-        tb.close()
 
 
 def test_recv_timeout_names_the_peer():
     a, b = tcp_pair()
-    ta, tb = BlockingTransport(a, timeout=0.2), BlockingTransport(b, timeout=0.2)
-    try:
+    with _transports(a, b, 0.2) as (ta, tb):
         with pytest.raises(TransportTimeout) as ei:
             tb.recv(10)
         assert "127.0.0.1:" in str(ei.value) and ei.value.peer == tb.peer
-    finally:
-        ta.close()
-        tb.close()
 
 
 def test_send_timeout_when_peer_stops_reading():
@@ -148,8 +153,7 @@ def test_shutdown_interrupts_a_paced_sender():
 @pytest.mark.parametrize("kind", ["tcp", "tls"])
 def test_recv_into_fills_across_records(kind):
     a, b = {"tcp": tcp_pair, "tls": tls_pair}[kind]()
-    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
-    try:
+    with _transports(a, b, 10) as (ta, tb):
         data = os.urandom(2 * 1024 * 1024)
         t = threading.Thread(target=ta.send, args=([data],))
         t.start()
@@ -167,9 +171,6 @@ def test_recv_into_fills_across_records(kind):
         assert first > 64 * 1024
         ta.shutdown()
         assert tb.recv_into(bytearray(10)) == 0
-    finally:
-        ta.close()
-        tb.close()
 
 
 @pytest.mark.parametrize("size", [1, 16 * 1024, 33 * 1024 + 5, 300 * 1024])
@@ -178,8 +179,7 @@ def test_tls_recv_into_returns_what_arrived_without_waiting_for_more(size):
     # all of them at once, never wait (for up to the 30 s timeout) for a
     # record that is not coming -- whatever the queued-bytes arithmetic.
     a, b = tls_pair()
-    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=30)
-    try:
+    with _transports(a, b, 10, 30) as (ta, tb):
         data = os.urandom(size)
         ta.send([data])
         time.sleep(0.2)                       # everything is queued at b
@@ -191,22 +191,18 @@ def test_tls_recv_into_returns_what_arrived_without_waiting_for_more(size):
         # ...and the stream goes on normally afterwards.
         ta.send([b"more"])
         assert tb.recv_into(buf) == 4 and bytes(buf[:4]) == b"more"
-    finally:
-        ta.close()
-        tb.close()
 
 
 def test_tls_drain_polls_only_near_the_end_of_what_is_queued(monkeypatch):
     # With 2 MiB queued, records are read on without a poll per record: a
     # poll is needed only once fewer than two whole records may be left
     # (then the queue is measured again; the sender is still sending).
-    a, b = tls_pair()
-    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
     polls = []
     real = BlockingTransport._readable_now
     monkeypatch.setattr(BlockingTransport, "_readable_now",
                         lambda self: polls.append(1) or real(self))
-    try:
+    a, b = tls_pair()
+    with _transports(a, b, 10) as (ta, tb):
         data = os.urandom(2 * 1024 * 1024)
         t = threading.Thread(target=ta.send, args=([data],))
         t.start()
@@ -220,9 +216,6 @@ def test_tls_drain_polls_only_near_the_end_of_what_is_queued(monkeypatch):
             got += tb.recv_into(memoryview(buf)[got:])
         t.join(10)
         assert bytes(buf) == data
-    finally:
-        ta.close()
-        tb.close()
 
 
 def test_tls_drain_reads_up_to_a_ragged_eof_then_reports_the_end():
@@ -231,8 +224,7 @@ def test_tls_drain_reads_up_to_a_ragged_eof_then_reports_the_end():
     # must hand back every byte that arrived and then report end of
     # stream, as SSLSocket does -- not a transport failure.
     a, b = tls_pair()
-    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
-    try:
+    with _transports(a, b, 10) as (ta, tb):
         data = os.urandom(300 * 1024)
         ta.send([data])
         socket.socket.shutdown(a, socket.SHUT_WR)   # FIN, no close_notify
@@ -245,6 +237,3 @@ def test_tls_drain_reads_up_to_a_ragged_eof_then_reports_the_end():
                 break
             got += n
         assert bytes(buf[:got]) == data
-    finally:
-        ta.close()
-        tb.close()
