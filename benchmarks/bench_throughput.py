@@ -67,11 +67,12 @@ from tests.engine.procs import workload  # noqa: E402
 from tests.engine.tlspair import _self_signed  # noqa: E402
 
 TARGET_RATIO = 0.5
-# The minimal pipeline's sizes: the engine's (source READ_BUFFER_BYTES, the
-# protocol's largest batch, the destination writer's queue).
-MIN_READ = 8 * 1024 * 1024
-MIN_BATCH = 4 * 1024 * 1024
-MIN_QUEUED = 4
+# The minimal pipeline's sizes are the engine's own: the source's read
+# buffer, the protocol's largest batch, the destination writer's queue
+# (plus receive buffers in use or spare).
+from migrated.engine.source import READ_BUFFER_BYTES as MIN_READ  # noqa: E402
+from migrated.image.pipeline import MAX_QUEUED as MIN_QUEUED  # noqa: E402
+from migrated.wire.limits import MAX_BATCH_BYTES as MIN_BATCH  # noqa: E402
 MIN_BUFFERS = MIN_QUEUED + 4
 RAW_BLOCK = 4 * 1024 * 1024
 RECV_BLOCK = 1024 * 1024
