@@ -68,6 +68,13 @@ FROZEN_CHECKPOINT_BYTES = 8 * 1024 * 1024
 LIVE_FLUSH_BYTES = 32 * 1024 * 1024
 
 
+# Over a plain socket, a Pages message with at least this many bytes of
+# data still to come is moved from the socket straight into the image
+# file by splice(2) (DestConnection direct_pages, Channel): one copy into
+# the page cache instead of a copy out of the socket and another into the
+# file.  Its digest is then taken from the file.  TLS sockets cannot.
+DIRECT_RECEIVE_BYTES = 256 * 1024
+
 _FLAG_NAMES = ((ev.MAP_FLAG_DELETED, "deleted"), (ev.MAP_FLAG_HEAP, "heap"),
                (ev.MAP_FLAG_STACK, "stack"))
 
@@ -105,7 +112,8 @@ def mapping_record(m: ev.MappingInfo) -> dict:
 class DestMigration:
     def __init__(self, transport: BlockingTransport, store, *, node: str = "",
                  on_event: Callable[[dict], None] = print,
-                 limits: DestLimits | None = None, peer_name: str = ""):
+                 limits: DestLimits | None = None, peer_name: str = "",
+                 direct_receive: bool = True):
         self.transport = transport
         self.store = store
         # The TLS identity of the source (certificate name; "" without TLS):
@@ -117,9 +125,13 @@ class DestMigration:
         self.peer = transport.peer
         seq = itertools.count()
         # Page batches are not copied out of the receive buffer: big ones
-        # are handed over to the image writer's thread (given back once
-        # written), small ones lent until the next event.
-        self.channel = Channel(DestConnection(borrow_pages=True, hand_over_pages=True),
+        # go from the socket into the image file (see DIRECT_RECEIVE_BYTES)
+        # or, where the socket cannot splice, are handed over to the image
+        # writer's thread (given back once written); small ones are lent
+        # until the next event.
+        direct = DIRECT_RECEIVE_BYTES if direct_receive and transport.can_splice else 0
+        self.channel = Channel(DestConnection(borrow_pages=True, hand_over_pages=True,
+                                              direct_pages=direct),
                                transport, NEED_DATA,
                                lambda: ev.Keepalive(next(seq)))
         self.migration_id = ""
@@ -347,6 +359,7 @@ class DestMigration:
                     "since_freeze_ms": frozen_ms,
                     "store": dict(getattr(w, "commit_stats", {}) or {}),
                     "page_bytes": totals.get("bytes_received"),
+                    "direct_bytes": self.channel.direct_bytes,
                     "write_cpu_ms": round(totals.get("write_cpu_s", 0.0) * 1000.0, 3)})
 
     def _await_verdict(self, image_id: str, deadline: float) -> None:

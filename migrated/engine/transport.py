@@ -10,6 +10,11 @@ loop.  :class:`BlockingTransport` is the seam the daemon hands over
   SSLSocket has no sendmsg, so small parts are coalesced into one record and
   large ones written with ``sendall``;
 - ``recv(n)`` returns up to n bytes, ``b""`` at EOF;
+- ``splice_into(fd, offset, n)`` moves n bytes from a plain socket into a
+  file at ``offset`` through a pipe (splice(2)): the kernel hands the
+  socket's pages to the file's page cache, one copy instead of a receive
+  copy plus a write copy (``can_splice`` says whether the socket allows it;
+  a TLS socket does not);
 - a timeout on either raises :class:`TransportTimeout` naming the peer;
 - ``max_bandwidth`` (bytes/s) paces sends with a token bucket;
 - ``close()`` (and ``shutdown()``) first shut the socket down in both
@@ -24,7 +29,10 @@ small timer thread while the engine is busy without talking.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
+import mmap
+import os
 import select
 import socket
 import ssl
@@ -33,9 +41,12 @@ import threading
 import time
 from typing import Any, Sequence
 
-from migrated.errors import MigratedError
+import xxhash
+
+from migrated.errors import MigratedError, ProtocolError
 from migrated.wire import events as ev
 from migrated.wire import limits as L
+from migrated.wire.events import DeferredData, Pages
 
 # sendmsg accepts at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
@@ -62,6 +73,12 @@ RECV_BUFFER_HINT = 4 * 1024 * 1024 + 64 * 1024 + 4
 TLS_RECORD_OVERHEAD = 5 + 256
 TLS_RECORD_MAX_WIRE = 2 ** 14 + TLS_RECORD_OVERHEAD
 TLS_SAFE_QUEUED = 2 * TLS_RECORD_MAX_WIRE
+
+# Pipe between socket and file for splice_into: each splice moves at most
+# this much (one pipe buffer per socket page fragment).  1 MiB is the
+# default /proc/sys/fs/pipe-max-size, so any user may ask for it.
+SPLICE_PIPE_BYTES = 1024 * 1024
+F_SETPIPE_SZ = 1031          # fcntl.F_SETPIPE_SZ, spelled out for Python < 3.10
 
 # Token-bucket depth in seconds of the configured rate: allows short bursts
 # (a frame header plus part of a batch) while keeping the average exact.
@@ -174,7 +191,12 @@ class BlockingTransport:
         self._send_lock = threading.Lock()  # one writer at a time (keepalives)
         self._shut = False
         self._closed = False
-        self._poller: Any = None    # readiness of an SSLSocket (see _ssl_drain)
+        self._poller: Any = None    # readiness of the socket (_ssl_drain, splice_into)
+        self._pipe: tuple[int, int] | None = None    # splice_into's (read, write) ends
+        self._splicing = False
+        self.can_splice = (not self.is_ssl and hasattr(os, "splice")
+                           and sock.type == socket.SOCK_STREAM
+                           and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
         sock.settimeout(self.timeout)
 
     # -- sending ----------------------------------------------------------------
@@ -279,6 +301,85 @@ class BlockingTransport:
         self.bytes_received += n
         return n
 
+    def splice_into(self, fd: int, offset: int, nbytes: int) -> None:
+        """Move the next ``nbytes`` of the stream into file ``fd`` at
+        ``offset`` (see module doc), or raise.  Errors of the socket are
+        TransportErrors (a silent peer: TransportTimeout after the timeout);
+        errors of the file stay OSError (ENOSPC, EIO), as from a write."""
+        self._check_open("receive")
+        with self._lock:
+            if self._closed:
+                raise TransportClosed(self.peer, f"cannot receive from {self.peer}: the "
+                                      "connection was closed")
+            # close() from another thread leaves the pipe to us meanwhile:
+            # its descriptors must not be reused under a splice.
+            self._splicing = True
+        try:
+            self._splice_into(fd, offset, nbytes)
+        finally:
+            with self._lock:
+                self._splicing = False
+                if self._closed:
+                    self._drop_pipe()
+
+    def _splice_into(self, fd: int, offset: int, nbytes: int) -> None:
+        if self._pipe is None:
+            self._pipe = self._new_pipe()
+        rd, wr = self._pipe
+        src = self.sock.fileno()
+        left = nbytes
+        while left:
+            try:
+                k = os.splice(src, wr, min(left, SPLICE_PIPE_BYTES),
+                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                # The socket is non-blocking under its timeout: wait for it.
+                if not self._readable_within(self.timeout):
+                    self._receive_failed(TimeoutError())
+                continue
+            except OSError as e:
+                self._receive_failed(e)
+                k = 0                       # shut down by us: reads as the end
+            if not k:
+                if self._shut:
+                    raise TransportClosed(self.peer, f"receiving from {self.peer}: the "
+                                          "connection was shut down")
+                raise PeerClosed(self.peer, f"{self.peer} closed the connection inside "
+                                 f"a page batch ({left} of {nbytes} bytes missing)")
+            self.bytes_received += k
+            left -= k
+            try:
+                while k:
+                    w = os.splice(rd, fd, k, offset_dst=offset, flags=os.SPLICE_F_MOVE)
+                    if not w:
+                        raise OSError(errno.EIO, "splice into the file wrote nothing")
+                    offset += w
+                    k -= w
+            except OSError:
+                self._drop_pipe()           # it may still hold bytes
+                raise
+
+    def _new_pipe(self) -> tuple[int, int]:
+        rd, wr = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(wr, F_SETPIPE_SZ, SPLICE_PIPE_BYTES)
+        except OSError:
+            pass        # a smaller pipe only means more splice calls
+        return rd, wr
+
+    def _drop_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            for end in pipe:
+                os.close(end)
+
+    def _readable_within(self, timeout: float) -> bool:
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+
     def _receive_failed(self, e: BaseException) -> None:
         """Raise what a failed receive means; return only when we shut the
         socket down ourselves (a cancel): then it reads as end of stream."""
@@ -338,13 +439,9 @@ class BlockingTransport:
         return out[0]
 
     def _readable_now(self) -> bool:
-        poller = self._poller
-        if poller is None:
-            # One poll object for the transport's life: cheaper per TLS
-            # record than building select()'s lists every time.
-            poller = self._poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        # One poll object for the transport's life: cheaper per TLS record
+        # than building select()'s lists every time.
+        return self._readable_within(0)
 
     # -- closing ------------------------------------------------------------------
 
@@ -370,6 +467,8 @@ class BlockingTransport:
             if self._closed:
                 return
             self._closed = True
+            if not self._splicing:
+                self._drop_pipe()
         try:
             self.sock.close()
         except OSError:
@@ -408,6 +507,14 @@ class Channel:
     ``send(event) -> bytes``, optionally ``send_parts(event) -> list`` (no
     copy of page data), ``receive_data(bytes)`` and ``next_event()`` which
     returns the ``need_data`` sentinel when it wants more bytes.
+
+    A Pages event whose data is still in the socket (a DestConnection made
+    with ``direct_pages`` over a transport that ``can_splice``) comes with
+    its ``DeferredData`` bound to this channel: the image writer's
+    ``fill_into(fd, stretches)`` then splices the bytes from the socket to
+    their places in the file, takes their digest from the file -- what is
+    checked is what was stored -- and reports it to the connection, which
+    fails the migration on a mismatch.
     """
 
     def __init__(self, conn: Any, transport: BlockingTransport, need_data: Any,
@@ -422,6 +529,7 @@ class Channel:
         self._ka_thread: threading.Thread | None = None
         self._ka_error: BaseException | None = None
         self._eof = False
+        self.direct_bytes = 0     # page data moved socket -> file (_fill_deferred)
 
     # -- sending ----------------------------------------------------------------
 
@@ -445,6 +553,8 @@ class Channel:
             with self._conn_lock:
                 ev = self.conn.next_event()
             if ev is not self.need_data:
+                if type(ev) is Pages and type(ev.data) is DeferredData:
+                    ev.data.bind(self._fill_deferred)
                 return ev
             if self._eof:
                 raise PeerClosed(self.transport.peer,
@@ -453,6 +563,36 @@ class Channel:
                 raise TransportTimeout(self.transport.peer,
                                        f"no message from {self.transport.peer} within {timeout:g} s")
             self._pull()
+
+    def _fill_deferred(self, data: Any, fd: int, stretches: list[tuple[int, int, int]]) -> None:
+        """Put a deferred batch in place (class doc).  ``stretches``: (file
+        offset, first byte, end byte) of each piece of the data, in order."""
+        prefix = memoryview(data.prefix)
+        have = len(prefix)
+        for off, a, b in stretches:
+            if a < have:                    # bytes read with the message's head
+                k = min(b, have)
+                _pwrite_all(fd, prefix[a:k], off)
+                off, a = off + k - a, k
+            if a < b:
+                try:
+                    self.transport.splice_into(fd, off, b - a)
+                except PeerClosed as e:
+                    # As the connection says of any frame cut short (the
+                    # peer may still read our Error).
+                    raise ProtocolError("malformed", "peer closed the connection in the "
+                                        f"middle of a frame ({e})") from None
+        h = xxhash.xxh3_128()
+        for off, a, b in stretches:
+            # Mapped, not read: hashing the page cache in place costs no copy.
+            m = mmap.mmap(fd, b - a, mmap.MAP_SHARED, mmap.PROT_READ, offset=off)
+            try:
+                h.update(m)
+            finally:
+                m.close()
+        with self._conn_lock:
+            self.conn.deferred_done(h.digest())
+        self.direct_bytes += data.nbytes
 
     def _pull(self) -> None:
         """One recv into the connection (zero-copy when it offers a buffer)."""
@@ -534,6 +674,14 @@ class Channel:
         self._ka_stop.set()
         t.join(timeout)
         self._ka_thread = None
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, offset = view[n:], offset + n
 
 
 def clip_text(text: str) -> str:

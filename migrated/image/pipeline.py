@@ -13,6 +13,11 @@ the wire layer (``migrated.wire.frames.handed_over``): the worker writes
 it from there and gives the buffer back.  Anything else (bytes, a lent
 view the caller will reuse) is first copied into a pooled buffer.
 
+Page data still in the socket (an object with ``fill_into``, see
+``ImageWriter.write_pages``) is written in the caller's thread once the
+queue is empty: its bytes must leave the socket before the next message
+can be read, and after every earlier change to the image.
+
 Memory stays bounded: at most ``MAX_QUEUED`` calls wait, each holding at
 most one protocol batch (4 MiB).  The first error in the worker is kept and
 raised, with its own type, from the next call in the caller's thread; later
@@ -93,6 +98,10 @@ class PipelinedWriter:
         self._raise_pending()
         if name == "write_pages":
             runs, data = args
+            if hasattr(data, "fill_into"):
+                self.drain()
+                self._w.write_pages(runs, data)
+                return
             owner = handed_over(data)
             if owner is not None:
                 # A receive buffer handed over to us: written from where it

@@ -895,13 +895,19 @@ class ImageWriter:
         return held.intersect(area)
 
     def write_pages(self, runs: PageRuns, data) -> None:
-        """Store the pages of ``runs``; ``data`` is their bytes concatenated."""
+        """Store the pages of ``runs``; ``data`` is their bytes concatenated
+        -- or an object with ``nbytes`` and ``fill_into(fd, stretches)``
+        that puts them in place itself, given (file offset, first byte, end
+        byte) of each stretch (the destination's data still in its socket:
+        migrated.wire.events.DeferredData)."""
         self._check_open()
         self._check_runs(runs, "page data")
-        mv = memoryview(data).cast("B")
+        fill = getattr(data, "fill_into", None)
+        mv = None if fill is not None else memoryview(data).cast("B")
+        nbytes = data.nbytes if mv is None else mv.nbytes
         npages = runs.total_pages()
-        if mv.nbytes != npages * PAGE_SIZE:
-            raise ImageError(f"image {self.image_id}: {mv.nbytes} bytes of page data "
+        if nbytes != npages * PAGE_SIZE:
+            raise ImageError(f"image {self.image_id}: {nbytes} bytes of page data "
                              f"for {npages} pages ({npages * PAGE_SIZE} expected)")
         if npages == 0:
             return
@@ -944,6 +950,9 @@ class ImageWriter:
         fd, pwrite = self._fd, os.pwrite
         cpu0 = time.thread_time()
         try:
+            if fill is not None:
+                fill(fd, list(zip(offs, lo, hi)))
+                offs = ()
             for off, a, b in zip(offs, lo, hi):
                 done = pwrite(fd, mv[a:b], off)
                 while done < b - a:           # short write: rare, finish it
@@ -953,13 +962,18 @@ class ImageWriter:
                     done = pwrite(fd, mv[a:b], off)
         except OSError as exc:
             raise self._fail(exc, "writing page data") from None
+        except BaseException:
+            # The data's source failed (the link, its digest): what reached
+            # the file is unchecked, and this image is done.
+            self._state = "failed"
+            raise
         self._alloc_pages += new
         data_bits, zero_bits = self._data.reshape(-1), self._zero.reshape(-1)
         for sp in spans:
             alloc_bits[sp] = True
             data_bits[sp] = True
             zero_bits[sp] = False
-        self.bytes_received += mv.nbytes
+        self.bytes_received += nbytes
         self.write_cpu_s += time.thread_time() - cpu0
 
     def write_zeros(self, runs: PageRuns) -> None:

@@ -48,18 +48,28 @@ class _Connection:
     our_role: Role
 
     def __init__(self, *, versions=L.SUPPORTED_VERSIONS, page_size: int = PAGE_SIZE,
-                 borrow_pages: bool = False, hand_over_pages: bool = False):
+                 borrow_pages: bool = False, hand_over_pages: bool = False,
+                 direct_pages: int = 0):
         """``borrow_pages=True``: the ``data`` of a received Pages event is
         a memoryview of the receive buffer instead of a copy, valid only
         until the next call on this connection (for a receiver that writes
         each batch out before asking for the next event).
         ``hand_over_pages=True``: big batches are moreover handed over, valid
         until given back (``frames.FrameReader``, ``frames.handed_over``),
-        for a receiver that writes them out in another thread."""
+        for a receiver that writes them out in another thread.
+        ``direct_pages=N``: a Pages message with at least N bytes of data
+        still in the socket is returned once its head is here, with ``data``
+        an ``events.DeferredData``; every check that needs no data (round,
+        size, layout, quota) has passed.  The caller moves the data from its
+        socket itself, then reports the data's xxh3-128 with
+        ``deferred_done(digest)``, which checks it and only then counts the
+        batch; nothing else may be asked of the connection before that."""
         if page_size != PAGE_SIZE:
             raise ValueError(f"protocol v1 runs are in host pages ({PAGE_SIZE} bytes)")
         self._versions = tuple(versions)
-        self._reader = FrameReader(borrow=borrow_pages, hand_over=hand_over_pages)
+        self._reader = FrameReader(borrow=borrow_pages, hand_over=hand_over_pages,
+                                   direct_min=direct_pages)
+        self._held: tuple | None = None    # a deferred Pages: (event, apply, state)
         self._state = State.IDLE
         self._preamble_sent = False
         self._error: ProtocolError | None = None
@@ -166,6 +176,9 @@ class _Connection:
         """The next event, NEED_DATA, or ConnectionClosed at end of stream."""
         if self._error is not None:
             raise self._error
+        if self._held is not None:
+            raise LocalProtocolError("internal", "next event asked for before the deferred "
+                                     "data of the last Pages message was received")
         if self._state is State.CLOSED:
             self._reader.discard()
             return E.ConnectionClosed(clean=True) if self._reader.eof else NEED_DATA
@@ -179,10 +192,39 @@ class _Connection:
             clean = self._state is State.DONE
             self._state = State.CLOSED
             return E.ConnectionClosed(clean=clean)
-        self._guard(self._process, event, self.their_role)
+        if type(event) is E.Pages and type(event.data) is E.DeferredData:
+            self._guard(self._hold, event)
+        else:
+            self._guard(self._process, event, self.their_role)
         return event
 
+    def deferred_done(self, digest: bytes) -> None:
+        """The deferred data of the last Pages event was received; its
+        xxh3-128 is ``digest``.  A mismatch is the peer's protocol error."""
+        held, self._held = self._held, None
+        if held is None:
+            raise LocalProtocolError("internal", "deferred_done() with no deferred Pages")
+        event, apply, new = held
+        if digest != event.digest:
+            n = event.runs.total_pages()
+            self._fail(ProtocolError("digest", f"round {event.round} batch at "
+                                     f"{int(event.runs.starts[0]):#x} ({n} pages): data "
+                                     "does not match its xxh3-128 digest"))
+        self._reader.finish_deferred()
+        if apply is not None:
+            apply()
+        self._state = new
+
     # -- internals -------------------------------------------------------------
+
+    def _hold(self, ev: E.Pages) -> None:
+        """Every check of a Pages message but its digest; applied by
+        deferred_done()."""
+        new = next_state(self.their_role, self._state, type(ev))
+        if new is None:
+            raise _out_of_state(f"{self.their_role.value} may not send pages in "
+                                f"state {self._state.value}")
+        self._held = (ev, self._on_pages(ev, self.their_role), new)
 
     def _fail(self, exc: ProtocolError):
         self._error = exc
@@ -332,7 +374,8 @@ class _Connection:
             raise ProtocolError("quota", f"page data would reach "
                                 f"{self.total_bytes + nbytes} bytes, over the "
                                 f"destination's quota of {self.accept.quota_bytes}")
-        if sender is not self.our_role and xxhash.xxh3_128_digest(ev.data) != ev.digest:
+        if (sender is not self.our_role and type(ev.data) is not E.DeferredData
+                and xxhash.xxh3_128_digest(ev.data) != ev.digest):
             raise ProtocolError("digest", f"round {ev.round} batch at "
                                 f"{int(ev.runs.starts[0]):#x} ({n} pages): data does "
                                 "not match its xxh3-128 digest")

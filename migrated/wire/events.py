@@ -544,10 +544,41 @@ class Layout(Event):
         return rnd, starts, ends, offsets, perms, kinds, flags, path_ends, paths
 
 
+class DeferredData:
+    """The ``data`` of a received Pages message whose bytes are still in the
+    socket: a receiver that moves them straight from the socket into its
+    own file (``migrated.wire.connection``, ``direct_pages``) gets this
+    instead of a buffer.  ``prefix`` holds the first bytes, already read
+    with the message's header; ``nbytes`` counts them all.  Whoever
+    receives the rest binds a filler (``bind``); the image writer then calls
+    ``fill_into(fd, stretches)`` with (file offset, first byte, end byte) of
+    each stretch, in data order, and the filler puts the bytes there."""
+
+    __slots__ = ("nbytes", "prefix", "_fill")
+
+    def __init__(self, nbytes: int, prefix: bytes = b""):
+        self.nbytes = nbytes
+        self.prefix = prefix
+        self._fill = None
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def bind(self, fill) -> None:
+        self._fill = fill
+
+    def fill_into(self, fd: int, stretches: list[tuple[int, int, int]]) -> None:
+        if self._fill is None:
+            raise RuntimeError("deferred page data with nothing bound to receive it")
+        fill, self._fill = self._fill, None     # once: the bytes leave the socket
+        fill(self, fd, stretches)
+
+
 @dataclass(frozen=True, slots=True)
 class Pages(Event):
     """source -> dest: page contents, ``runs`` in address order, ``data`` the
-    pages back to back; ``digest`` = xxh3-128 of ``data`` (16 bytes)."""
+    pages back to back; ``digest`` = xxh3-128 of ``data`` (16 bytes).  A
+    receiver that asked for it may get ``data`` as DeferredData (above)."""
     round: int
     runs: PageRuns
     data: bytes | memoryview
@@ -585,6 +616,8 @@ class Pages(Event):
             data_len = len(data)
         elif type(data) in (memoryview, bytearray):  # our own outgoing batch
             data_len = memoryview(data).nbytes
+        elif type(data) is DeferredData:              # still in the socket
+            data_len = data.nbytes
         else:
             raise malformed(f"pages.data must be binary, got {type(data).__name__}")
         f.done()

@@ -242,7 +242,11 @@ _UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
-def _pages_fields(body, limits: TypeLimits, borrow: bool) -> dict | None:
+# Returned by _pages_fields for a head that will never do (see there).
+_NO_HEAD = object()
+
+
+def _pages_fields(body, limits: TypeLimits, borrow: bool, total: int | None = None):
     """The fields of a ``pages`` body in the one shape senders use (a map of
     the five fields, string keys, unsigned round, bin values), parsed
     without msgpack so that ``data`` is not copied: it is a slice of
@@ -250,33 +254,49 @@ def _pages_fields(body, limits: TypeLimits, borrow: bool) -> dict | None:
     else -- other int forms, duplicate or unknown keys, a limit crossed,
     trailing bytes -- and the caller then decodes the body with msgpack,
     which gives exactly the generic error (or result) for it.  Bounded: at
-    most five fields are looked at."""
+    most five fields are looked at.
+
+    With ``total`` (the whole body's length), ``body`` is only its first
+    bytes and only the head is wanted: ``data`` must then be the last field,
+    running to the end of the body, and comes back as DeferredData holding
+    the data bytes that ``body`` has.  None: more bytes are needed;
+    ``_NO_HEAD``: the body is not in that shape (decode it whole)."""
+    head = total is not None
     n = len(body)
     if n < 1:
         return None
     b0 = body[0]
+    # In head mode, running out of bytes means "wait"; anything else that
+    # is not the usual shape means "never".
+    short, odd = (None, _NO_HEAD) if head else (None, None)
     if b0 == 0x80 | _PAGES_FIELDS:
         pos = 1
     elif b0 == 0xDE and n >= 3 and body[1] == 0 and body[2] == _PAGES_FIELDS:
         pos = 3
+    elif b0 == 0xDE and n < 3:
+        return short
     else:
-        return None
+        return odd
     out: dict = {}
     for _ in range(_PAGES_FIELDS):
         if pos >= n:
-            return None
+            return short
         b = body[pos]
         if not 0xA0 <= b <= 0xBF:           # keys are short fixstr
-            return None
+            return odd
         ln = b & 0x1F
+        if pos + 1 + ln >= n:
+            return short
         key = bytes(body[pos + 1:pos + 1 + ln])
         pos += 1 + ln
-        if key not in _PAGES_KEYS or key in out or pos >= n:
-            return None
+        if key not in _PAGES_KEYS or key in out:
+            return odd
         b = body[pos]
         if key == b"type":
+            if pos + 6 > n:
+                return short
             if b != 0xA5 or bytes(body[pos + 1:pos + 6]) != b"pages":
-                return None
+                return odd
             value, pos = "pages", pos + 6
         elif key == b"round":
             if b <= 0x7F:
@@ -284,25 +304,38 @@ def _pages_fields(body, limits: TypeLimits, borrow: bool) -> dict | None:
             elif b in _UINT_WIDTH:
                 w = _UINT_WIDTH[b]
                 if pos + 1 + w > n:
-                    return None
+                    return short
                 value = int.from_bytes(body[pos + 1:pos + 1 + w], "big")
                 pos += 1 + w
             else:
-                return None
+                return odd
         else:
             w = _BIN_WIDTH.get(b)
-            if w is None or pos + 1 + w > n:
-                return None
+            if w is None:
+                return odd
+            if pos + 1 + w > n:
+                return short
             ln = int.from_bytes(body[pos + 1:pos + 1 + w], "big")
             pos += 1 + w
-            if ln > limits.max_bin_len or pos + ln > n:
-                return None
+            if ln > limits.max_bin_len:
+                return odd
+            if head and key == b"data":
+                # The last field, to the end of the body: what follows in
+                # the socket is page data only.
+                if len(out) != _PAGES_FIELDS - 1 or pos + ln != total:
+                    return odd
+                value = E.DeferredData(ln, bytes(body[pos:n]))
+                out[key] = value
+                pos = n
+                break
+            if pos + ln > n:
+                return short
             view = body[pos:pos + ln]
             value = view if (borrow and key == b"data") else bytes(view)
             pos += ln
         out[key] = value
     if pos != n:
-        return None
+        return odd
     return {"type": out[b"type"], "round": out[b"round"], "runs": out[b"runs"],
             "digest": out[b"digest"], "data": out[b"data"]}
 
@@ -377,6 +410,16 @@ class FrameReader:
     the batch out while the next one is received, without a copy.  Smaller
     batches are lent as with ``borrow``.  Memory stays bounded by what the
     consumer holds: at most ``MAX_SPARE_BUFFERS`` are kept for reuse.
+
+    ``direct_min=N`` (N > 0): a Pages frame with at least N bytes of data
+    still to come is returned as soon as its head is here, with ``data`` a
+    ``DeferredData`` (the data bytes already buffered, and the count): the
+    caller moves the rest from its socket to where it belongs (a file), and
+    calls ``finish_deferred()`` before anything else.  So that little of
+    the data lands in this buffer first, no read goes more than
+    ``DIRECT_HEAD_READ`` bytes past the end of the frame being received
+    (nor past the head of a Pages frame that may be deferred).  Only frames whose data is the last field qualify (as every
+    sender writes them); others are received whole, as usual.
     """
 
     _INITIAL = 64 * 1024
@@ -387,9 +430,18 @@ class FrameReader:
     # while small frames are still read many per call.
     FRAME_CAP_MIN = 64 * 1024
 
-    def __init__(self, borrow: bool = False, hand_over: bool = False) -> None:
+    # With direct_min: the most read between frames, and while the head of
+    # a big Pages frame is incomplete.  A head is at most its runs (16 bytes
+    # per page of a batch: 16 KiB) and a few dozen bytes.
+    DIRECT_HEAD_READ = 64 * 1024
+
+    def __init__(self, borrow: bool = False, hand_over: bool = False,
+                 direct_min: int = 0) -> None:
         self.borrow = borrow or hand_over
         self.hand_over = hand_over
+        self.direct_min = direct_min
+        self._head_wanted = False   # a big Pages frame whose head may be taken
+        self._deferred = False      # its data is being moved by the caller
         self._spares: collections.deque = collections.deque()
         self._lent: memoryview | None = None   # borrowed view handed out
         self._buf = self._new_buffer(self._INITIAL)
@@ -462,12 +514,19 @@ class FrameReader:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self.eof:
             raise RuntimeError("get_buffer() after end of stream")
+        if self._deferred:
+            raise RuntimeError("get_buffer() before finish_deferred()")
         self._reclaim()
         n = sizehint if sizehint > 0 else self._INITIAL
-        if self._body_len >= self.FRAME_CAP_MIN:
+        rest = 0        # bytes of the frame being received still to come
+        if self._body_len >= 0 and not self._head_wanted:
             rest = self._start + L.LENGTH_PREFIX_SIZE + self._body_len - self._end
-            if rest > 0:
-                n = min(n, rest)
+        if self.direct_min:
+            # Never far past a frame: the next one may be a big Pages frame
+            # whose data should stay in the socket.
+            n = min(n, max(rest, self.DIRECT_HEAD_READ))
+        elif self._body_len >= self.FRAME_CAP_MIN and rest > 0:
+            n = min(n, rest)
         n = max(1, min(n, L.RECEIVE_BUFFER_LIMIT - (self._end - self._start)))
         self._space(n)
         return memoryview(self._buf)[self._end:self._end + n]
@@ -485,6 +544,17 @@ class FrameReader:
         self._reclaim()
         self._start = self._end = 0
         self._type, self._body_len = None, -1
+        self._head_wanted = self._deferred = False
+
+    def finish_deferred(self) -> None:
+        """The data of the Pages frame returned with DeferredData was moved
+        by the caller: go on with the next frame."""
+        if not self._deferred:
+            raise RuntimeError("finish_deferred() with no deferred page data")
+        # Nothing past the frame's head and first data bytes was buffered.
+        self._start = self._end = 0
+        self._type, self._body_len = None, -1
+        self._head_wanted = self._deferred = False
 
     def _check_preamble(self) -> None:
         if not self._preamble_left:
@@ -530,6 +600,8 @@ class FrameReader:
         if that type is not legal now.  Both run as soon as their bytes are
         here, so an oversized or unwanted frame is refused before its body.
         """
+        if self._deferred:
+            raise RuntimeError("next frame asked for before finish_deferred()")
         if decode:
             self._reclaim()
         if self._preamble_left:
@@ -563,6 +635,9 @@ class FrameReader:
                                   f"{limits.max_frame}")
             admit(t)
             self._type = t
+            self._head_wanted = (t == "pages" and 0 < self.direct_min <= n)
+        if have < n and self._head_wanted:
+            return self._pages_head(body_at, have, n) if decode else None
         if have < n or not decode:
             return None
         if self._type == "pages":
@@ -578,6 +653,28 @@ class FrameReader:
         if self._start == self._end:
             self._start = self._end = 0
         self._type, self._body_len = None, -1
+        self._head_wanted = False
+        return event
+
+    def _pages_head(self, body_at: int, have: int, n: int) -> E.Event | None:
+        """The head of a big Pages frame, its data deferred, once the head
+        is here (see class doc); None while it is not, or never will be."""
+        with memoryview(self._buf) as mv:
+            body = mv[body_at:body_at + have]
+            try:
+                fields = _pages_fields(body, TYPE_LIMITS["pages"], False, total=n)
+            finally:
+                body.release()
+        if fields is _NO_HEAD:
+            self._head_wanted = False        # received whole, as usual
+            return None
+        if fields is None:
+            return None
+        if fields["data"].nbytes - len(fields["data"].prefix) < self.direct_min:
+            self._head_wanted = False        # little left: not worth it
+            return None
+        event = E.Pages.from_wire(fields)
+        self._deferred = True
         return event
 
     def _decode_pages(self, body_at: int, n: int) -> E.Event:

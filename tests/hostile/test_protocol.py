@@ -289,6 +289,44 @@ def _(p):
     p.send_raw(frame(raw_msg(w)))
 
 
+# Big batches go from the daemon's socket straight into the image file
+# (splice); their digest is taken from the file.  The same answers apply.
+BIG = L.MAX_BATCH_PAGES
+
+
+@attack("big-pages-bad-digest", {"digest"})
+def _(p):
+    p.handshake()
+    p.send(anon_layout(0, BIG))
+    w = pages(0, BASE, BIG).to_wire()
+    w["digest"] = bytes(16)
+    p.send_raw(frame(raw_msg(w)))
+
+
+@attack("big-pages-outside-layout-refused-before-the-data", {"bad-pages"})
+def _(p):
+    # Only the head is sent: the daemon must refuse it without waiting for
+    # (or storing) 4 MiB of data.
+    _streaming(p)
+    body = raw_msg(pages(0, BASE + 64 * PAGE_SIZE, BIG).to_wire())
+    p.send_raw(frame(body)[:4096])
+
+
+@attack("big-pages-truncated-then-eof", {"malformed"})
+def _(p):
+    p.handshake()
+    p.send(anon_layout(0, BIG))
+    p.send_raw(frame(raw_msg(pages(0, BASE, BIG).to_wire()))[:3 << 20])
+    p.half_close()
+
+
+@attack("big-pages-truncated-then-silence", {"timeout"})
+def _(p):
+    p.handshake()
+    p.send(anon_layout(0, BIG))
+    p.send_raw(frame(raw_msg(pages(0, BASE, BIG).to_wire()))[:3 << 20])
+
+
 @attack("pages-runs-overlapping", {"malformed"})
 def _(p):
     _streaming(p)

@@ -104,3 +104,50 @@ def test_handed_over_buffer_is_given_back_when_the_write_fails(store):
         w.drain()
     assert not buf.handed
     w.abort()
+
+
+class _InPlace:
+    """Page data that puts itself in place (as DeferredData does from a
+    socket): records the stretches and what the writer's queue held."""
+
+    def __init__(self, data: bytes, pipelined: PipelinedWriter):
+        self.data, self.nbytes, self.pipelined = data, len(data), pipelined
+        self.stretches: list = []
+        self.queued_when_filled: int | None = None
+        self.thread: str | None = None
+
+    def fill_into(self, fd: int, stretches) -> None:
+        import os
+        self.queued_when_filled = self.pipelined._q.unfinished_tasks
+        self.thread = threading.current_thread().name
+        for off, a, b in stretches:
+            os.pwrite(fd, self.data[a:b], off)
+        self.stretches = list(stretches)
+
+
+def test_data_that_fills_itself_in_is_written_in_order_in_the_callers_thread(store):
+    w = PipelinedWriter(store.begin(META))
+    w.set_layout([mapping(BASE, 2048)])
+    # Queued work first (a whole chunk, then a drop inside it), then a batch
+    # that rewrites the dropped pages in place itself: it must see the queue
+    # empty, so the drop cannot land after it and punch its pages out.
+    write_pattern(w, BASE, 512, 1)
+    w.drop(runs(BASE + 10 * PAGE_SIZE, 100))
+    new = bytes(range(256)) * (16 * 600)
+    src = _InPlace(new, w)
+    w.write_pages(runs(BASE + 10 * PAGE_SIZE, 600), src)
+    assert src.queued_when_filled == 0
+    assert src.thread == threading.current_thread().name
+    # 600 pages from page 10 cross into a new chunk, whose slot comes next
+    # in the file: one stretch.
+    assert src.stretches == [(10 * PAGE_SIZE, 0, 600 * PAGE_SIZE)]
+    image_id, _ = w.commit({})
+    assert store.verify(image_id).ok
+    assert store.read_memory(image_id, BASE + 10 * PAGE_SIZE, 600 * PAGE_SIZE) == new
+    assert store.read_memory(image_id, BASE, 10 * PAGE_SIZE) == \
+        expected_pattern(BASE, 10, 1)
+
+
+def expected_pattern(start: int, npages: int, seed: int) -> bytes:
+    from tests.target import expected
+    return expected(start, npages, seed)
