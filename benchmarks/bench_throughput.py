@@ -22,11 +22,13 @@ And a **minimal pipeline** (``--no-minimal`` skips it): the work every
 engine of this design does, with nothing else -- no protocol, no state
 machine, no tracker, no image format.  A reader thread fills 8 MiB buffers
 with process_vm_readv and takes the xxh3-128 of each 4 MiB batch; the main
-thread sends a 24-byte header (length, digest) and the batch; the receiver
-reads each batch into one of a few reused buffers and checks its digest; a
-writer thread appends it to a fresh file, and a flusher thread runs
-fdatasync every 32 MiB as the destination does during live rounds (so the
-commit inside the freeze finds little left to write).  Its rate is timed
+thread sends a 24-byte header (length, digest) and the batch.  Over plain
+TCP the receiver splices each batch from the socket into a fresh file and
+hashes it there through a read-only mapping, as the destination does;
+over TLS it reads each batch into one of a few reused buffers, checks its
+digest and a writer thread appends it to the file.  Nothing is flushed
+during the round (the destination leaves round 0's writeback to the
+kernel when the source takes its backlog reports).  Its rate is timed
 like the engine's round 0, at the sender.  ``engine / minimal`` tells how
 much the engine itself costs; ``minimal / raw`` what keeping the bytes costs
 on this machine.
@@ -147,42 +149,67 @@ def _recv_exact(conn, view: memoryview) -> bool:
 
 def serve_minimal(tls_dir: str | None, store_dir: str) -> None:
     """Receiving half of the minimal pipeline (module doc)."""
+    conn = _listen(tls_dir)
+    fd = os.open(os.path.join(store_dir, "minimal.img"), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    if tls_dir:
+        _minimal_copy(conn, fd)
+    else:
+        _minimal_splice(conn, fd)
+    os.close(fd)
+    conn.close()
+    print(json.dumps({"ok": True}), flush=True)
+
+
+def _minimal_splice(conn, fd: int) -> None:
+    import fcntl
+    import mmap
+    import xxhash
+    from migrated.engine.transport import F_SETPIPE_SZ, SPLICE_PIPE_BYTES
+    rd, wr = os.pipe()
+    fcntl.fcntl(wr, F_SETPIPE_SZ, SPLICE_PIPE_BYTES)
+    head = bytearray(_MIN_HEADER.size)
+    off = 0
+    while _recv_exact(conn, memoryview(head)):
+        n, digest = _MIN_HEADER.unpack(head)
+        left, pos = n, off
+        while left:
+            k = os.splice(conn.fileno(), wr, min(left, SPLICE_PIPE_BYTES))
+            if not k:
+                raise SystemExit("minimal pipeline: stream ended inside a batch")
+            left -= k
+            while k:
+                w = os.splice(rd, fd, k, offset_dst=pos)
+                pos += w
+                k -= w
+        m = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ, offset=off)
+        ok = xxhash.xxh3_128_digest(m) == digest
+        m.close()
+        if not ok:
+            raise SystemExit("minimal pipeline: digest mismatch")
+        off += n
+    os.close(rd)
+    os.close(wr)
+
+
+def _minimal_copy(conn, fd: int) -> None:
     import queue
     import threading
     import xxhash
-    from migrated.engine.dest import LIVE_FLUSH_BYTES
-    conn = _listen(tls_dir)
-    fd = os.open(os.path.join(store_dir, "minimal.img"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     free: queue.Queue = queue.Queue()
     for _ in range(MIN_BUFFERS):
         free.put(bytearray(MIN_BATCH))
     todo: queue.Queue = queue.Queue(MIN_QUEUED)
-    kick = threading.Event()
-    stop = False
-
-    def flusher() -> None:
-        while True:
-            kick.wait()
-            kick.clear()
-            if stop:
-                return
-            os.fdatasync(fd)
 
     def writer() -> None:
-        off = unflushed = 0
+        off = 0
         while (item := todo.get()) is not None:
             buf, n = item
             os.pwrite(fd, memoryview(buf)[:n], off)
             off += n
-            unflushed += n
             free.put(buf)
-            if unflushed >= LIVE_FLUSH_BYTES:
-                unflushed = 0
-                kick.set()
 
-    threads = [threading.Thread(target=flusher), threading.Thread(target=writer)]
-    for t in threads:
-        t.start()
+    t = threading.Thread(target=writer)
+    t.start()
     head = bytearray(_MIN_HEADER.size)
     while _recv_exact(conn, memoryview(head)):
         n, digest = _MIN_HEADER.unpack(head)
@@ -192,13 +219,7 @@ def serve_minimal(tls_dir: str | None, store_dir: str) -> None:
             raise SystemExit("minimal pipeline: digest mismatch")
         todo.put((buf, n))
     todo.put(None)
-    threads[1].join()
-    stop = True
-    kick.set()
-    threads[0].join()
-    os.close(fd)
-    conn.close()
-    print(json.dumps({"ok": True}), flush=True)
+    t.join()
 
 
 def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float:

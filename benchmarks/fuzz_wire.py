@@ -40,7 +40,7 @@ import msgpack  # noqa: E402
 
 from migrated.errors import ProtocolError  # noqa: E402
 from migrated.runs import PAGE_SIZE, PageRuns  # noqa: E402
-from migrated.wire import (NEED_DATA, Accept, Cancel, CommitRequest,  # noqa: E402
+from migrated.wire import (NEED_DATA, Accept, Backlog, Cancel, CommitRequest,  # noqa: E402
                            Committed, ConnectionClosed, DestConnection,
                            Dropped, Error, FinalEnd, Freeze, Hello, Keepalive,
                            Layout, MappingInfo, Pages, Release, Released, Withdraw, Withdrawn,
@@ -59,8 +59,8 @@ def pg(n):
 MAPS = (MappingInfo(BASE, BASE + pg(64), "rw-p", 0, "", "anon"),
         MappingInfo(BASE + pg(64), BASE + pg(80), "r-xp", 0, "/lib/x.so", "file"),
         MappingInfo(BASE + pg(100), BASE + pg(110), "rw-s", 0, "/dev/shm/r", "shared-file"))
-HELLO = Hello((1,), "node-a", ("zero-pages",), "mig-1")
-WELCOME = Welcome(1, "node-b", ())
+HELLO = Hello((1,), "node-a", ("zero-pages", "backlog"), "mig-1")
+WELCOME = Welcome(1, "node-b", ("backlog",))
 START = Start(4242, ("/bin/app",), "/bin/app", PAGE_SIZE, "soft-dirty", pg(64), {})
 ACCEPT = Accept(32, pg(512))
 
@@ -120,14 +120,23 @@ def conversation(rng: random.Random):
         script.append(("s", RoundEnd(rnd, pages_in_round, rng.getrandbits(20),
                                      rng.random() * 100, rng.random() * 1e9,
                                      rng.random() * 1e9, rng.random())))
+        if rng.random() < 0.7:      # the destination's writeback report
+            script.append(("d", _backlog(rng, rnd)))
         rnd += 1
     script.append(("s", Freeze(rnd)))
     if rng.random() < 0.5:
         script.append(("s", Layout(rnd, MAPS[:2])))
-    script += [("s", FinalEnd(rnd, total)), ("s", CommitRequest(rng.getrandbits(20))),
+    script.append(("s", FinalEnd(rnd, total)))
+    if rnd and rng.random() < 0.3:  # a report crossing the end of the stream
+        script.append(("d", _backlog(rng, rnd - 1)))
+    script += [("s", CommitRequest(rng.getrandbits(20))),
                ("d", Committed("img-1", "xxh3-128:00")), ("s", Release("img-1")),
                ("d", Released("img-1"))]
     return script
+
+
+def _backlog(rng: random.Random, rnd: int) -> Backlog:
+    return Backlog(rnd, rng.getrandbits(rng.choice([0, 20, 40, 63])), rng.random() * 1e4)
 
 
 def streams(script):
@@ -268,7 +277,7 @@ FIELDS = sorted({"versions", "node", "capabilities", "migration_id", "version", 
                  "perms", "kinds", "flags", "path_ends", "paths", "runs", "digest",
                  "data", "pages", "bytes", "duration_ms", "dirty_rate", "bandwidth",
                  "pause_ms", "total_pages", "image_id", "code", "message", "reason",
-                 "seq", "bogus"})
+                 "seq", "unflushed", "flush_ms", "bogus"})
 
 
 def campaign_frames(rng, stats, seed):
@@ -332,6 +341,7 @@ def plausible_event(rng, conn):
                           rng.choice(["removed", "absent"])),
         lambda: Error(rng.choice(["internal", "busy", "nope"]), "x"),
         lambda: Cancel("x"), lambda: Keepalive(rng.getrandbits(64)),
+        lambda: _backlog(rng, max(conn.round - (1 if rng.random() < 0.8 else 0), 0)),
     ]
     return rng.choice(choices)()
 

@@ -120,6 +120,8 @@ def summary_lines(s: dict) -> list[str]:
         figs.append(f"{s['bytes_sent'] / MiB:.1f} MiB sent")
     if s.get("rounds") is not None:
         figs.append(f"{len(s['rounds'])} rounds")
+    if s.get("dest_wait_ms"):
+        figs.append(f"waited {s['dest_wait_ms']:.0f} ms for the destination's disk")
     if figs:
         out.append(", ".join(figs))
     return out

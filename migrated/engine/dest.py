@@ -47,11 +47,18 @@ from migrated.image.pipeline import PipelinedWriter
 from migrated.wire import events as ev
 from migrated.wire import limits as L
 from migrated.wire.connection import NEED_DATA, DestConnection
+from migrated.wire.state import State
 
 log = logging.getLogger("migrated.engine.dest")
 
 # Capabilities this destination understands (echoed if the source offers them).
-CAPABILITIES = ("zeros",)
+CAPABILITIES = ("zeros", "backlog")
+
+# With "backlog": the flush rate assumed until a background flush measured
+# one (bytes/s).  Low on purpose: a source that believes the disk faster
+# than it is freezes too early; one that believes it slower only waits for
+# the next report, which comes when the flush under way ends.
+ASSUMED_FLUSH_RATE = 100 * 1024 * 1024
 
 # How long we try to tell the source why we stop before closing anyway.
 GOODBYE_TIMEOUT_S = 2.0
@@ -65,6 +72,10 @@ FROZEN_CHECKPOINT_BYTES = 8 * 1024 * 1024
 # During live rounds, start writing the received pages back to disk every
 # this many bytes (ImageWriter.flush_async): a short migration would
 # otherwise leave most of its disk writes to the fsync inside commit.
+# Only for a source without the "backlog" capability: one with it learns
+# the destination's unflushed bytes after every round (Backlog) and waits
+# for the disk before it freezes, so the pages of a round are left to the
+# kernel's writeback while they arrive and flushed from its RoundEnd on.
 LIVE_FLUSH_BYTES = 32 * 1024 * 1024
 
 
@@ -141,6 +152,9 @@ class DestMigration:
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
         self._committed_at = 0.0
+        self._backlog = False        # "backlog" agreed: report, no live flush
+        self._page_bytes = 0         # page data bytes received so far
+        self._rounds_ended = 0       # RoundEnd messages processed
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
         self._cancel.cancel(reason)
@@ -184,6 +198,7 @@ class DestMigration:
         caps = tuple(c for c in hello.capabilities if c in CAPABILITIES)
         ch.send_event(ev.Welcome(max(set(hello.versions) & set(L.SUPPORTED_VERSIONS)),
                                  self.node, caps))
+        self._backlog = "backlog" in caps
         start = self._wait(lim.handshake_timeout_s, "Start", None, deadline=handshake_end)
         result.update(source_node=hello.node, migration_id=hello.migration_id)
         if isinstance(start, ev.Withdraw):
@@ -213,13 +228,16 @@ class DestMigration:
         # for with its process frozen, then only digests and flushes what
         # the last rounds changed (ImageWriter.checkpoint).
         checkpoint = getattr(w, "checkpoint", None)
-        flush_async = getattr(w, "flush_async", None)
+        flush_async = None if self._backlog else getattr(w, "flush_async", None)
+        if self._backlog and checkpoint is not None:
+            w.set_flush_listener(self._report_flushed)
         frozen = False
         unflushed = 0              # page bytes since the last checkpoint or flush
         while True:
             got = self._wait(lim.idle_timeout_s, "the next message", None)
             if isinstance(got, ev.Pages):
                 unflushed += len(got.data)
+                self._page_bytes += len(got.data)
                 w.write_pages(got.runs, got.data)
                 if frozen and checkpoint is not None:
                     if unflushed >= FROZEN_CHECKPOINT_BYTES:
@@ -243,6 +261,9 @@ class DestMigration:
                 if checkpoint is not None:
                     checkpoint()
                     unflushed = 0
+                self._rounds_ended = got.round + 1
+                if self._backlog:
+                    ch.send_event(self._backlog_report())
                 self._emit({"event": "round", **fig})
             elif isinstance(got, ev.Freeze):
                 self._freeze_at = time.perf_counter()
@@ -254,6 +275,26 @@ class DestMigration:
                 return self._commit(got)
             else:
                 self._unexpected(got)
+
+    def _backlog_report(self) -> ev.Backlog:
+        """Page bytes not yet known durable, and how long flushing them
+        should take at the rate background flushes achieved here."""
+        w = self.writer
+        unflushed = max(0, self._page_bytes - int(getattr(w, "flushed_bytes", 0)))
+        rate = float(getattr(w, "flush_rate", 0.0)) or ASSUMED_FLUSH_RATE
+        return ev.Backlog(self._rounds_ended - 1, min(unflushed, L.U63_MAX),
+                          min(unflushed / rate * 1000.0, L.MAX_FIGURE))
+
+    def _report_flushed(self) -> None:
+        """After a background flush (in the flusher's thread): tell a source
+        that may be waiting for the disk.  Only while streaming; a report
+        that cannot go out is dropped (the link's failure shows elsewhere)."""
+        if self._rounds_ended == 0 or self.channel.conn.state is not State.STREAMING:
+            return
+        try:
+            self.channel.send_event(self._backlog_report())
+        except (MigratedError, OSError):
+            pass
 
     def _withdraw(self, hello: ev.Hello, req: ev.Withdraw, result: dict) -> tuple[str, None]:
         """The other conversation (SPEC.md 9.2): a source that sent Release

@@ -14,7 +14,12 @@ The model follows QEMU (../shared/ANCHORS.md) and adds what it lacks:
 - **Expected downtime** = pending dirty bytes / bandwidth + the fixed cost
   of the frozen phase (the duration of the last collection: with the digest
   tracker the final collection re-reads every page while the target is
-  frozen, which can dominate the freeze).
+  frozen, which can dominate the freeze) + the destination's own estimate
+  of flushing the page data it has not made durable yet (its "backlog"
+  reports: the commit inside the freeze must flush it; QEMU has no disk
+  at the far end and P.Haul never asks).  The source engine also waits
+  for that disk before a collection while the flush alone would take half
+  the target (SourceMigration._wait_for_destination).
 - Leave pre-copy when (first match wins):
 
   ``downtime-target``  expected downtime <= ``downtime_ms`` -- unless the
@@ -194,12 +199,16 @@ class ConvergencePolicy:
     # -- the decision ---------------------------------------------------------
 
     def after_collect(self, pending_pages: int, fixed_ms: float = 0.0,
-                      now: float | None = None) -> Decision:
+                      now: float | None = None, dest_ms: float = 0.0) -> Decision:
         """Called after each live round's successor collection: the tracker
         just returned ``pending_pages`` dirty pages; ``fixed_ms`` is the cost
-        of the frozen phase other than the transfer (see module doc)."""
+        of the frozen phase other than the transfer (see module doc);
+        ``dest_ms`` the destination's own estimate of flushing what it has
+        not made durable yet (its "backlog" reports), which the commit
+        inside the freeze would have to do."""
         pending_pages = int(pending_pages)
-        est = self.estimate_downtime_ms(pending_pages, fixed_ms)
+        dest_ms = max(0.0, float(dest_ms))
+        est = self.estimate_downtime_ms(pending_pages, fixed_ms) + dest_ms
         self.expected_downtime_ms = est
 
         improved = self._best_dirty is None or pending_pages < self._best_dirty * (1.0 - PLATEAU_SHRINK_FRACTION)
@@ -230,6 +239,8 @@ class ConvergencePolicy:
             return stop(STOP_MAX_ROUNDS)
         if self._stale_rounds >= self.plateau_rounds:
             return stop(STOP_PLATEAU)
+        # (est - fixed_ms keeps the destination's flush: waiting for its disk
+        # can still shorten the freeze, so it never makes this a floor.)
         if fixed_ms > 0 and est - fixed_ms <= FLOOR_FRACTION * fixed_ms:
             # The frozen phase's fixed cost alone misses the target and the
             # transfer is already a small part of it: no round can help.

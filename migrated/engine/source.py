@@ -75,7 +75,16 @@ FREEZE_TIMEOUT_S = 5.0
 GOODBYE_TIMEOUT_S = 2.0
 
 # Capabilities this engine offers in Hello (the destination picks).
-CAPABILITIES = ("zeros",)
+CAPABILITIES = ("zeros", "backlog")
+
+# With "backlog" (the destination reports the page data it has not made
+# durable yet, SPEC.md 7): how long to wait for its answer to a RoundEnd
+# before the next collection goes on without it.
+BACKLOG_REPLY_S = 2.0
+# Before each collection, wait for the destination's disk while its flush
+# alone would take more than this share of the downtime target: the commit
+# inside the freeze would otherwise carry it.
+BACKLOG_WAIT_SHARE = 0.5
 
 
 @dataclass
@@ -275,6 +284,11 @@ class SourceMigration:
         self._held = PageRuns.empty()      # pages the image holds so far
         self._carry = PageRuns.empty()     # pages a read failed on: retry
         self._sent_layout: KLayout | None = None
+        self._backlog_on = False           # the destination reports its backlog
+        self._dest: ev.Backlog | None = None   # its latest report ...
+        self._dest_at = 0.0                # ... and when it arrived (monotonic)
+        self.dest_wait_ms = 0.0            # waited for the destination's disk
+        self.dest_reports = 0              # Backlog messages received
         self._frozen_at: float | None = None
         self._freeze_wait_ms = 0.0
         self.freeze_breakdown: dict | None = None
@@ -330,7 +344,11 @@ class SourceMigration:
             bytes_sent=self.transport.bytes_sent,
             stop_reason=self.policy.stop_reason,
             expected_downtime_ms=round(self.policy.expected_downtime_ms, 3),
-            pages_sent=self.pages_sent, zero_pages=self.zero_pages_sent)
+            pages_sent=self.pages_sent, zero_pages=self.zero_pages_sent,
+            dest_wait_ms=round(self.dest_wait_ms, 3), dest_reports=self.dest_reports,
+            dest_backlog=None if self._dest is None else {
+                "round": self._dest.round, "unflushed": self._dest.unflushed,
+                "flush_ms": round(self._dest.flush_ms, 3)})
         self._emit({"event": "end", **{k: v for k, v in result.items() if k != "rounds"}})
         return result
 
@@ -365,6 +383,7 @@ class SourceMigration:
             t_last_collect = time.perf_counter()
             while True:
                 rnd += 1
+                wait_ms = self._wait_for_destination(rnd - 1) if self._backlog_on else 0.0
                 t_collect = time.perf_counter()
                 layout = read_layout(self.pid)
                 got = self.tracker.collect(layout)
@@ -374,7 +393,7 @@ class SourceMigration:
                 dirty_rate = dirty.total_bytes() / max(now - t_last_collect, 1e-6)
                 t_last_collect = now
                 d = self.policy.after_collect(dirty.union(self._carry).total_pages(),
-                                              fixed_ms=collect_ms)
+                                              fixed_ms=collect_ms, dest_ms=self._dest_flush_ms())
                 if d.fail:
                     raise MigrationAborted("failed", "timeout", self._timeout_message(d))
                 if d.stop:
@@ -382,7 +401,7 @@ class SourceMigration:
                     break
                 self._send_round(rnd, layout, dirty, got.dropped, pause_ms=got.pause_ms,
                                  dirty_rate=dirty_rate, t_collect=t_collect,
-                                 expected_ms=d.expected_downtime_ms)
+                                 expected_ms=d.expected_downtime_ms, wait_ms=wait_ms)
             self._freeze()
 
         # -- frozen: the final delta --------------------------------------------------
@@ -400,6 +419,7 @@ class SourceMigration:
         dropped = pending_dropped.union(final_dropped).subtract(dirty)
         self._emit({"event": "freeze", "round": rnd, "stop_reason": self.policy.stop_reason,
                     "expected_downtime_ms": round(self.policy.expected_downtime_ms, 3),
+                    "dest_flush_ms": round(self._dest_flush_ms(), 3),
                     "pending_pages": dirty.total_pages(),
                     "freeze_wait_ms": round(self._freeze_wait_ms, 3)})
         self.channel.send_event(ev.Freeze(rnd))
@@ -445,6 +465,7 @@ class SourceMigration:
                                          self.migration_id))
         welcome = self._wait(L.HANDSHAKE_TIMEOUT_S, "the handshake (Welcome)", ev.Welcome)
         self.peer_node = welcome.node
+        self._backlog_on = "backlog" in welcome.capabilities
 
     def _handshake_start(self, estimated: int) -> None:
         try:
@@ -467,7 +488,8 @@ class SourceMigration:
 
     def _send_round(self, rnd: int, layout: KLayout, dirty: PageRuns, dropped: PageRuns, *,
                     pause_ms: float, dirty_rate: float, t_collect: float,
-                    final: bool = False, expected_ms: float | None = None) -> None:
+                    final: bool = False, expected_ms: float | None = None,
+                    wait_ms: float = 0.0) -> None:
         st = _RoundStats(rnd, time.perf_counter(), self.transport.bytes_sent)
         ch = self.channel
         if layout != self._sent_layout:
@@ -512,7 +534,9 @@ class SourceMigration:
                "dropped_pages": st.dropped_pages, "layout": st.layout_sent,
                "final": final,
                # the estimate from the collection that produced this round
-               "expected_downtime_ms": None if expected_ms is None else round(expected_ms, 3)}
+               "expected_downtime_ms": None if expected_ms is None else round(expected_ms, 3),
+               # waited for the destination's disk before that collection
+               "dest_wait_ms": round(wait_ms, 3)}
         self.rounds.append(fig)
         self._emit({"event": "round", **fig})
 
@@ -558,8 +582,66 @@ class SourceMigration:
                                    f"{TIMEOUT_MESSAGE} ({self.options.timeout_s:g} s): "
                                    "the timeout ran out during a live round")
         got = self.channel.poll_event()
+        while got is not self.channel.need_data and self._noted(got):
+            got = self.channel.poll_event()
         if got is not self.channel.need_data:
             self._unexpected(got, "while sending pages")
+
+    # -- the destination's backlog ("backlog" capability) ----------------------------
+
+    def _noted(self, got) -> bool:
+        """Keepalives and backlog reports: noted, nothing to answer."""
+        if isinstance(got, ev.Backlog):
+            self._dest, self._dest_at = got, time.monotonic()
+            self.dest_reports += 1
+            return True
+        return isinstance(got, ev.Keepalive)
+
+    def _dest_flush_ms(self) -> float:
+        """The destination's latest estimate of its flush time, less the
+        time since it came (0 without reports)."""
+        b = self._dest
+        if b is None:
+            return 0.0
+        return max(0.0, b.flush_ms - (time.monotonic() - self._dest_at) * 1000.0)
+
+    def _wait_for_destination(self, last_round: int) -> float:
+        """Before a collection: take the destination's answer to our last
+        RoundEnd (at most BACKLOG_REPLY_S), then, while its flush alone would
+        take more than BACKLOG_WAIT_SHARE of the downtime target, wait for
+        its disk -- the process runs on meanwhile; what it dirties goes in
+        the next round.  Never past what the timeout budget allows.
+        Returns the milliseconds spent waiting."""
+        t0 = time.monotonic()
+        reply_by = t0 + BACKLOG_REPLY_S
+        share = self.options.downtime_ms * BACKLOG_WAIT_SHARE
+        while True:
+            if self._cancel.reason is not None:
+                raise MigrationAborted("cancelled", "cancelled", self._cancel.reason)
+            now = time.monotonic()
+            if self._dest is None or self._dest.round < last_round:
+                left = reply_by - now            # its answer is not here yet
+            else:
+                flush_s = self._dest_flush_ms() / 1000.0
+                budget_s = self.policy.timeout_s - self.policy.elapsed()
+                if flush_s * 1000.0 <= share or flush_s >= budget_s:
+                    break                        # small enough, or cannot be waited out
+                left = flush_s
+            if left <= 0:
+                break
+            got = self.channel.poll_event()
+            if got is self.channel.need_data:
+                # Wait for bytes without blocking in a read (the socket's own
+                # timeout is far longer than this wait).
+                self.transport.wait_readable(min(left, 1.0))
+                got = self.channel.poll_event()
+                if got is self.channel.need_data:
+                    continue
+            if not self._noted(got):
+                self._unexpected(got, "while waiting for the destination's disk")
+        waited = (time.monotonic() - t0) * 1000.0
+        self.dest_wait_ms += waited
+        return waited
 
     # -- freezing ---------------------------------------------------------------------
 

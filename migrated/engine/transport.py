@@ -334,7 +334,7 @@ class BlockingTransport:
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 # The socket is non-blocking under its timeout: wait for it.
-                if not self._readable_within(self.timeout):
+                if not self.wait_readable(self.timeout):
                     self._receive_failed(TimeoutError())
                 continue
             except OSError as e:
@@ -373,7 +373,10 @@ class BlockingTransport:
             for end in pipe:
                 os.close(end)
 
-    def _readable_within(self, timeout: float) -> bool:
+    def wait_readable(self, timeout: float) -> bool:
+        """Whether the socket became readable (or hit EOF) within ``timeout``
+        seconds; reads nothing.  (Bytes already decrypted inside an
+        SSLSocket do not count: check ``pending()`` first.)"""
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
@@ -441,7 +444,7 @@ class BlockingTransport:
     def _readable_now(self) -> bool:
         # One poll object for the transport's life: cheaper per TLS record
         # than building select()'s lists every time.
-        return self._readable_within(0)
+        return self.wait_readable(0)
 
     # -- closing ------------------------------------------------------------------
 

@@ -21,10 +21,12 @@ import errno
 import mmap
 import os
 import shutil
+import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import xxhash
@@ -34,6 +36,8 @@ from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 from . import manifest as mf
 from .manifest import CHUNK_BYTES, CHUNK_PAGES, CHUNK_SHIFT
+
+log = logging.getLogger("migrated.image.store")
 
 # Keep this much free on the state filesystem whatever the quota says: the
 # daemon's journal and other images must still be writable when an
@@ -550,19 +554,56 @@ def _digest_chunks(fd: int, todo: list[tuple[dict, int, np.ndarray]]) -> None:
         h.result()
 
 
+# A flush that carried fewer page bytes than this says more about the
+# device's flush latency than about its rate: no rate sample is taken.
+FLUSH_RATE_SAMPLE_BYTES = 8 * 1024 * 1024
+# Weight of the newest sample in the flush rate (exponential average).
+FLUSH_RATE_WEIGHT = 0.5
+
+
+class _FlushState:
+    """What the flusher learned, kept by the writer across flushers and
+    read from other threads (plain numbers; a stale read is harmless):
+    ``flushed`` = page bytes known durable (written before the start of
+    the last completed flush), ``rate`` = bytes/s the flushes achieved
+    (0.0: none measured yet), ``listener`` = called in the flusher's
+    thread after each flush."""
+
+    __slots__ = ("flushed", "rate", "listener")
+
+    def __init__(self) -> None:
+        self.flushed = 0
+        self.rate = 0.0
+        self.listener: Callable[[], None] | None = None
+
+    def done(self, mark: int, seconds: float) -> None:
+        carried = mark - self.flushed
+        if mark > self.flushed:
+            self.flushed = mark
+        if carried >= FLUSH_RATE_SAMPLE_BYTES and seconds > 0:
+            sample = carried / seconds
+            self.rate = sample if not self.rate else \
+                FLUSH_RATE_WEIGHT * sample + (1.0 - FLUSH_RATE_WEIGHT) * self.rate
+
+
 class _Flusher:
     """fdatasync of the page file in a thread of its own, on request: the
     data of the rounds received so far goes to disk while the source is
     still running, so the fsync inside commit only has the last rounds
     left.  Kicks while a flush runs ask for one more; it never blocks the
-    caller.  Uses its own duplicate descriptor and closes it itself."""
+    caller.  Uses its own duplicate descriptor and closes it itself.
+    ``written()`` gives the page bytes written so far: what a flush that
+    starts now makes durable (recorded in ``state``)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, state: _FlushState | None = None,
+                 written: Callable[[], int] = lambda: 0):
         self._fd = os.dup(fd)
         self._kick = threading.Event()
         self._stop = False
         self.sync_s = 0.0
         self.flushes = 0
+        self._state = state or _FlushState()
+        self._written = written
         self._thread = threading.Thread(target=self._loop, name="migrated-flush", daemon=True)
         self._thread.start()
 
@@ -576,13 +617,22 @@ class _Flusher:
                 self._kick.clear()
                 if self._stop:
                     return
+                mark = self._written()
                 t0 = time.perf_counter()
                 try:
                     os.fdatasync(self._fd)
                 except OSError:
-                    pass   # commit's own fsync reports real trouble
-                self.sync_s += time.perf_counter() - t0
+                    continue   # commit's own fsync reports real trouble
+                dt = time.perf_counter() - t0
+                self.sync_s += dt
                 self.flushes += 1
+                self._state.done(mark, dt)
+                listener = self._state.listener
+                if listener is not None and not self._stop:
+                    try:
+                        listener()
+                    except Exception:  # noqa: BLE001 -- a report, never the flush
+                        log.exception("flush listener failed")
         finally:
             os.close(self._fd)
 
@@ -717,6 +767,7 @@ class ImageWriter:
         self._last_slots: np.ndarray | None = None   # slots of the last write
         self._ckpt: _Checkpointer | None = None
         self._flusher: _Flusher | None = None
+        self._flush_state = _FlushState()
         self.commit_stats: dict = {}
         self._alloc_pages = 0
         self._since_free_check = 0
@@ -1042,8 +1093,25 @@ class ImageWriter:
         of leaving it to the fsync inside commit."""
         self._check_open()
         if self._flusher is None:
-            self._flusher = _Flusher(self._fd)
+            me = weakref.ref(self)     # the thread must not keep a forgotten writer alive
+            self._flusher = _Flusher(self._fd, self._flush_state,
+                                     lambda: getattr(me(), "bytes_received", 0))
         self._flusher.kick()
+
+    @property
+    def flushed_bytes(self) -> int:
+        """Page bytes received that background flushes made durable."""
+        return self._flush_state.flushed
+
+    @property
+    def flush_rate(self) -> float:
+        """Bytes/s the background flushes achieved (0.0: none measured)."""
+        return self._flush_state.rate
+
+    def set_flush_listener(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener`` (in the flusher's thread) after each background
+        flush: the destination reports its backlog then."""
+        self._flush_state.listener = listener
 
     def wait_checkpoints(self, timeout: float | None = None) -> bool:
         """Wait until the background digests of every checkpoint so far are

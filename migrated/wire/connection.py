@@ -451,6 +451,13 @@ class _Connection:
             raise _out_of_state(f"withdrawn names image {ev.image_id!r}, but this "
                                 f"conversation withdraws {self.withdraw.image_id!r}")
 
+    def _on_backlog(self, ev: E.Backlog, sender: Role):
+        if "backlog" not in self.capabilities:
+            raise _out_of_state("backlog without the backlog capability in welcome")
+        if ev.round >= self.round:
+            raise _out_of_state(f"backlog after round {ev.round}, but round-end of that "
+                                f"round was not sent (next round is {self.round})")
+
     def _on_error(self, ev: E.Error, sender: Role):
         if sender is self.our_role and ev.code not in E.ERROR_CODES:
             raise E.malformed(f"error code {ev.code!r} is not one of the documented "

@@ -719,6 +719,31 @@ class FinalEnd(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Backlog(Event):
+    """dest -> source, only with the "backlog" capability: how much received
+    page data is not yet durable (``unflushed`` bytes) and how long the
+    destination expects making it durable to take (``flush_ms``), after the
+    round-end of ``round`` (SPEC.md 7, "backlog").  The commit inside the
+    freeze must flush it: the source counts it in the expected downtime."""
+    round: int
+    unflushed: int
+    flush_ms: float
+    type_name: ClassVar[str] = "backlog"
+
+    def to_wire(self):
+        return {"type": self.type_name, "round": self.round, "unflushed": self.unflushed,
+                "flush_ms": self.flush_ms}
+
+    @classmethod
+    def from_wire(cls, d):
+        f = _Fields(d, cls.type_name)
+        ev = cls(f.int("round", 0, L.MAX_ROUND), f.int("unflushed", 0, L.U63_MAX),
+                 f.number("flush_ms"))
+        f.done()
+        return ev
+
+
+@dataclass(frozen=True, slots=True)
 class CommitRequest(Event):
     """source -> dest: make the image durable.  ``pages`` = pages the image
     holds (data + zero pages); ``digest`` optional image digest (IMAGE.md)."""
@@ -908,5 +933,5 @@ class ConnectionClosed:
 MESSAGE_TYPES: tuple[type[Event], ...] = (
     Hello, Welcome, Start, Accept, Layout, Pages, Zeros, Dropped, RoundEnd,
     Freeze, FinalEnd, CommitRequest, Committed, Release, Released, Withdraw, Withdrawn,
-    Error, Cancel, Keepalive)
+    Error, Cancel, Keepalive, Backlog)
 BY_NAME: dict[str, type[Event]] = {c.type_name: c for c in MESSAGE_TYPES}

@@ -68,6 +68,7 @@ TYPE_LIMITS: dict[str, TypeLimits] = {
     "error": TypeLimits(_C, 3, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
     "cancel": TypeLimits(_C, 2, 0, L.MAX_TEXT_BYTES, 0, 1, 0),
     "keepalive": TypeLimits(_C, 2, 0, _SMALL_STR, 0, 1, 0),
+    "backlog": TypeLimits(_C, 4, 0, _SMALL_STR, 0, 1, 0),
 }
 assert set(TYPE_LIMITS) == set(E.BY_NAME)
 assert max(t.max_frame for t in TYPE_LIMITS.values()) == L.MAX_FRAME

@@ -29,7 +29,10 @@ and CLOSED (so also in COMMITTED and RELEASE_SENT: a source may still back
 out after Committed, and the destination then removes the staged image),
 and a source's Cancel also in DONE (it crossed Released on the wire).
 Keepalive (either role) is legal and changes nothing in every
-state but CLOSED and ERROR.  ERROR is local: a connection enters it when
+state but CLOSED and ERROR.  Backlog (destination, "backlog" capability
+only -- the connection checks that) changes nothing either; it is legal
+from STREAMING to COMMIT_SENT: the destination sends it while streaming,
+and it may cross the source's Freeze, FinalEnd and CommitRequest.  ERROR is local: a connection enters it when
 the peer broke the protocol, and then only sends Error or Cancel.
 """
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import enum
 
-from .events import (Accept, Cancel, CommitRequest, Committed, Dropped, Error,
+from .events import (Accept, Backlog, Cancel, CommitRequest, Committed, Dropped, Error,
                      Event, FinalEnd, Freeze, Hello, Keepalive, Layout,
                      MESSAGE_TYPES, Pages, Release, Released, RoundEnd, Start,
                      Welcome, Withdraw, Withdrawn, Zeros)
@@ -92,6 +95,10 @@ _MAIN: dict[tuple[Role, State, type[Event]], State] = {
     (D, St.COMMIT_SENT, Committed): St.COMMITTED,
     (S, St.COMMITTED, Release): St.RELEASE_SENT,
     (D, St.RELEASE_SENT, Released): St.DONE,
+    (D, St.STREAMING, Backlog): St.STREAMING,
+    (D, St.FROZEN, Backlog): St.FROZEN,
+    (D, St.FINAL_SENT, Backlog): St.FINAL_SENT,
+    (D, St.COMMIT_SENT, Backlog): St.COMMIT_SENT,
     # The other conversation: resolve a migration left in doubt.
     (S, St.WELCOMED, Withdraw): St.WITHDRAW_SENT,
     (D, St.WITHDRAW_SENT, Withdrawn): St.DONE,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from migrated.runs import PageRuns  # noqa: E402
 from migrated.wire import limits as L  # noqa: E402
-from migrated.wire.events import (Accept, Cancel, CommitRequest, Committed,  # noqa: E402
+from migrated.wire.events import (Accept, Backlog, Cancel, CommitRequest, Committed,  # noqa: E402
                                   ConnectionClosed, Dropped, Error, FinalEnd,
                                   Freeze, Hello, Keepalive, Layout, MappingInfo,
                                   Pages, Release, Released, RoundEnd, Start,
@@ -92,6 +92,10 @@ RELEASE = Release(COMMITTED.image_id)
 RELEASED = Released(COMMITTED.image_id)
 WITHDRAW = Withdraw(COMMITTED.image_id)
 WITHDRAWN = Withdrawn(COMMITTED.image_id, "removed")
+
+# The "backlog" capability: offered by the source, accepted by the destination.
+HELLO_BL = Hello((1,), "node-a.example", ("zero-pages", "backlog"), "mig-0002")
+WELCOME_BL = Welcome(1, "node-b.example", ("backlog",))
 
 VECTORS: list[dict] = []
 
@@ -578,8 +582,44 @@ def build() -> None:
                     recv(raw({"type": "released", "image_id": 7}), (), "malformed")])
 
 
+def build_backlog() -> None:
+    """The destination's writeback backlog (capability "backlog")."""
+    src_bl = [send(HELLO_BL), okp(WELCOME_BL), send(START), ok(ACCEPT), send(LAYOUT0),
+              send(PAGES0)]
+    vec("backlog-source", "source",
+        "with the backlog capability the destination reports its writeback "
+        "backlog after a round-end; a report may cross freeze, final-end and "
+        "commit-request",
+        src_bl + [send(ROUNDEND0), ok(Backlog(0, pg(4), 12.5)), send(FREEZE1),
+                  ok(Backlog(0, pg(2), 6.0)), send(FinalEnd(1, 4)),
+                  send(CommitRequest(4)), ok(Backlog(0, 0, 0.0), COMMITTED),
+                  send(RELEASE), ok(RELEASED),
+                  recv(b"", [ConnectionClosed(True)], eof=True)])
+    vec("backlog-without-capability", "source",
+        "backlog when welcome did not accept the capability",
+        SOURCE_STREAMING + [send(LAYOUT0), send(PAGES0), send(ROUNDEND0),
+                            recv(encode(Backlog(0, pg(4), 12.5)), (), "out-of-state")])
+    vec("backlog-before-round-end", "source",
+        "backlog naming a round whose round-end the source has not sent",
+        src_bl + [recv(encode(Backlog(0, pg(4), 12.5)), (), "out-of-state")])
+    bl = lambda **kw: raw({"type": "backlog", "round": 0, "unflushed": 0,  # noqa: E731
+                           "flush_ms": 0, **kw})
+    for name, frame, code, what in (
+            ("backlog-flush-ms-negative", bl(flush_ms=-1.0), "malformed", "negative flush_ms"),
+            ("backlog-flush-ms-nan", bl(flush_ms=float("nan")), "malformed", "NaN flush_ms"),
+            ("backlog-unflushed-2-63", bl(unflushed=2 ** 63), "malformed",
+             "unflushed above 2**63-1"),
+            ("backlog-extra-field", bl(rate=1.0), "malformed", "unknown field in backlog")):
+        vec(name, "source", what, src_bl + [send(ROUNDEND0), recv(frame, (), code)])
+    dest_bad("backlog-from-source", encode(Backlog(0, 0, 0.0)), "out-of-state",
+             "only the destination sends backlog",
+             [okp(HELLO_BL), send(WELCOME_BL), ok(START), send(ACCEPT), ok(LAYOUT0),
+              ok(RoundEnd(0, 0, 0, 1.0, 0.0, 0.0, 0.0))])
+
+
 def main() -> None:
     build()
+    build_backlog()
     names = [v["name"] for v in VECTORS]
     assert len(names) == len(set(names)), "duplicate vector name"
     out_bin = HERE / "bin"

@@ -355,9 +355,16 @@ def test_a_disk_that_fills_under_a_direct_batch_fails_the_migration_cleanly(tmp_
             deadline = time.monotonic() + 20
             while not os.listdir(store.partial_dir) and time.monotonic() < deadline:
                 time.sleep(0.002)
-            st = os.statvfs(mnt)
-            with open(filler, "wb") as f:
-                f.write(b"\1" * (st.f_bavail * st.f_frsize - (8 << 20)))
+            chunk = b"\1" * (1 << 20)
+            with open(filler, "wb", buffering=0) as f:
+                while True:
+                    st = os.statvfs(mnt)
+                    if st.f_bavail * st.f_frsize <= (8 << 20):
+                        break
+                    try:
+                        f.write(chunk)
+                    except OSError:     # the image took the rest first
+                        break
 
         with workload(mib=32, rate=0) as w:
             t = threading.Thread(target=fill_disk)

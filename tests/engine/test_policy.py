@@ -198,3 +198,33 @@ def test_fixed_cost_floor_stops_early():
     p.round_sent(60 * MIB, 0.6)
     d = p.after_collect(2 * PAGES_PER_MIB, fixed_ms=400)
     assert d.stop and d.reason == STOP_PLATEAU
+
+
+def test_the_destinations_flush_counts_in_the_expected_downtime():
+    # 100 MiB/s; 2 MiB pending = 20 ms of transfer, far under 300 ms -- but
+    # a destination that still has 400 ms of writeback to do would carry it
+    # into the freeze: not yet.  Once it reports the disk caught up, stop.
+    p = make(downtime_ms=300, max_rounds=30)
+    p.round_sent(256 * MIB, 2.56)
+    d = p.after_collect(2 * PAGES_PER_MIB, now=2.6, dest_ms=400.0)
+    assert not d.stop and d.expected_downtime_ms == pytest.approx(420, rel=1e-6)
+    p.round_sent(2 * MIB, 0.02)
+    d = p.after_collect(2 * PAGES_PER_MIB, now=3.1, dest_ms=30.0)
+    assert d.stop and d.reason == STOP_DOWNTIME
+    assert d.expected_downtime_ms == pytest.approx(50, rel=1e-6)
+
+
+def test_the_destinations_flush_is_not_a_fixed_cost_floor():
+    # The floor rule (transfer small next to the fixed cost: stop) looks
+    # at the transfer alone: a big flush estimate must not trigger it.
+    # Here the fixed cost alone is at the target and the transfer is 10 ms:
+    # without the flush that is the floor; with 500 ms of flush to wait
+    # out, another round (after the wait) can still help.
+    p = make(downtime_ms=100, max_rounds=30)
+    p.round_sent(100 * MIB, 1.0)
+    d = p.after_collect(1 * PAGES_PER_MIB, fixed_ms=100.0, now=1.1)
+    assert d.stop and d.reason == STOP_PLATEAU
+    p = make(downtime_ms=100, max_rounds=30)
+    p.round_sent(100 * MIB, 1.0)
+    d = p.after_collect(1 * PAGES_PER_MIB, fixed_ms=100.0, now=1.1, dest_ms=500.0)
+    assert not d.stop and d.reason is None

@@ -10,37 +10,44 @@ import pytest
 
 from migrated.errors import ProtocolError
 from migrated.runs import PageRuns
-from migrated.wire import (MESSAGE_TYPES, NEED_DATA, TRANSITIONS, Cancel,
+from migrated.wire import (MESSAGE_TYPES, NEED_DATA, TRANSITIONS, Backlog, Cancel,
                            CommitRequest, Committed, DestConnection, Dropped,
-                           Error, FinalEnd, Freeze, Keepalive,
+                           Error, FinalEnd, Freeze, Hello, Keepalive, Layout,
                            LocalProtocolError, Pages, Release, Released, Role,
-                           RoundEnd, SourceConnection, State, Withdraw, Withdrawn,
-                           Zeros, encode, limits)
+                           RoundEnd, SourceConnection, State, Welcome, Withdraw,
+                           Withdrawn, Zeros, encode, limits)
 
 from .helpers import ACCEPT, BASE, HELLO, LAYOUT, START, WELCOME
 
 S, D = Role.SOURCE, Role.DEST
+# The handshake negotiates "backlog" (a destination message that needs it)
+# and one round ends before the states after STREAMING, so that every
+# message of the table, Backlog included, can be legal where it says.
+HELLO_B = Hello(HELLO.versions, HELLO.node, HELLO.capabilities + ("backlog",),
+                HELLO.migration_id)
+WELCOME_B = Welcome(WELCOME.version, WELCOME.node, ("backlog",))
 SAMPLE = {
-    "hello": HELLO, "welcome": WELCOME, "start": START, "accept": ACCEPT,
-    "layout": LAYOUT,
-    "pages": Pages.build(0, PageRuns.from_pairs([(BASE, 1)]), b"\x5a" * 4096),
-    "zeros": Zeros(0, PageRuns.from_pairs([(BASE, 2)])),
-    "dropped": Dropped(0, PageRuns.from_pairs([(BASE, 2)])),
-    "round-end": RoundEnd(0, 0, 0, 0.0, 0.0, 0.0, 0.0),
-    "freeze": Freeze(0), "final-end": FinalEnd(0, 0),
+    "hello": HELLO_B, "welcome": WELCOME_B, "start": START, "accept": ACCEPT,
+    "layout": Layout(1, LAYOUT.mappings),
+    "pages": Pages.build(1, PageRuns.from_pairs([(BASE, 1)]), b"\x5a" * 4096),
+    "zeros": Zeros(1, PageRuns.from_pairs([(BASE, 2)])),
+    "dropped": Dropped(1, PageRuns.from_pairs([(BASE, 2)])),
+    "round-end": RoundEnd(1, 0, 0, 0.0, 0.0, 0.0, 0.0),
+    "freeze": Freeze(1), "final-end": FinalEnd(1, 0),
     "commit-request": CommitRequest(0), "committed": Committed("img-1", "d"),
     "release": Release("img-1"), "released": Released("img-1"),
     "withdraw": Withdraw("img-1"), "withdrawn": Withdrawn("img-1", "removed"),
     "error": Error("internal", "boom"), "cancel": Cancel("stop"),
-    "keepalive": Keepalive(1),
+    "keepalive": Keepalive(1), "backlog": Backlog(0, 64 << 20, 150.0),
 }
-HAPPY = [(S, HELLO), (D, WELCOME), (S, START), (D, ACCEPT), (S, LAYOUT),
-         (S, Freeze(0)), (S, FinalEnd(0, 0)), (S, CommitRequest(0)),
+HAPPY = [(S, HELLO_B), (D, WELCOME_B), (S, START), (D, ACCEPT), (S, LAYOUT),
+         (S, RoundEnd(0, 0, 0, 0.0, 0.0, 0.0, 0.0)),
+         (S, Freeze(1)), (S, FinalEnd(1, 0)), (S, CommitRequest(0)),
          (D, Committed("img-1", "d")), (S, Release("img-1")), (D, Released("img-1"))]
 PATHS = {
     State.IDLE: 0, State.HELLO_SENT: 1, State.WELCOMED: 2, State.START_SENT: 3,
-    State.STREAMING: 5, State.FROZEN: 6, State.FINAL_SENT: 7,
-    State.COMMIT_SENT: 8, State.COMMITTED: 9, State.RELEASE_SENT: 10, State.DONE: 11,
+    State.STREAMING: 6, State.FROZEN: 7, State.FINAL_SENT: 8,
+    State.COMMIT_SENT: 9, State.COMMITTED: 10, State.RELEASE_SENT: 11, State.DONE: 12,
 }
 
 
@@ -148,7 +155,7 @@ def test_table_shape():
             assert legal == set()
         else:
             assert (S, Error) in legal and (D, Error) in legal
-    assert len(CASES) == 2 * 14 * 20 * 2
+    assert len(CASES) == 2 * 14 * 21 * 2
     # The three-way commit: prepared, then released, then done.
     assert TRANSITIONS[(D, State.COMMIT_SENT, Committed)] is State.COMMITTED
     assert TRANSITIONS[(S, State.COMMITTED, Release)] is State.RELEASE_SENT
@@ -186,3 +193,35 @@ def test_release_must_name_the_prepared_image(role):
             d.conn.next_event()
     assert exc.value.code == "out-of-state"
     assert d.conn.state is State.ERROR
+
+
+@pytest.mark.parametrize("role", [S, D])
+def test_backlog_needs_its_capability_and_a_round_that_ended(role):
+    """Without "backlog" in welcome, a Backlog is out of state (refused from
+    the peer, LocalProtocolError for our own); with it, only after the
+    round-end of the round it names."""
+    d = Driver(role)
+    for sender, ev in [(S, HELLO), (D, WELCOME), (S, START), (D, ACCEPT), (S, LAYOUT),
+                       (S, RoundEnd(0, 0, 0, 0.0, 0.0, 0.0, 0.0))]:
+        d.apply(sender, ev)
+    late = Backlog(0, 1, 1.0)
+    if role is D:
+        with pytest.raises(LocalProtocolError):
+            d.conn.send(late)
+        assert d.conn.state is State.STREAMING
+    else:
+        d.conn.receive_data(d.peer_bytes(late))
+        with pytest.raises(ProtocolError) as exc:
+            d.conn.next_event()
+        assert exc.value.code == "out-of-state" and "capability" in exc.value.message
+    d = reach(role, State.STREAMING)
+    early = Backlog(1, 1, 1.0)          # round 1 has not ended
+    if role is D:
+        with pytest.raises(LocalProtocolError):
+            d.conn.send(early)
+        d.conn.send(Backlog(0, 1, 1.0))
+    else:
+        d.conn.receive_data(d.peer_bytes(early))
+        with pytest.raises(ProtocolError) as exc:
+            d.conn.next_event()
+        assert exc.value.code == "out-of-state"
