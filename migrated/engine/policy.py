@@ -18,8 +18,8 @@ The model follows QEMU (../shared/ANCHORS.md) and adds what it lacks:
   of flushing the page data it has not made durable yet (its "backlog"
   reports: the commit inside the freeze must flush it; QEMU has no disk
   at the far end and P.Haul never asks).  The source engine also waits
-  for that disk before a collection while the flush alone would take half
-  the target (SourceMigration._wait_for_destination).
+  for that disk before a collection while the flush alone would take a
+  twentieth of the target (SourceMigration._wait_for_destination).
 - Leave pre-copy when (first match wins):
 
   ``downtime-target``  expected downtime <= ``downtime_ms`` -- unless the
