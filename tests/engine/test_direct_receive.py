@@ -7,6 +7,7 @@ transport's splice_into over real sockets, then whole migrations."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -207,16 +208,24 @@ def test_a_batch_whose_data_is_not_last_is_received_whole():
 
 # -- splice_into over real sockets ----------------------------------------------------
 
-def _file(tmp_path) -> int:
-    return os.open(tmp_path / "pages.img", os.O_RDWR | os.O_CREAT, 0o600)
+@contextlib.contextmanager
+def _spliceable(tmp_path, kind: str = "tcp", timeout_a: float = 5, timeout_b: float = 5):
+    """Transports over a connected pair and a file to splice into; all
+    closed at the end."""
+    a, b = tcp_pair() if kind == "tcp" else socket.socketpair()
+    ta, tb = BlockingTransport(a, timeout=timeout_a), BlockingTransport(b, timeout=timeout_b)
+    fd = os.open(tmp_path / "pages.img", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        yield ta, tb, fd
+    finally:
+        os.close(fd)
+        ta.close()
+        tb.close()
 
 
 @pytest.mark.parametrize("kind", ["tcp", "socketpair"])
 def test_splice_into_puts_the_bytes_at_their_offsets(tmp_path, kind):
-    a, b = tcp_pair() if kind == "tcp" else socket.socketpair()
-    ta, tb = BlockingTransport(a, timeout=10), BlockingTransport(b, timeout=10)
-    fd = _file(tmp_path)
-    try:
+    with _spliceable(tmp_path, kind, 10, 10) as (ta, tb, fd):
         assert tb.can_splice
         blob = os.urandom(5 * 1024 * 1024 + 4096)
         t = threading.Thread(target=ta.send, args=([blob],))
@@ -227,10 +236,6 @@ def test_splice_into_puts_the_bytes_at_their_offsets(tmp_path, kind):
         assert os.pread(fd, 3 << 20, 8 << 20) == blob[:3 << 20]
         assert os.pread(fd, len(blob) - (3 << 20), 1 << 20) == blob[3 << 20:]
         assert tb.bytes_received == len(blob)
-    finally:
-        os.close(fd)
-        ta.close()
-        tb.close()
 
 
 def test_tls_sockets_cannot_splice():
@@ -244,10 +249,7 @@ def test_tls_sockets_cannot_splice():
 
 
 def test_splice_into_times_out_on_a_silent_peer_and_names_it(tmp_path):
-    a, b = tcp_pair()
-    ta, tb = BlockingTransport(a, timeout=5), BlockingTransport(b, timeout=0.3)
-    fd = _file(tmp_path)
-    try:
+    with _spliceable(tmp_path, timeout_b=0.3) as (ta, tb, fd):
         ta.send([b"x" * 1000])
         t0 = time.monotonic()
         with pytest.raises(TransportTimeout) as ei:
@@ -255,40 +257,26 @@ def test_splice_into_times_out_on_a_silent_peer_and_names_it(tmp_path):
         assert 0.25 < time.monotonic() - t0 < 5
         assert "127.0.0.1:" in str(ei.value)
         assert os.pread(fd, 1000, 0) == b"x" * 1000
-    finally:
-        os.close(fd)
-        ta.close()
-        tb.close()
 
 
 def test_splice_into_reports_a_peer_that_closes_inside_the_data(tmp_path):
-    a, b = tcp_pair()
-    ta, tb = BlockingTransport(a, timeout=5), BlockingTransport(b, timeout=5)
-    fd = _file(tmp_path)
-    try:
+    with _spliceable(tmp_path) as (ta, tb, fd):
         ta.send([b"y" * 5000])
-        socket.socket.shutdown(a, socket.SHUT_WR)
+        socket.socket.shutdown(ta.sock, socket.SHUT_WR)
         with pytest.raises(PeerClosed, match="inside a page batch"):
             tb.splice_into(fd, 0, 1 << 20)
-    finally:
-        os.close(fd)
-        ta.close()
-        tb.close()
 
 
 def test_shutdown_wakes_a_thread_blocked_in_splice_into(tmp_path):
-    a, b = tcp_pair()
-    ta, tb = BlockingTransport(a, timeout=30), BlockingTransport(b, timeout=30)
-    fd = _file(tmp_path)
     got: list = []
+    with _spliceable(tmp_path, timeout_a=30, timeout_b=30) as (ta, tb, fd):
 
-    def recv() -> None:
-        try:
-            tb.splice_into(fd, 0, 1 << 20)
-        except BaseException as e:   # noqa: BLE001 -- inspected below
-            got.append(e)
+        def recv() -> None:
+            try:
+                tb.splice_into(fd, 0, 1 << 20)
+            except BaseException as e:   # noqa: BLE001 -- inspected below
+                got.append(e)
 
-    try:
         t = threading.Thread(target=recv)
         t.start()
         time.sleep(0.2)
@@ -297,9 +285,6 @@ def test_shutdown_wakes_a_thread_blocked_in_splice_into(tmp_path):
         t.join(5)
         assert not t.is_alive() and time.monotonic() - t0 < 2
         assert isinstance(got[0], TransportClosed)
-    finally:
-        os.close(fd)
-        ta.close()
 
 
 # -- whole migrations -----------------------------------------------------------------
