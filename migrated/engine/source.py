@@ -787,6 +787,13 @@ class SourceMigration:
 
     def _timeout_message(self, d) -> str:
         bw = self.policy.bandwidth
+        flush_ms = self._dest_flush_ms()
+        if flush_ms >= d.expected_downtime_ms / 2:
+            return (f"{TIMEOUT_MESSAGE} ({self.options.timeout_s:g} s): the destination "
+                    f"{self.peer} expects {flush_ms:.0f} ms to make the pages it received "
+                    "durable, and the commit inside the freeze would wait for it; that "
+                    "does not fit in what is left; the process was never frozen. Check the "
+                    "destination's disk (its state directory), or raise --timeout")
         return (f"{TIMEOUT_MESSAGE} ({self.options.timeout_s:g} s): the final delta would "
                 f"take about {d.expected_downtime_ms:.0f} ms at {bw / 2**20:.1f} MiB/s and "
                 "does not fit in what is left; the process was never frozen. Raise "

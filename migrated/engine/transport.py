@@ -326,11 +326,12 @@ class BlockingTransport:
         if self._pipe is None:
             self._pipe = self._new_pipe()
         rd, wr = self._pipe
-        src = self.sock.fileno()
         left = nbytes
         while left:
             try:
-                k = os.splice(src, wr, min(left, SPLICE_PIPE_BYTES),
+                # fileno() each time: -1 once closed from another thread
+                # (EBADF below), never a stale number reused by a new file.
+                k = os.splice(self.sock.fileno(), wr, min(left, SPLICE_PIPE_BYTES),
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 # The socket is non-blocking under its timeout: wait for it.

@@ -33,13 +33,14 @@ def migrate(pid: int, store, options: SendOptions | None = None, *,
             on_source: Callable[[SourceMigration], None] | None = None,
             on_event: Callable[[SourceMigration, dict], None] | None = None,
             sockets: tuple[socket.socket, socket.socket] | None = None,
-            direct_receive: bool = True) -> Outcome:
+            direct_receive: bool = True,
+            dest_class: type[DestMigration] = DestMigration) -> Outcome:
     """One migration of ``pid`` into ``store``; both sides in threads."""
     a, b = sockets or (tcp_pair() if tcp else socket.socketpair())
     events: list = []
     dest_events: list = []
     dres: dict = {}
-    dm = DestMigration(BlockingTransport(b, timeout=timeout), store, node="test-dest",
+    dm = dest_class(BlockingTransport(b, timeout=timeout), store, node="test-dest",
                        on_event=dest_events.append, limits=limits,
                        direct_receive=direct_receive)
     dt = threading.Thread(target=lambda: dres.update(dm.run()), name="test-dest")

@@ -71,3 +71,52 @@ def test_the_summary_says_how_long_the_source_waited_for_the_destinations_disk()
          "rounds": [{}, {}], "dest_wait_ms": 812.4}
     assert "waited 812 ms for the destination's disk" in summary_lines(s)[-1]
     assert "waited" not in summary_lines(s | {"dest_wait_ms": 0.0})[-1]
+
+
+class _Pessimist(dest_mod.DestMigration):
+    """A destination whose reports say its disk needs ``FLUSH_MS`` more,
+    every time, and never reports a finished flush."""
+    FLUSH_MS = 0.0
+
+    def _backlog_report(self):
+        from migrated.wire import Backlog
+        return Backlog(self._rounds_ended - 1, 1 << 30, self.FLUSH_MS)
+
+    def _report_flushed(self) -> None:
+        pass
+
+
+def test_a_destination_that_says_its_disk_takes_forever_cannot_hold_the_source(store):
+    # Longer than the whole timeout budget: not worth waiting for, and a
+    # commit that would wait for it does not fit either -- so the source
+    # gives up before freezing (the policy's timeout rule), at once, says
+    # why, and its process never stopped.
+    class Forever(_Pessimist):
+        FLUSH_MS = 1e12
+
+    with workload(mib=16, rate=0) as w:
+        out = migrate(w.pid, store, SendOptions(then="resume", timeout_s=60),
+                      dest_class=Forever)
+        s = out.source
+        assert s["status"] == "failed" and s["error_code"] == "timeout"
+        assert "expects" in s["error"] and "durable" in s["error"]
+        assert s["total_ms"] < 10000 and s["dest_wait_ms"] < 5000
+        assert s["freeze_ms"] is None
+        assert not [e for e in out.events if e["event"] == "freeze"]
+    assert not os.listdir(store.partial_dir)
+
+
+def test_a_report_ages_so_a_destination_gone_quiet_is_waited_for_only_as_long_as_it_said(
+        store):
+    class Slow(_Pessimist):
+        FLUSH_MS = 1500.0
+
+    with workload(mib=16, rate=0) as w:
+        out = migrate(w.pid, store, SendOptions(then="stop", max_rounds=1), dest_class=Slow)
+        s = out.source
+        assert s["status"] == "completed", s.get("error")
+        # One wait (before the final collection), as long as the report said
+        # less the 5% share, give or take scheduling; then the freeze.
+        assert 1300 <= s["dest_wait_ms"] <= 6000, s["dest_wait_ms"]
+        compare(store, s["image_id"], w.pid)
+        os.kill(w.pid, signal.SIGCONT)
