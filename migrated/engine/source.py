@@ -78,16 +78,14 @@ GOODBYE_TIMEOUT_S = 2.0
 CAPABILITIES = ("zeros", "backlog")
 
 # With "backlog" (the destination reports the page data it has not made
-# durable yet, SPEC.md 7): how long to wait for its answer to a RoundEnd
-# before the next collection goes on without it.
-BACKLOG_REPLY_S = 2.0
-# Before each collection, wait for the destination's disk while its flush
-# alone would take more than this share of the downtime target.  Waiting
-# costs no downtime (the process runs on), while a flush still under way
-# when the final delta arrives costs the freeze twice: the delta's writes
-# wait for the flush's block allocation, and the commit must finish it.
-# (bench_precopy: with 0.5 the freeze was 38-106 ms, with 0.05 45-59 in
-# the best of two runs.)
+# durable yet, SPEC.md 7), before each collection: first its answer to our
+# last RoundEnd (it comes once the destination has read the whole round),
+# then, while its flush alone would take more than this share of the
+# downtime target, its disk.  Waiting costs no downtime (the process runs
+# on), while a flush still under way when the final delta arrives costs
+# the freeze twice: the delta's writes wait for the flush's block
+# allocation, and the commit must finish it.  (bench_precopy: with 0.5
+# the freeze was 38-106 ms, with 0.05 45-59 in the best of two runs.)
 BACKLOG_WAIT_SHARE = 0.05
 
 
@@ -611,13 +609,15 @@ class SourceMigration:
 
     def _wait_for_destination(self, last_round: int) -> float:
         """Before a collection: take the destination's answer to our last
-        RoundEnd (at most BACKLOG_REPLY_S), then, while its flush alone would
-        take more than BACKLOG_WAIT_SHARE of the downtime target, wait for
-        its disk -- the process runs on meanwhile; what it dirties goes in
-        the next round.  Never past what the timeout budget allows.
+        RoundEnd -- on a slow link that means until the link drained the
+        round; at most the peer's idle timeout -- then, while its flush
+        alone would take more than BACKLOG_WAIT_SHARE of the downtime
+        target, wait for its disk.  The process runs on meanwhile; what it
+        dirties goes in the next round.  Never past the timeout budget.
         Returns the milliseconds spent waiting."""
         t0 = time.monotonic()
-        reply_by = t0 + BACKLOG_REPLY_S
+        reply_by = t0 + min(self.transport.timeout,
+                            self.policy.timeout_s - self.policy.elapsed())
         share = self.options.downtime_ms * BACKLOG_WAIT_SHARE
         while True:
             if self._cancel.reason is not None:

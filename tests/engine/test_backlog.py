@@ -120,3 +120,25 @@ def test_a_report_ages_so_a_destination_gone_quiet_is_waited_for_only_as_long_as
         assert 1300 <= s["dest_wait_ms"] <= 6000, s["dest_wait_ms"]
         compare(store, s["image_id"], w.pid)
         os.kill(w.pid, signal.SIGCONT)
+
+
+def test_the_source_waits_for_the_answer_to_its_round_end_however_late(store):
+    # A destination slow to read a round (a slow link, a busy disk) answers
+    # late; the source takes that answer before it collects again, rather
+    # than going on blind after a fixed time.
+    class Late(dest_mod.DestMigration):
+        def _backlog_report(self):
+            import time as _t
+            _t.sleep(2.5)
+            return super()._backlog_report()
+
+        def _report_flushed(self) -> None:
+            pass
+
+    with workload(mib=16, rate=0) as w:
+        out = migrate(w.pid, store, SendOptions(then="resume", max_rounds=1),
+                      dest_class=Late)
+        s = out.source
+        assert s["status"] == "completed", s.get("error")
+        assert s["dest_reports"] >= 1 and s["dest_backlog"]["round"] == 0
+        assert s["dest_wait_ms"] >= 2400
