@@ -526,7 +526,7 @@ class Manager:
                       role=m.role, status=s["status"], pid=m.pid, peer=m.peer,
                       error=s.get("error"), image_id=s.get("image_id"),
                       freeze_ms=s.get("freeze_ms"), total_ms=s.get("total_ms"),
-                      bytes_sent=s.get("bytes_sent"))
+                      bytes_sent=s.get("bytes_sent"), dest_wait_ms=s.get("dest_wait_ms"))
 
     def follow(self, m: Migration) -> asyncio.Queue:
         """A queue of {"event"} then one {"result"} (on the loop)."""

@@ -68,6 +68,8 @@ def test_send_completes(pair):
         assert rc == 0 and s["status"] == "completed", s
         assert s["image_id"] and s["rounds"] and s["freeze_ms"] is not None
         assert s["bytes_sent"] >= 16 << 20
+        # Two daemons agree on "backlog": the destination reported its disk.
+        assert s["dest_reports"] >= 1 and s["dest_wait_ms"] >= 0
         for r in s["rounds"]:
             assert {"round", "pages", "bytes", "duration_ms", "dirty_rate", "bandwidth",
                     "pause_ms"} <= set(r)
