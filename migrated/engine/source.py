@@ -376,6 +376,7 @@ class SourceMigration:
 
         rnd = 0
         t_last_collect = time.perf_counter()
+        wait_ms = 0.0              # for the destination's disk, before a collection
         if stop_and_copy:
             pending = present
             pending_dropped = PageRuns.empty()
@@ -427,7 +428,7 @@ class SourceMigration:
         self.channel.send_event(ev.Freeze(rnd))
         self._send_round(rnd, layout, dirty, dropped, pause_ms=pause,
                          dirty_rate=final_rate, t_collect=t_final, final=True,
-                         expected_ms=self.policy.expected_downtime_ms)
+                         expected_ms=self.policy.expected_downtime_ms, wait_ms=wait_ms)
         self.channel.send_event(ev.FinalEnd(rnd, self.pages_sent))
         self.channel.send_event(ev.CommitRequest(self._held.total_pages()))
         t_commit = time.perf_counter()
