@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import xxhash
 
 from migrated.errors import MigratedError, ProtocolError
+from migrated.image.store import pwrite_all
 from migrated.wire import events as ev
 from migrated.wire import limits as L
 from migrated.wire.events import DeferredData, Pages
@@ -576,7 +577,7 @@ class Channel:
         for off, a, b in stretches:
             if a < have:                    # bytes read with the message's head
                 k = min(b, have)
-                _pwrite_all(fd, prefix[a:k], off)
+                pwrite_all(fd, prefix[a:k], off)
                 off, a = off + k - a, k
             if a < b:
                 try:
@@ -678,14 +679,6 @@ class Channel:
         self._ka_stop.set()
         t.join(timeout)
         self._ka_thread = None
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view, offset = view[n:], offset + n
 
 
 def clip_text(text: str) -> str:

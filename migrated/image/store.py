@@ -19,9 +19,9 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import logging
 import os
 import shutil
-import logging
 import threading
 import time
 import weakref
@@ -106,6 +106,15 @@ def _page_index(seg_fp: np.ndarray, seg_data: np.ndarray, seg_n: np.ndarray) -> 
     """File page of every page of the stretches ImageWriter._segments
     returns, in data order."""
     return np.repeat(seg_fp - seg_data, seg_n) + np.arange(int(seg_n.sum()))
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view`` at ``offset`` (a short write is resumed)."""
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, offset = view[n:], offset + n
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
@@ -595,14 +604,13 @@ class _Flusher:
     ``written()`` gives the page bytes written so far: what a flush that
     starts now makes durable (recorded in ``state``)."""
 
-    def __init__(self, fd: int, state: _FlushState | None = None,
-                 written: Callable[[], int] = lambda: 0):
+    def __init__(self, fd: int, state: _FlushState, written: Callable[[], int]):
         self._fd = os.dup(fd)
         self._kick = threading.Event()
         self._stop = False
         self.sync_s = 0.0
         self.flushes = 0
-        self._state = state or _FlushState()
+        self._state = state
         self._written = written
         self._thread = threading.Thread(target=self._loop, name="migrated-flush", daemon=True)
         self._thread.start()
@@ -998,19 +1006,14 @@ class ImageWriter:
         # must not keep a digest taken earlier.
         self._dirty[slots] = True
         self._last_slots = slots
-        fd, pwrite = self._fd, os.pwrite
+        fd = self._fd
         cpu0 = time.thread_time()
         try:
             if fill is not None:
                 fill(fd, list(zip(offs, lo, hi)))
-                offs = ()
-            for off, a, b in zip(offs, lo, hi):
-                done = pwrite(fd, mv[a:b], off)
-                while done < b - a:           # short write: rare, finish it
-                    if done <= 0:
-                        raise OSError(errno.EIO, "pwrite wrote nothing")
-                    a, off = a + done, off + done
-                    done = pwrite(fd, mv[a:b], off)
+            else:
+                for off, a, b in zip(offs, lo, hi):
+                    pwrite_all(fd, mv[a:b], off)
         except OSError as exc:
             raise self._fail(exc, "writing page data") from None
         except BaseException:
