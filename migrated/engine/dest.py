@@ -153,8 +153,6 @@ class DestMigration:
         self._commit_ms = 0.0
         self._committed_at = 0.0
         self._backlog = False        # "backlog" agreed: report, no live flush
-        self._page_bytes = 0         # page data bytes received so far
-        self._rounds_ended = 0       # RoundEnd messages processed
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
         self._cancel.cancel(reason)
@@ -237,7 +235,6 @@ class DestMigration:
             got = self._wait(lim.idle_timeout_s, "the next message", None)
             if isinstance(got, ev.Pages):
                 unflushed += len(got.data)
-                self._page_bytes += len(got.data)
                 w.write_pages(got.runs, got.data)
                 if frozen and checkpoint is not None:
                     if unflushed >= FROZEN_CHECKPOINT_BYTES:
@@ -261,7 +258,6 @@ class DestMigration:
                 if checkpoint is not None:
                     checkpoint()
                     unflushed = 0
-                self._rounds_ended = got.round + 1
                 if self._backlog:
                     ch.send_event(self._backlog_report())
                 self._emit({"event": "round", **fig})
@@ -277,19 +273,22 @@ class DestMigration:
                 self._unexpected(got)
 
     def _backlog_report(self) -> ev.Backlog:
-        """Page bytes not yet known durable, and how long flushing them
-        should take at the rate background flushes achieved here."""
-        w = self.writer
-        unflushed = max(0, self._page_bytes - int(getattr(w, "flushed_bytes", 0)))
+        """Page bytes received (the connection counts them, queued writes
+        included) not yet known durable, and how long flushing them should
+        take at the rate background flushes achieved here; after the
+        RoundEnd of the connection's last ended round."""
+        w, conn = self.writer, self.channel.conn
+        unflushed = max(0, conn.total_bytes - int(getattr(w, "flushed_bytes", 0)))
         rate = float(getattr(w, "flush_rate", 0.0)) or ASSUMED_FLUSH_RATE
-        return ev.Backlog(self._rounds_ended - 1, min(unflushed, L.U63_MAX),
+        return ev.Backlog(conn.round - 1, min(unflushed, L.U63_MAX),
                           min(unflushed / rate * 1000.0, L.MAX_FIGURE))
 
     def _report_flushed(self) -> None:
         """After a background flush (in the flusher's thread): tell a source
         that may be waiting for the disk.  Only while streaming; a report
         that cannot go out is dropped (the link's failure shows elsewhere)."""
-        if self._rounds_ended == 0 or self.channel.conn.state is not State.STREAMING:
+        conn = self.channel.conn
+        if conn.round == 0 or conn.state is not State.STREAMING:
             return
         try:
             self.channel.send_event(self._backlog_report())

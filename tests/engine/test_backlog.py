@@ -84,7 +84,7 @@ class _Pessimist(dest_mod.DestMigration):
 
     def _backlog_report(self):
         from migrated.wire import Backlog
-        return Backlog(self._rounds_ended - 1, 1 << 30, self.FLUSH_MS)
+        return Backlog(self.channel.conn.round - 1, 1 << 30, self.FLUSH_MS)
 
     def _report_flushed(self) -> None:
         pass
