@@ -218,13 +218,10 @@ class _Connection:
     # -- internals -------------------------------------------------------------
 
     def _hold(self, ev: E.Pages) -> None:
-        """Every check of a Pages message but its digest; applied by
-        deferred_done()."""
-        new = next_state(self.their_role, self._state, type(ev))
-        if new is None:
-            raise _out_of_state(f"{self.their_role.value} may not send pages in "
-                                f"state {self._state.value}")
-        self._held = (ev, self._on_pages(ev, self.their_role), new)
+        """Every check of a Pages message but its digest (_on_pages skips
+        it for DeferredData); applied by deferred_done()."""
+        apply, new = self._check(ev, self.their_role)
+        self._held = (ev, apply, new)
 
     def _fail(self, exc: ProtocolError):
         self._error = exc
@@ -259,14 +256,19 @@ class _Connection:
             raise _out_of_state(f"{self.their_role.value} may not send {type_name} "
                                 f"in state {self._state.value}")
 
-    def _process(self, ev: E.Event, sender: Role) -> None:
-        """Check ``ev`` in context, then apply it.  Nothing changes on error."""
+    def _check(self, ev: E.Event, sender: Role):
+        """(what applies ``ev``, or None; the state after it), or raise.
+        Changes nothing."""
         new = next_state(sender, self._state, type(ev))
         if new is None:
             raise _out_of_state(f"{sender.value} may not send {ev.type_name} in "
                                 f"state {self._state.value}")
         check = getattr(self, "_on_" + ev.type_name.replace("-", "_"), None)
-        apply = check(ev, sender) if check is not None else None
+        return (check(ev, sender) if check is not None else None), new
+
+    def _process(self, ev: E.Event, sender: Role) -> None:
+        """Check ``ev`` in context, then apply it.  Nothing changes on error."""
+        apply, new = self._check(ev, sender)
         if apply is not None:
             apply()
         self._state = new
