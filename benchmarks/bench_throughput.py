@@ -161,34 +161,24 @@ def serve_minimal(tls_dir: str | None, store_dir: str) -> None:
 
 
 def _minimal_splice(conn, fd: int) -> None:
-    import fcntl
     import mmap
     import xxhash
-    from migrated.engine.transport import F_SETPIPE_SZ, SPLICE_PIPE_BYTES
-    rd, wr = os.pipe()
-    fcntl.fcntl(wr, F_SETPIPE_SZ, SPLICE_PIPE_BYTES)
+    from migrated.engine.transport import BlockingTransport
+    # The destination's own socket -> pipe -> file primitive; nothing else
+    # of the engine.
+    tr = BlockingTransport(conn, timeout=60)
     head = bytearray(_MIN_HEADER.size)
     off = 0
     while _recv_exact(conn, memoryview(head)):
         n, digest = _MIN_HEADER.unpack(head)
-        left, pos = n, off
-        while left:
-            k = os.splice(conn.fileno(), wr, min(left, SPLICE_PIPE_BYTES))
-            if not k:
-                raise SystemExit("minimal pipeline: stream ended inside a batch")
-            left -= k
-            while k:
-                w = os.splice(rd, fd, k, offset_dst=pos)
-                pos += w
-                k -= w
+        tr.splice_into(fd, off, n)
         m = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ, offset=off)
         ok = xxhash.xxh3_128_digest(m) == digest
         m.close()
         if not ok:
             raise SystemExit("minimal pipeline: digest mismatch")
         off += n
-    os.close(rd)
-    os.close(wr)
+    tr.close()
 
 
 def _minimal_copy(conn, fd: int) -> None:
