@@ -694,7 +694,7 @@ class SourceMigration:
                 got = self.channel.poll_event()
                 if isinstance(got, want):
                     return got
-                if got is not self.channel.need_data and not isinstance(got, ev.Keepalive):
+                if got is not self.channel.need_data and not self._noted(got):
                     self._unexpected(got, f"while waiting for {what}")
                 if got is self.channel.need_data:
                     raise TransportTimeout(self.peer, f"{self.peer} did not send {what} "
@@ -705,12 +705,12 @@ class SourceMigration:
             got = self.channel.next_event(left)
             if isinstance(got, want):
                 return got
-            if isinstance(got, ev.Keepalive):
+            if self._noted(got):
                 continue
             self._unexpected(got, f"while waiting for {what}")
 
     def _unexpected(self, got, when: str) -> None:
-        if isinstance(got, ev.Keepalive):
+        if self._noted(got):
             return
         if isinstance(got, ev.Error):
             raise PeerError(got.code, f"the destination {self.peer} reported an error "

@@ -146,3 +146,20 @@ def test_the_source_waits_for_the_answer_to_its_round_end_however_late(store):
         assert s["status"] == "completed", s.get("error")
         assert s["dest_reports"] >= 1 and s["dest_backlog"]["round"] == 0
         assert s["dest_wait_ms"] >= 2400
+
+
+def test_a_report_that_crosses_the_commit_request_is_taken_not_refused(store):
+    # A flush ending just as the source freezes: its report reaches the
+    # source while it waits for Committed (legal up to COMMIT_SENT).
+    class Crossing(dest_mod.DestMigration):
+        def _prepare(self, req):
+            self.channel.send_event(self._backlog_report())
+            return super()._prepare(req)
+
+    with workload(mib=16, rate=0) as w:
+        out = migrate(w.pid, store, SendOptions(then="stop"), dest_class=Crossing)
+        s = out.source
+        assert s["status"] == "completed", s.get("error")
+        assert s["dest_reports"] >= 2
+        compare(store, s["image_id"], w.pid)
+        os.kill(w.pid, signal.SIGCONT)
