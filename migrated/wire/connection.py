@@ -44,6 +44,12 @@ def _out_of_state(msg: str) -> ProtocolError:
     return ProtocolError("out-of-state", msg)
 
 
+def _digest_mismatch(ev: E.Pages) -> ProtocolError:
+    return ProtocolError("digest", f"round {ev.round} batch at {int(ev.runs.starts[0]):#x} "
+                         f"({ev.runs.total_pages()} pages): data does not match its "
+                         "xxh3-128 digest")
+
+
 class _Connection:
     our_role: Role
 
@@ -206,10 +212,7 @@ class _Connection:
             raise LocalProtocolError("internal", "deferred_done() with no deferred Pages")
         event, apply, new = held
         if digest != event.digest:
-            n = event.runs.total_pages()
-            self._fail(ProtocolError("digest", f"round {event.round} batch at "
-                                     f"{int(event.runs.starts[0]):#x} ({n} pages): data "
-                                     "does not match its xxh3-128 digest"))
+            self._fail(_digest_mismatch(event))
         self._reader.finish_deferred()
         if apply is not None:
             apply()
@@ -378,9 +381,7 @@ class _Connection:
                                 f"destination's quota of {self.accept.quota_bytes}")
         if (sender is not self.our_role and type(ev.data) is not E.DeferredData
                 and xxhash.xxh3_128_digest(ev.data) != ev.digest):
-            raise ProtocolError("digest", f"round {ev.round} batch at "
-                                f"{int(ev.runs.starts[0]):#x} ({n} pages): data does "
-                                "not match its xxh3-128 digest")
+            raise _digest_mismatch(ev)
 
         def apply():
             self.round_pages += n
