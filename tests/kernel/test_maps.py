@@ -171,11 +171,13 @@ def test_real_child_diff(target):
     assert [m.start for m in diff.new if m.migrates] == [new_region]
     assert not [o for o, n in diff.grown + diff.changed if o.migrates]
     assert old.find(target.addr("keep")) == new.find(target.addr("keep"))
-    # exact address ranges, independent of VMA cutting
+    # exact address ranges, independent of VMA cutting -- less what the
+    # other layout holds there: the kernel may place "new" or the moved
+    # region in a hole just left (seen once in CI: "new" inside "gone")
     assert diff.removed_runs == PageRuns.from_pairs(
-        [(target.addr("shrink", 5), 3), (old_move, 8), (gone_at, 6)])
+        [(target.addr("shrink", 5), 3), (old_move, 8), (gone_at, 6)]).subtract(new.runs())
     assert diff.added_runs == PageRuns.from_pairs(
-        [(new_region, 3), (target.addr("move"), 8)])
+        [(new_region, 3), (target.addr("move"), 8)]).subtract(old.runs())
 
 
 def test_real_child_grow_in_place(target):
