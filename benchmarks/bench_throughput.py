@@ -1,6 +1,7 @@
 """First-round throughput of the engine vs the raw link, in one run.
 
-    python benchmarks/bench_throughput.py [--mib 512] [--repeat 3] [--tracker auto]
+    python benchmarks/bench_throughput.py [--mib 512] [--repeat 3] [--warmup 1]
+                                          [--tracker auto]
 
 For each link (loopback TCP, loopback TLS 1.3 with throwaway self-signed
 certificates) it measures, in this run:
@@ -34,7 +35,9 @@ much the engine itself costs; ``minimal / raw`` what keeping the bytes costs
 on this machine.
 
 And a **budget** (``--no-budget`` skips it): the CPU time per byte of the
-raw link (both ends, from their own rusage) plus what every engine that
+raw link (both ends, from their own rusage; over plain TCP with a receiver
+that splices into /dev/null, since the destination splices there and its
+one copy is the store below) plus what every engine that
 reads, verifies and keeps the bytes must add -- one process_vm_readv of
 the workload, an xxh3-128 over the data at each end, one write into a
 fresh file -- each measured here, cheapest of ``--repeat`` (the store as
@@ -45,7 +48,13 @@ time that sum gives the fastest possible first round on this machine, and
 so the best ratio any such engine could print here.
 
 It prints both rates and their ratio (target >= 0.5).  The best of
-``--repeat`` runs of each is kept (timings on a shared machine are noisy).
+``--repeat`` runs of each is kept (timings on a shared machine are noisy);
+each repeat runs every kind once, so all kinds sample the same stretch of
+the machine's drift.  Before them, ``--warmup`` untimed engine and raw
+runs per link: the first engine run after the workload was made writes
+into memory the VM's host has not backed yet (first touch costs several
+times a rewrite here, see the last line) and measures that, not the
+engine.
 """
 
 from __future__ import annotations
@@ -108,10 +117,18 @@ def _listen(tls_dir: str | None):
     return conn
 
 
-def serve_raw(tls_dir: str | None, store_dir: str = "") -> None:
+def serve_raw(tls_dir: str | None, store_dir: str = "", splice: bool = False) -> None:
     """Read and discard -- or, with ``store_dir``, append everything to a
-    fresh file there (the least any receiver that keeps the bytes does)."""
+    fresh file there (the least any receiver that keeps the bytes does);
+    with ``splice`` (plain TCP only), move it socket -> pipe -> /dev/null,
+    never copying it into this process: the link's own cost for a receiver
+    that splices, as the destination does over plain TCP."""
     conn = _listen(tls_dir)
+    cpu0 = _cpu_s()      # from the connection on: not this interpreter's start
+    if splice:
+        _discard_by_splice(conn)
+        print(json.dumps({"cpu_s": _cpu_s() - cpu0}), flush=True)
+        return
     buf = bytearray(RECV_BLOCK)
     mv = memoryview(buf)
     fd = -1
@@ -126,8 +143,25 @@ def serve_raw(tls_dir: str | None, store_dir: str = "") -> None:
     if fd >= 0:
         os.close(fd)
     conn.close()
+    print(json.dumps({"cpu_s": _cpu_s() - cpu0}), flush=True)
+
+
+def _cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime}), flush=True)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _discard_by_splice(conn) -> None:
+    rfd, wfd = os.pipe()
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        while (n := os.splice(conn.fileno(), wfd, RECV_BLOCK)) > 0:
+            while n > 0:
+                n -= os.splice(rfd, null, n)
+    finally:
+        for fd in (rfd, wfd, null):
+            os.close(fd)
+    conn.close()
 
 
 # The minimal pipeline's batch header: payload length, xxh3-128 digest.
@@ -286,9 +320,10 @@ def dest_report(p: subprocess.Popen) -> dict:
         return {}
 
 
-def _spawn(role: str, tls_dir: str | None, state_dir: str = "") -> tuple[subprocess.Popen, int]:
+def _spawn(role: str, tls_dir: str | None, state_dir: str = "",
+           extra: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     argv = [sys.executable, os.path.abspath(__file__), f"--serve-{role}", "--tls-dir", tls_dir or "",
-            "--state-dir", state_dir]
+            "--state-dir", state_dir, *(extra or [])]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     port = int(p.stdout.readline())
     return p, port
@@ -303,16 +338,18 @@ def _connect(port: int, tls_dir: str | None):
 
 # -- measurements -----------------------------------------------------------------------
 
-def raw_rate(nbytes: int, tls_dir: str | None, store: bool = False) -> tuple[float, float]:
+def raw_rate(nbytes: int, tls_dir: str | None, store: bool = False,
+             splice: bool = False) -> tuple[float, float]:
     """(bytes/s, CPU seconds per byte of sender and receiver together)."""
     if store:
         with tempfile.TemporaryDirectory(prefix="bench-raw-") as d:
             return _raw_rate(nbytes, tls_dir, d)
-    return _raw_rate(nbytes, tls_dir, "")
+    return _raw_rate(nbytes, tls_dir, "", splice)
 
 
-def _raw_rate(nbytes: int, tls_dir: str | None, store_dir: str) -> tuple[float, float]:
-    p, port = _spawn("raw", tls_dir, store_dir)
+def _raw_rate(nbytes: int, tls_dir: str | None, store_dir: str,
+              splice: bool = False) -> tuple[float, float]:
+    p, port = _spawn("raw", tls_dir, store_dir, ["--splice"] if splice else [])
     try:
         s = _connect(port, tls_dir)
         block = os.urandom(RAW_BLOCK)
@@ -327,7 +364,7 @@ def _raw_rate(nbytes: int, tls_dir: str | None, store_dir: str) -> tuple[float, 
         p.wait(60)   # the receiver has read everything
         dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
         s.close()
-        cpu += dest_report(p).get("cpu_s", 0.0)   # the receiver's whole life: a bit more
+        cpu += dest_report(p).get("cpu_s", 0.0)   # the receiver's, from its accept
         return nbytes / dt, cpu / nbytes
     finally:
         if p.poll() is None:
@@ -422,6 +459,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed engine and raw runs per link before the measured ones")
     ap.add_argument("--tracker", default="auto")
     ap.add_argument("--no-budget", action="store_true",
                     help="skip the budget (fastest round 0 this machine allows)")
@@ -432,9 +471,10 @@ def main() -> int:
     ap.add_argument("--serve-dest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--state-dir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--splice", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_raw:
-        serve_raw(a.tls_dir or None, a.state_dir)
+        serve_raw(a.tls_dir or None, a.state_dir, a.splice)
         return 0
     if a.serve_minimal:
         serve_minimal(a.tls_dir or None, a.state_dir)
@@ -449,17 +489,27 @@ def main() -> int:
         _self_signed(certdir)
         print(f"workload: {a.mib} MiB idle, pid {w.pid}")
         for name, tls in (("tcp", None), ("tls1.3", certdir)):
-            # Engine and minimal pipeline runs alternate: each run frees the
-            # page cache of the file it wrote and the next one gets those
-            # pages back cheap, so neither kind always follows the other.
-            eng, mins = [], []
+            # Warm-up, not counted: the first run after the workload was
+            # made meets memory the host has not backed yet (module doc).
+            warm = [engine_round0(w.pid, tls, a.tracker) for _ in range(a.warmup)]
+            for x in warm:
+                raw_rate(x["bytes"], tls)
+            if warm:
+                print(f"{name:7s} warm-up (not counted): engine "
+                      + ", ".join(f"{x['rate'] / 2**20:.0f}" for x in warm) + " MiB/s")
+            # Each repeat runs every kind once -- engine, minimal pipeline,
+            # raw, raw + store -- so all kinds meet the machine in the same
+            # states (the link's speed drifts over a run here) and neither
+            # engine nor minimal always inherits the page cache the other
+            # just freed.
+            eng, mins, raw, stored = [], [], [], []
             for _ in range(a.repeat):
                 eng.append(engine_round0(w.pid, tls, a.tracker))
+                nbytes = eng[0]["bytes"]
                 if not a.no_minimal:
                     mins.append(minimal_rate(w.pid, w.addr, w.mib << 20, tls))
-            nbytes = eng[0]["bytes"]
-            raw = [raw_rate(nbytes, tls) for _ in range(a.repeat)]
-            stored = [raw_rate(nbytes, tls, store=True)[0] for _ in range(a.repeat)]
+                raw.append(raw_rate(nbytes, tls))
+                stored.append(raw_rate(nbytes, tls, store=True)[0])
             (r, raw_cpu), e, rs = max(raw), max(x["rate"] for x in eng), max(stored)
             ratio = e / r
             ok &= ratio >= TARGET_RATIO
@@ -478,11 +528,19 @@ def main() -> int:
                     for _ in range(a.repeat):
                         runs.append(work_ns(w.pid, w.addr, w.mib << 20, d))
                 work = {k: min(x[k] for x in runs) for k in runs[0]}
+                if not tls:
+                    # Over plain TCP the destination splices: the store's copy
+                    # replaces the receiver's copy, so the link's share is
+                    # that of a receiver that splices (the cheapest of the
+                    # repeats, like the work items).
+                    raw_cpu = min(raw_rate(nbytes, None, splice=True)[1]
+                                  for _ in range(a.repeat))
                 store_hi = max(x["store"] for x in runs)
                 cores = os.cpu_count() or 1
                 floor, best = budget(raw_cpu * 1e9, work, cores)
                 floor_hi, best_lo = budget(raw_cpu * 1e9, work | {"store": store_hi}, cores)
-                print(f"{'':7s} budget: raw link {raw_cpu * 1e9:.2f} + read {work['read']:.2f} + "
+                link = "raw link" if tls else "raw link (splicing receiver)"
+                print(f"{'':7s} budget: {link} {raw_cpu * 1e9:.2f} + read {work['read']:.2f} + "
                       f"2 x xxh3 {work['digest']:.2f} + store {work['store']:.2f}-{store_hi:.2f} "
                       f"= {floor:.2f}-{floor_hi:.2f} CPU ns/B; on {cores} cores at best "
                       f"{best_lo / 2**20:.0f}-{best / 2**20:.0f} MiB/s = ratio "
