@@ -199,6 +199,13 @@ class BlockingTransport:
                            and sock.type == socket.SOCK_STREAM
                            and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
         sock.settimeout(self.timeout)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            # No Nagle: the small messages that end a round or the freeze
+            # (RoundEnd, FinalEnd, CommitRequest, Release) must not wait for
+            # the ACK of the batch before them -- with delayed ACKs that
+            # is some 40 ms, spent with the target frozen.  The page batches
+            # go out in full-size segments anyway.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # -- sending ----------------------------------------------------------------
 
