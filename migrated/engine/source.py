@@ -82,10 +82,11 @@ CAPABILITIES = ("zeros", "backlog")
 # last RoundEnd (it comes once the destination has read the whole round),
 # then, while its flush alone would take more than this share of the
 # downtime target, its disk.  Waiting costs no downtime (the process runs
-# on), while a flush still under way when the final delta arrives costs
-# the freeze twice: the delta's writes wait for the flush's block
-# allocation, and the commit must finish it.  (bench_precopy: with 0.5
-# the freeze was 38-106 ms, with 0.05 45-59 in the best of two runs.)
+# on), while a flush still under way at the freeze must be finished by the
+# commit.  (Session 5 chose 0.05 over 0.5 on bench_precopy figures that
+# Nagle's 40 ms stalls turned out to blur; with TCP_NODELAY, session 6
+# measured no difference: 256 MiB busy, freeze 51-65 against 52-61 ms and
+# 0.1 s longer migrations; 512 MiB idle, 54-62 against 56-60 ms.)
 BACKLOG_WAIT_SHARE = 0.05
 
 
