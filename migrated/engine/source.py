@@ -417,7 +417,12 @@ class SourceMigration:
         else:
             got = self.tracker.collect(layout)
             final_dirty, final_dropped, pause = got.dirty, got.dropped, got.pause_ms
-            final_rate = final_dirty.total_bytes() / max(t_final - t_last_collect, 1e-6)
+            # The tracker reports again what the last collection found and
+            # pre-copy did not send (``pending``): those writes were counted
+            # in that collection's rate.  The rate since is of what is new
+            # (a pending page written again in these few ms is not counted).
+            fresh = final_dirty.subtract(pending)
+            final_rate = fresh.total_bytes() / max(t_final - t_last_collect, 1e-6)
         t_sent_final = time.perf_counter()
         dirty = pending.subtract(final_dropped).union(final_dirty)
         dropped = pending_dropped.union(final_dropped).subtract(dirty)

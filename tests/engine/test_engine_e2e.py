@@ -19,6 +19,7 @@ from tests.engine.imagecheck import compare
 from tests.engine.procs import workload
 
 MIB = 1024 * 1024
+PAGE = 4096
 
 
 @pytest.fixture
@@ -74,6 +75,31 @@ def test_steady_writer_is_exact(store):
         compare(store, s["image_id"], w.pid)
         # the writer kept writing during round 0: the final delta is not empty
         assert s["rounds"][-1]["final"] and s["rounds"][-1]["pages"] > 0
+        _thaw(w.pid)
+
+
+def test_the_final_rounds_dirty_rate_counts_only_what_was_written_after_the_last_collection(
+        store):
+    # One live round, long enough for the writer to dirty many pages; then
+    # the writer is stopped (by the test, so nothing is written after the
+    # collection that follows).  That collection finds the pages and
+    # pre-copy ends; the final collection at the freeze reports them again
+    # (found, never sent) -- they were counted in that collection's rate.
+    # Nothing was written since, so the final round's rate is 0; counting
+    # them again, divided by the few ms between the two collections, read
+    # as tens of GB/s.
+    def stop_writer(src, e):
+        if e["event"] == "round" and e["round"] == 0:
+            os.kill(src.pid, signal.SIGSTOP)
+
+    with workload(mib=32, rate=20000) as w:
+        out = migrate(w.pid, store, SendOptions(then="stop", max_rounds=1), on_event=stop_writer)
+        s = out.source
+        assert s["status"] == "completed", s.get("error")
+        final = s["rounds"][-1]
+        assert final["final"] and final["pages"] > 256      # the last collection's pages
+        assert final["dirty_rate"] == 0, final
+        compare(store, s["image_id"], w.pid)
         _thaw(w.pid)
 
 
