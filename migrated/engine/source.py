@@ -371,6 +371,7 @@ class SourceMigration:
         if stop_and_copy:
             self._freeze()
         layout = read_layout(self.pid)
+        t_armed = time.perf_counter()      # the tracker records writes from here on
         present = self.tracker.start(layout).dirty
         self._handshake_start(present.total_bytes())
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
@@ -384,7 +385,9 @@ class SourceMigration:
         else:
             self._send_round(rnd, layout, present, PageRuns.empty(), pause_ms=0.0,
                              dirty_rate=0.0, t_collect=t_last_collect)
-            t_last_collect = time.perf_counter()
+            # The first collection reports every write since the tracker
+            # started, round 0's included: its rate is over that time.
+            t_last_collect = t_armed
             while True:
                 rnd += 1
                 wait_ms = self._wait_for_destination(rnd - 1) if self._backlog_on else 0.0
