@@ -127,8 +127,12 @@ def serve_raw(tls_dir: str | None, store_dir: str = "", splice: bool = False) ->
     cpu0 = _cpu_s()      # from the connection on: not this interpreter's start
     if splice:
         _discard_by_splice(conn)
-        print(json.dumps({"cpu_s": _cpu_s() - cpu0}), flush=True)
-        return
+    else:
+        _discard_or_store(conn, store_dir)
+    print(json.dumps({"cpu_s": _cpu_s() - cpu0}), flush=True)
+
+
+def _discard_or_store(conn, store_dir: str) -> None:
     buf = bytearray(RECV_BLOCK)
     mv = memoryview(buf)
     fd = -1
@@ -143,7 +147,6 @@ def serve_raw(tls_dir: str | None, store_dir: str = "", splice: bool = False) ->
     if fd >= 0:
         os.close(fd)
     conn.close()
-    print(json.dumps({"cpu_s": _cpu_s() - cpu0}), flush=True)
 
 
 def _cpu_s() -> float:
@@ -152,10 +155,14 @@ def _cpu_s() -> float:
 
 
 def _discard_by_splice(conn) -> None:
+    import fcntl
+    from migrated.engine.transport import F_SETPIPE_SZ, SPLICE_PIPE_BYTES
     rfd, wfd = os.pipe()
+    # The destination's pipe size: as many bytes per splice as it moves.
+    fcntl.fcntl(wfd, F_SETPIPE_SZ, SPLICE_PIPE_BYTES)
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        while (n := os.splice(conn.fileno(), wfd, RECV_BLOCK)) > 0:
+        while (n := os.splice(conn.fileno(), wfd, SPLICE_PIPE_BYTES)) > 0:
             while n > 0:
                 n -= os.splice(rfd, null, n)
     finally:
