@@ -18,6 +18,7 @@ Region pages are numbered from 0 within the region; NAME is any word.
   unmap NAME [FIRST COUNT]        munmap all (forget NAME) or a part
                                   (unmapping the tail shrinks NAME)
   dontneed NAME FIRST COUNT       madvise(MADV_DONTNEED)
+  remove NAME FIRST COUNT         madvise(MADV_REMOVE): a hole in shared memory
   protect NAME FIRST COUNT PERMS  mprotect; PERMS like rw, r, none
   remap NAME NEWPAGES [move]      mremap(MAYMOVE[|FIXED elsewhere]) -> ok ADDR
   label NAME LABEL                PR_SET_VMA_ANON_NAME -> [anon:LABEL]
@@ -79,6 +80,7 @@ def expected(addr: int, npages: int, seed: int) -> bytes:
 _PROT = {"none": 0, "r": 1, "w": 2, "rw": 3, "rx": 5, "rwx": 7}
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_DONTNEED = 4
+MADV_REMOVE = 9
 PR_SET_PDEATHSIG = 1
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 MFD_CLOEXEC = 1
@@ -219,6 +221,11 @@ class _Child:
     def cmd_dontneed(self, name, first, count):
         addr, count = self._region(name, first, count)
         self._check(self.libc.madvise(addr, count * PAGE, MADV_DONTNEED), "madvise")
+        return ""
+
+    def cmd_remove(self, name, first, count):
+        addr, count = self._region(name, first, count)
+        self._check(self.libc.madvise(addr, count * PAGE, MADV_REMOVE), "madvise")
         return ""
 
     def cmd_protect(self, name, first, count, perms):
@@ -448,6 +455,9 @@ class Target:
 
     def dontneed(self, name: str, first: int, count: int) -> None:
         self.cmd("dontneed", name, first, count)
+
+    def remove(self, name: str, first: int, count: int) -> None:
+        self.cmd("remove", name, first, count)
 
     def protect(self, name: str, first: int, count: int, perms: str) -> None:
         self.cmd("protect", name, first, count, perms)

@@ -115,7 +115,7 @@ TARGET_UFFD_FLAGS = UFFD_USER_MODE_ONLY | os.O_CLOEXEC | os.O_NONBLOCK
 # that, without write-protecting (_file_pages).
 _SCAN_FLAGS = pm.PM_SCAN_WP_MATCHING | pm.PM_SCAN_CHECK_WPASYNC
 _RESIDENT = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
-_SCAN_RETURN = pm.PAGE_IS_WRITTEN
+_SCAN_RETURN = pm.PAGE_IS_WRITTEN | pm.PAGE_IS_PRESENT
 _FILE_RETURN = pm.PAGE_IS_FILE | pm.PAGE_IS_PRESENT
 # A page-cache scan spans file mappings across private anonymous ones of
 # up to this size in all (their present pages cost a page lookup each).
@@ -334,9 +334,23 @@ class UffdWpTracker(Tracker):
         if reg is None:
             return None
         counts = (reg.ends - reg.starts) >> _U64(PAGE_SHIFT)
-        is_w = (reg.categories & _U64(pm.PAGE_IS_WRITTEN)) != 0
+        cats = reg.categories
+        is_w = (cats & _U64(pm.PAGE_IS_WRITTEN)) != 0
         resident = PageRuns(reg.starts, counts)
         written = PageRuns(reg.starts[is_w], counts[is_w])
+        shared = [m for m in group if m.kind == "shared-anon"]
+        if shared:
+            # Shared memory keeps no swap entries in page tables: what reads
+            # as swapped there is a uffd-wp marker left where the page was
+            # unmapped -- by reclaim or MADV_DONTNEED (content kept) or by
+            # MADV_REMOVE / a hole punched in the memfd (content now zeros),
+            # which no write reports.  Sent again: it reads back what is
+            # there now, and the read maps it, protected, for next time.
+            gone = (cats & _U64(pm.PAGE_IS_PRESENT)) == 0
+            if gone.any():
+                written = written.union(PageRuns(reg.starts[gone], counts[gone]).intersect(
+                    PageRuns(np.array([m.start for m in shared], _U64),
+                             np.array([m.npages for m in shared], _U64))))
         files = [m for m in group if m.kind == "file"]
         if files and resident:
             cache = self._file_pages(group, files)

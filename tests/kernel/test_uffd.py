@@ -330,6 +330,28 @@ def test_dontneed_then_read_fault_is_not_stale(setup):
     final_round(fz, eng)
 
 
+@pytest.mark.parametrize("kind", ["shared", "memfd"])
+def test_hole_punched_in_shared_memory_is_dirty(setup, kind):
+    """MADV_REMOVE frees shared memory: the pages read as zeros from then
+    on, yet nothing was written through the page table (the unmapped
+    entries keep only a uffd-wp marker).  They must be sent again; so are
+    pages merely unmapped (MADV_DONTNEED, their content unchanged)."""
+    t, fz, tr, eng = setup
+    t.map("s", 16, kind)
+    t.write("s", 0, 16, seed=2)
+    eng.start()
+    s = region(t, "s")
+    t.remove("s", 3, 2)
+    t.dontneed("s", 8, 1)
+    c = eng.round()
+    assert c.dirty.clip(*s) == pages(t, "s", (3, 2), (8, 1))
+    assert not c.dropped.clip(*s)
+    assert not eng.round().dirty.clip(*s), "read back, protected again: clean"
+    t.remove("s", 12, 1)                     # right before the freeze
+    c = final_round(fz, eng)
+    assert c.dirty.clip(*s) == pages(t, "s", (12, 1))
+
+
 def test_private_file_mapping_only_its_own_pages(setup, tmp_path):
     """Plain page-cache pages of a private file mapping are the file's,
     not the target's (read faults map them without the write-protect bit,
