@@ -19,6 +19,7 @@ Region pages are numbered from 0 within the region; NAME is any word.
                                   (unmapping the tail shrinks NAME)
   dontneed NAME FIRST COUNT       madvise(MADV_DONTNEED)
   remove NAME FIRST COUNT         madvise(MADV_REMOVE): a hole in shared memory
+  advise NAME FIRST COUNT ADVICE  madvise: free, pageout, cold, populate_read, populate_write
   protect NAME FIRST COUNT PERMS  mprotect; PERMS like rw, r, none
   remap NAME NEWPAGES [move]      mremap(MAYMOVE[|FIXED elsewhere]) -> ok ADDR
   label NAME LABEL                PR_SET_VMA_ANON_NAME -> [anon:LABEL]
@@ -81,6 +82,8 @@ _PROT = {"none": 0, "r": 1, "w": 2, "rw": 3, "rx": 5, "rwx": 7}
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
+_ADVICE = {"free": 8, "cold": 20, "pageout": 21, "populate_read": 22,
+           "populate_write": 23}
 PR_SET_PDEATHSIG = 1
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 MFD_CLOEXEC = 1
@@ -226,6 +229,11 @@ class _Child:
     def cmd_remove(self, name, first, count):
         addr, count = self._region(name, first, count)
         self._check(self.libc.madvise(addr, count * PAGE, MADV_REMOVE), "madvise")
+        return ""
+
+    def cmd_advise(self, name, first, count, advice):
+        addr, count = self._region(name, first, count)
+        self._check(self.libc.madvise(addr, count * PAGE, _ADVICE[advice]), "madvise")
         return ""
 
     def cmd_protect(self, name, first, count, perms):
@@ -458,6 +466,9 @@ class Target:
 
     def remove(self, name: str, first: int, count: int) -> None:
         self.cmd("remove", name, first, count)
+
+    def advise(self, name: str, first: int, count: int, advice: str) -> None:
+        self.cmd("advise", name, first, count, advice)
 
     def protect(self, name: str, first: int, count: int, perms: str) -> None:
         self.cmd("protect", name, first, count, perms)

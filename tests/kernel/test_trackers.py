@@ -223,6 +223,57 @@ def test_dontneed_then_read_fault_is_dirty(setup):
     final_round(fz, eng)
 
 
+def test_private_file_mapping_sends_only_the_targets_copies(setup, tmp_path):
+    """Plain page-cache pages of a private file mapping are the file's
+    (the destination has the file): never sent.  The pages the target
+    wrote are its copies: sent.  A copy dropped again with MADV_DONTNEED
+    reads as the file once more and must not stay at the destination --
+    also when that happens right before the freeze.  (Under uffd-wp the
+    dropped copy leaves a marker that reads as swapped.)"""
+    t, fz, tr, eng = setup
+    path = tmp_path / "backing"
+    path.write_bytes(bytes(range(256)) * (16 * P // 256))
+    t.map_file("f", str(path), 16)
+    f = region(t, "f")
+    t.touch("f", 0, 8)                       # page cache, mapped by reads
+    t.write("f", 2, 2, seed=3)               # copies on write
+    assert eng.start().dirty.clip(*f) == pages(t, "f", (2, 2))
+    t.touch("f", 8, 4)                       # more page cache
+    t.write("f", 12, 1, seed=4)              # a new copy
+    t.write("f", 0, 1, seed=4)               # a copy of a page-cache page
+    c = eng.round()
+    assert c.dirty.clip(*f) == pages(t, "f", (0, 1), (12, 1))
+    assert not c.dropped.clip(*f)
+    t.dontneed("f", 2, 1)
+    c = eng.round()
+    assert c.dropped.clip(*f) == pages(t, "f", (2, 1))
+    assert not c.dirty.clip(*f)
+    t.touch("f", 2, 1)                       # the file's page again
+    c = eng.round()
+    assert not c.dirty.clip(*f) and not c.dropped.clip(*f)
+    t.dontneed("f", 12, 1)
+    c = final_round(fz, eng)
+    assert c.dropped.clip(*f) == pages(t, "f", (12, 1))
+
+
+@pytest.mark.parametrize("mem", ["shared", "memfd"])
+def test_hole_punched_in_shared_memory_is_not_kept(setup, mem):
+    """MADV_REMOVE frees shared memory: the pages read as zeros from then
+    on, and nothing wrote them through the page table.  They must be sent
+    again or dropped, never kept -- also right before the freeze."""
+    t, fz, tr, eng = setup
+    t.map("s", 16, mem)
+    t.write("s", 0, 16, seed=2)
+    eng.start()
+    s = region(t, "s")
+    t.remove("s", 3, 2)
+    c = eng.round()
+    assert not pages(t, "s", (3, 2)).subtract(c.dirty.union(c.dropped))
+    t.remove("s", 12, 1)
+    c = final_round(fz, eng)
+    assert not pages(t, "s", (12, 1)).subtract(c.dirty.union(c.dropped))
+
+
 def test_vma_churn_between_rounds(setup):
     t, fz, tr, eng = setup
     t.map("keep", 32, guard=True)

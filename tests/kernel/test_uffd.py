@@ -330,62 +330,6 @@ def test_dontneed_then_read_fault_is_not_stale(setup):
     final_round(fz, eng)
 
 
-@pytest.mark.parametrize("kind", ["shared", "memfd"])
-def test_hole_punched_in_shared_memory_is_dirty(setup, kind):
-    """MADV_REMOVE frees shared memory: the pages read as zeros from then
-    on, yet nothing was written through the page table (the unmapped
-    entries keep only a uffd-wp marker).  They must be sent again; so are
-    pages merely unmapped (MADV_DONTNEED, their content unchanged)."""
-    t, fz, tr, eng = setup
-    t.map("s", 16, kind)
-    t.write("s", 0, 16, seed=2)
-    eng.start()
-    s = region(t, "s")
-    t.remove("s", 3, 2)
-    t.dontneed("s", 8, 1)
-    c = eng.round()
-    assert c.dirty.clip(*s) == pages(t, "s", (3, 2), (8, 1))
-    assert not c.dropped.clip(*s)
-    assert not eng.round().dirty.clip(*s), "read back, protected again: clean"
-    t.remove("s", 12, 1)                     # right before the freeze
-    c = final_round(fz, eng)
-    assert c.dirty.clip(*s) == pages(t, "s", (12, 1))
-
-
-def test_private_file_mapping_only_its_own_pages(setup, tmp_path):
-    """Plain page-cache pages of a private file mapping are the file's,
-    not the target's (read faults map them without the write-protect bit,
-    so the scan alone would call them written): never dirty.  Pages the
-    target wrote are its copies: dirty.  A copy dropped again reverts to
-    the file's page: dropped, and not dirty when read back in."""
-    t, fz, tr, eng = setup
-    path = tmp_path / "backing"
-    path.write_bytes(bytes(range(256)) * (16 * P // 256))
-    t.map("guard", 4, guard=True)            # keeps anon neighbours apart
-    t.map_file("f", str(path), 16)
-    f = region(t, "f")
-    t.touch("f", 0, 8)                       # page cache, mapped by reads
-    t.write("f", 2, 2, seed=3)               # copies on write: the target's
-    c = eng.start()
-    assert c.dirty.clip(*f) == pages(t, "f", (2, 2))
-    t.touch("f", 8, 4)                       # more page cache after the start
-    t.write("f", 12, 1, seed=4)              # a new copy
-    t.write("f", 0, 1, seed=4)               # a copy of a page-cache page
-    c = eng.round()
-    assert c.dirty.clip(*f) == pages(t, "f", (0, 1), (12, 1))
-    assert not c.dropped.clip(*f)
-    t.dontneed("f", 2, 1)                    # the copy is gone: the file again
-    c = eng.round()
-    assert c.dropped.clip(*f) == pages(t, "f", (2, 1))
-    assert not c.dirty.clip(*f)
-    t.touch("f", 2, 1)
-    c = eng.round()
-    assert not c.dirty.clip(*f) and not c.dropped.clip(*f)
-    t.dontneed("f", 12, 1)                   # and right before the freeze
-    c = final_round(fz, eng)
-    assert c.dropped.clip(*f) == pages(t, "f", (12, 1))
-
-
 def test_mremap_and_mprotect(setup):
     t, fz, tr, eng = setup
     t.map("m", 16)
