@@ -82,7 +82,7 @@ _PROT = {"none": 0, "r": 1, "w": 2, "rw": 3, "rx": 5, "rwx": 7}
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
-_ADVICE = {"free": 8, "cold": 20, "pageout": 21, "populate_read": 22,
+_ADVICE = {"free": 8, "cold": 20, "pageout": 21, "populate_read": 22, "collapse": 25,
            "populate_write": 23}
 PR_SET_PDEATHSIG = 1
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0

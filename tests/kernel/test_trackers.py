@@ -30,6 +30,7 @@ from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import (Collected, DigestTracker, PageDigests, make_tracker,
                                       page_digests, runs_from_addrs)
 from migrated.runs import PAGE_SIZE, PageRuns
+from tests.target import TargetError
 
 P = PAGE_SIZE
 
@@ -84,6 +85,21 @@ class MiniEngine:
         self.send(c, **kw)
         return c
 
+    def _zero_anon(self, layout, addrs: set[int]) -> set[int]:
+        """Those of ``addrs`` in private anonymous mappings that read as
+        zeros.  Never sent, such a page is a zero page at the destination
+        too: the same memory.  (khugepaged fills the holes of a 2 MiB block
+        with zero pages when it collapses it, even while the target is
+        stopped: seen once in the lab, 17 pages of the target's heap.)"""
+        anon = PageRuns.concat([m.runs() for m in layout if m.kind == "anon"])
+        todo = runs_from_addrs(np.array(sorted(addrs), np.uint64)).intersect(anon)
+        zero = set()
+        for chunk in self.reader.read(todo):
+            data = np.frombuffer(chunk.data, np.uint8).reshape(-1, P)
+            flat = ~data.any(axis=1)
+            zero.update(a for a, z in zip(chunk.runs.page_addresses().tolist(), flat) if z)
+        return zero
+
     def verify(self) -> None:
         """Target must be frozen.  Mirror == memory over every present page
         of every migratable mapping, and the mirror holds nothing else."""
@@ -95,6 +111,8 @@ class MiniEngine:
         assert not extra, (f"{len(extra)} pages kept that the target no longer has, "
                            f"e.g. {sorted(extra)[:3]}")
         missing = set(addrs) - set(self.mirror)
+        if missing:
+            missing -= self._zero_anon(layout, missing)
         assert not missing, (f"{len(missing)} present pages never sent, "
                              f"e.g. {[hex(a) for a in sorted(missing)[:3]]}")
         bad = []
@@ -274,17 +292,11 @@ def test_hole_punched_in_shared_memory_is_not_kept(setup, mem):
     assert not pages(t, "s", (12, 1)).subtract(c.dirty.union(c.dropped))
 
 
-def test_lazily_freed_pages_reclaimed(setup, kind):
+def test_lazily_freed_pages_reclaimed(setup):
     """MADV_FREE then reclaim (MADV_PAGEOUT) discards the pages: they read
     as zeros though nothing wrote them.  Whatever the tracker makes of it
     (dropped, or sent again), the destination must not keep the old bytes;
     and a page written again after MADV_FREE keeps its new content."""
-    if kind == "soft-dirty":
-        # In the lab this passed 27 times in 28; the one failure was in
-        # the final check, on 17 pages of the target's heap (outside the
-        # region this test touches) never sent.  Not understood yet (see
-        # the README, session 7): kept out of the lab until it is.
-        pytest.skip("soft-dirty: one unexplained failure on heap pages in 28 lab runs")
     t, fz, tr, eng = setup
     t.map("a", 16, guard=True)
     t.write("a", 0, 16, seed=2)
@@ -298,6 +310,28 @@ def test_lazily_freed_pages_reclaimed(setup, kind):
     assert c.dirty.clip(*a).contains(pages(t, "a", (6, 1)))
     t.advise("a", 10, 2, "free")
     t.advise("a", 10, 2, "pageout")          # right before the freeze
+    final_round(fz, eng)
+
+
+def test_huge_page_collapse(setup):
+    """khugepaged (here MADV_COLLAPSE) copies a 2 MiB block into one huge
+    page and fills its holes with zero pages.  The memory is the same; what
+    was sent must still equal it, and a write after it is not lost."""
+    t, fz, tr, eng = setup
+    t.map("h", 1024)                         # holds one 2 MiB-aligned block
+    block = 2 << 20
+    k = (-t.addr("h") % block) // P          # its first page in the region
+    for i in range(0, 512, 16):
+        t.write("h", k + i, 1, seed=1)       # 32 pages, 480 holes
+    eng.start()
+    try:
+        t.advise("h", k, 512, "collapse")
+    except TargetError as e:
+        # uffd-wp: the kernel does not collapse write-protected entries.
+        assert tr.name == "uffd-wp", e
+    t.write("h", k + 5, 1, seed=2)
+    eng.round()
+    t.write("h", k + 300, 1, seed=3)
     final_round(fz, eng)
 
 
