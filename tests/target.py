@@ -21,7 +21,7 @@ Region pages are numbered from 0 within the region; NAME is any word.
   remove NAME FIRST COUNT         madvise(MADV_REMOVE): a hole in shared memory
   advise NAME FIRST COUNT ADVICE  madvise: free, pageout, cold, populate_read, populate_write
   protect NAME FIRST COUNT PERMS  mprotect; PERMS like rw, r, none
-  remap NAME NEWPAGES [move]      mremap(MAYMOVE[|FIXED elsewhere]) -> ok ADDR
+  remap NAME NEWPAGES [move|dontunmap]  mremap(MAYMOVE[|FIXED elsewhere|DONTUNMAP]) -> ok ADDR
   label NAME LABEL                PR_SET_VMA_ANON_NAME -> [anon:LABEL]
   threads N                       start N sleeping threads -> ok TID...
   churn RATE                      a thread that starts RATE short threads/s
@@ -79,7 +79,7 @@ def expected(addr: int, npages: int, seed: int) -> bytes:
 # -- child side -----------------------------------------------------------------
 
 _PROT = {"none": 0, "r": 1, "w": 2, "rw": 3, "rx": 5, "rwx": 7}
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
 _ADVICE = {"free": 8, "cold": 20, "pageout": 21, "populate_read": 22, "collapse": 25,
@@ -249,6 +249,10 @@ class _Child:
             dest = self._mmap(new * PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             res = self.libc.mremap(addr, n * PAGE, new * PAGE,
                                    MREMAP_MAYMOVE | MREMAP_FIXED, dest)
+        elif move == "dontunmap":
+            # The pages move to a new range; the old one stays mapped, empty.
+            res = self.libc.mremap(addr, n * PAGE, new * PAGE,
+                                   MREMAP_MAYMOVE | MREMAP_DONTUNMAP, None)
         else:
             res = self.libc.mremap(addr, n * PAGE, new * PAGE, MREMAP_MAYMOVE, None)
         res = self._check(res, "mremap")
@@ -473,8 +477,11 @@ class Target:
     def protect(self, name: str, first: int, count: int, perms: str) -> None:
         self.cmd("protect", name, first, count, perms)
 
-    def remap(self, name: str, newpages: int, move: bool = False) -> int:
-        addr = int(self.cmd("remap", name, newpages, *(["move"] if move else [])), 16)
+    def remap(self, name: str, newpages: int, move: bool | str = False) -> int:
+        """mremap; ``move`` True: to a fresh range, "dontunmap": with
+        MREMAP_DONTUNMAP (same size; the old range stays, empty)."""
+        how = "move" if move is True else (move or None)
+        addr = int(self.cmd("remap", name, newpages, *([how] if how else [])), 16)
         self.regions[name] = (addr, newpages)
         return addr
 

@@ -335,6 +335,23 @@ def test_huge_page_collapse(setup):
     final_round(fz, eng)
 
 
+def test_mremap_dontunmap(setup):
+    """MREMAP_DONTUNMAP moves the pages to a new range and leaves the old
+    one mapped but empty (zeros from then on): the old pages are dropped
+    (or resent as zeros), the new ones sent, nothing kept stale."""
+    t, fz, tr, eng = setup
+    t.map("m", 16, guard=True)
+    t.write("m", 0, 16, seed=5)
+    eng.start()
+    old = region(t, "m")
+    new = t.remap("m", 16, move="dontunmap")
+    c = eng.round()
+    assert not PageRuns.from_range(*old).subtract(c.dropped.union(c.dirty))
+    assert c.dirty.clip(new, new + 16 * P) == PageRuns.from_range(new, new + 16 * P)
+    t.write("m", 3, 1, seed=6)
+    final_round(fz, eng)
+
+
 def test_vma_churn_between_rounds(setup):
     t, fz, tr, eng = setup
     t.map("keep", 32, guard=True)
