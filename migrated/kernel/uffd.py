@@ -247,6 +247,12 @@ def _gone(pid: int, pidfd: int, what: str) -> None:
         raise NoSuchProcess(pid, f"uffd-wp tracker: {what}")
 
 
+def _runs_of(maps: list[Mapping]) -> PageRuns:
+    """The pages of ``maps`` (in address order)."""
+    return PageRuns(np.array([m.start for m in maps], _U64),
+                    np.array([m.npages for m in maps], _U64))
+
+
 def _file_spans(group: list[Mapping]) -> list[tuple[int, int]]:
     """[start, end) spans covering the private file mappings of ``group``
     (address-adjacent mappings, in order) for one page-cache scan each: a
@@ -304,7 +310,7 @@ class UffdWpTracker(Tracker):
         self.skipped: dict[tuple[int, int], str] = {}
         self.scan_calls = 0
         self.setup_ms = 0.0
-        self._settler: MemReader | None = None   # _settle's reader, made when needed
+        self._settler: MemReader | None = None   # _file_pages' reader, made when needed
 
     # -- pieces -----------------------------------------------------------------
 
@@ -348,9 +354,8 @@ class UffdWpTracker(Tracker):
             # there now, and the read maps it, protected, for next time.
             gone = (cats & _U64(pm.PAGE_IS_PRESENT)) == 0
             if gone.any():
-                written = written.union(PageRuns(reg.starts[gone], counts[gone]).intersect(
-                    PageRuns(np.array([m.start for m in shared], _U64),
-                             np.array([m.npages for m in shared], _U64))))
+                written = written.union(
+                    PageRuns(reg.starts[gone], counts[gone]).intersect(_runs_of(shared)))
         files = [m for m in group if m.kind == "file"]
         if files and resident:
             cache = self._file_pages(group, files)
@@ -419,9 +424,7 @@ class UffdWpTracker(Tracker):
         unsure = PageRuns.empty()
         if swapped.any():
             # Spans may cross anonymous mappings: their swap entries are real.
-            unsure = PageRuns(st[swapped], counts[swapped]).intersect(PageRuns(
-                np.array([m.start for m in files], _U64),
-                np.array([m.npages for m in files], _U64)))
+            unsure = PageRuns(st[swapped], counts[swapped]).intersect(_runs_of(files))
         return PageRuns(st[is_f], counts[is_f]), unsure
 
     def _fresh(self, group: list[Mapping]) -> PageRuns:
