@@ -18,8 +18,8 @@ Region pages are numbered from 0 within the region; NAME is any word.
   unmap NAME [FIRST COUNT]        munmap all (forget NAME) or a part
                                   (unmapping the tail shrinks NAME)
   dontneed NAME FIRST COUNT       madvise(MADV_DONTNEED)
-  remove NAME FIRST COUNT         madvise(MADV_REMOVE): a hole in shared memory
-  advise NAME FIRST COUNT ADVICE  madvise: free, pageout, cold, populate_read, populate_write
+  advise NAME FIRST COUNT ADVICE  madvise: dontneed, remove (a hole in shared memory),
+                                  free, cold, pageout, populate_read|write, collapse
   protect NAME FIRST COUNT PERMS  mprotect; PERMS like rw, r, none
   remap NAME NEWPAGES [move|dontunmap]  mremap(MAYMOVE[|FIXED elsewhere|DONTUNMAP]) -> ok ADDR
   label NAME LABEL                PR_SET_VMA_ANON_NAME -> [anon:LABEL]
@@ -80,10 +80,8 @@ def expected(addr: int, npages: int, seed: int) -> bytes:
 
 _PROT = {"none": 0, "r": 1, "w": 2, "rw": 3, "rx": 5, "rwx": 7}
 MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
-MADV_DONTNEED = 4
-MADV_REMOVE = 9
-_ADVICE = {"free": 8, "cold": 20, "pageout": 21, "populate_read": 22, "collapse": 25,
-           "populate_write": 23}
+_ADVICE = {"dontneed": 4, "free": 8, "remove": 9, "cold": 20, "pageout": 21,
+           "populate_read": 22, "populate_write": 23, "collapse": 25}
 PR_SET_PDEATHSIG = 1
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 MFD_CLOEXEC = 1
@@ -222,14 +220,7 @@ class _Child:
         return ""
 
     def cmd_dontneed(self, name, first, count):
-        addr, count = self._region(name, first, count)
-        self._check(self.libc.madvise(addr, count * PAGE, MADV_DONTNEED), "madvise")
-        return ""
-
-    def cmd_remove(self, name, first, count):
-        addr, count = self._region(name, first, count)
-        self._check(self.libc.madvise(addr, count * PAGE, MADV_REMOVE), "madvise")
-        return ""
+        return self.cmd_advise(name, first, count, "dontneed")
 
     def cmd_advise(self, name, first, count, advice):
         addr, count = self._region(name, first, count)
@@ -467,9 +458,6 @@ class Target:
 
     def dontneed(self, name: str, first: int, count: int) -> None:
         self.cmd("dontneed", name, first, count)
-
-    def remove(self, name: str, first: int, count: int) -> None:
-        self.cmd("remove", name, first, count)
 
     def advise(self, name: str, first: int, count: int, advice: str) -> None:
         self.cmd("advise", name, first, count, advice)

@@ -116,7 +116,6 @@ TARGET_UFFD_FLAGS = UFFD_USER_MODE_ONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _SCAN_FLAGS = pm.PM_SCAN_WP_MATCHING | pm.PM_SCAN_CHECK_WPASYNC
 _RESIDENT = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
 _SCAN_RETURN = pm.PAGE_IS_WRITTEN | pm.PAGE_IS_PRESENT
-_FILE_RETURN = pm.PAGE_IS_FILE | pm.PAGE_IS_PRESENT
 # A page-cache scan spans file mappings across private anonymous ones of
 # up to this size in all (their present pages cost a page lookup each).
 _SPAN_JOIN_BYTES = 2 << 20
@@ -310,7 +309,6 @@ class UffdWpTracker(Tracker):
         self.skipped: dict[tuple[int, int], str] = {}
         self.scan_calls = 0
         self.setup_ms = 0.0
-        self._settler: MemReader | None = None   # _file_pages' reader, made when needed
 
     # -- pieces -----------------------------------------------------------------
 
@@ -344,21 +342,23 @@ class UffdWpTracker(Tracker):
         is_w = (cats & _U64(pm.PAGE_IS_WRITTEN)) != 0
         resident = PageRuns(reg.starts, counts)
         written = PageRuns(reg.starts[is_w], counts[is_w])
+        # Not present but resident reads as swapped: a real swap entry, or a
+        # uffd-wp marker left where a page of a file-backed mapping was
+        # unmapped (see _file_pages for private file mappings).
+        gone = (cats & _U64(pm.PAGE_IS_PRESENT)) == 0
+        gone = PageRuns(reg.starts[gone], counts[gone]) if gone.any() else PageRuns.empty()
         shared = [m for m in group if m.kind == "shared-anon"]
-        if shared:
-            # Shared memory keeps no swap entries in page tables: what reads
-            # as swapped there is a uffd-wp marker left where the page was
-            # unmapped -- by reclaim or MADV_DONTNEED (content kept) or by
-            # MADV_REMOVE / a hole punched in the memfd (content now zeros),
-            # which no write reports.  Sent again: it reads back what is
-            # there now, and the read maps it, protected, for next time.
-            gone = (cats & _U64(pm.PAGE_IS_PRESENT)) == 0
-            if gone.any():
-                written = written.union(
-                    PageRuns(reg.starts[gone], counts[gone]).intersect(_runs_of(shared)))
+        if shared and gone:
+            # Shared memory keeps no swap entries in page tables: there it is
+            # always a marker, left by reclaim or MADV_DONTNEED (content kept)
+            # or by MADV_REMOVE / a hole punched in the memfd (content now
+            # zeros), which no write reports.  Sent again: it reads back what
+            # is there now, and the read maps it, protected, for next time.
+            written = written.union(gone.intersect(_runs_of(shared)))
         files = [m for m in group if m.kind == "file"]
         if files and resident:
-            cache = self._file_pages(group, files)
+            unsure = gone.intersect(_runs_of(files)) if gone else gone
+            cache = self._file_pages(group, unsure)
             if cache:
                 resident = resident.subtract(cache)
                 written = written.subtract(cache)
@@ -376,7 +376,7 @@ class UffdWpTracker(Tracker):
                 return None
             raise
 
-    def _file_pages(self, group: list[Mapping], files: list[Mapping]) -> PageRuns:
+    def _file_pages(self, group: list[Mapping], unsure: PageRuns) -> PageRuns:
         """Plain page-cache pages of the private file mappings of ``group``:
         the file's, not the target's (its own are the copies its writes
         made).  Scanned without write-protecting (a write racing with it is
@@ -385,47 +385,28 @@ class UffdWpTracker(Tracker):
         after .data: a few page lookups cost less than another call; such
         pages are never page-cache pages).
 
-        A page that is neither present nor a real swap entry can look
-        swapped: MADV_DONTNEED of a written page in a registered file
+        ``unsure``: pages of those mappings that read as swapped.  That can
+        be a marker: MADV_DONTNEED of a written page in a registered file
         mapping leaves a uffd-wp marker, which PAGEMAP_SCAN (like pagemap)
         reports as swapped -- yet the copy is gone and the page reads as
         the file again.  Taken for resident, the destination would keep
-        the old copy.  So swapped-looking pages of file mappings are read
-        once (that maps the file's page for a marker, brings a real swap
-        entry back) and classified again: no stale copy survives a round.
+        the old copy.  So they are read first (that maps the file's page
+        for a marker, brings a real swap entry back) and the scan then
+        classifies them with the rest: no stale copy survives a round.
         """
-        spans = _file_spans(group)
-        cache, unsure = self._page_cache(spans, files)
         if unsure:
-            if self._settler is None:
-                self._settler = MemReader(self.pid, buffer_pages=_SETTLE_READ_PAGES)
-            for _ in self._settler.read(unsure):
+            for _ in MemReader(self.pid, buffer_pages=_SETTLE_READ_PAGES).read(unsure):
                 pass        # a page that cannot be read stays as reported
-            cache, _ = self._page_cache(spans, files)
-        return cache
-
-    def _page_cache(self, spans: list[tuple[int, int]],
-                    files: list[Mapping]) -> tuple[PageRuns, PageRuns]:
-        """(page-cache pages, swapped-looking pages of file mappings) in
-        ``spans``: one scan each, no write-protect."""
-        starts, ends, cats = [], [], []
-        for lo, hi in spans:
-            reg = self._scan(lo, hi, _RESIDENT, _FILE_RETURN, 0)
+        starts, counts = [], []
+        for lo, hi in _file_spans(group):
+            reg = self._scan(lo, hi, _RESIDENT, pm.PAGE_IS_FILE, 0)
             if reg is not None and reg.starts.size:
-                starts.append(reg.starts)
-                ends.append(reg.ends)
-                cats.append(reg.categories)
+                is_f = (reg.categories & _U64(pm.PAGE_IS_FILE)) != 0
+                starts.append(reg.starts[is_f])
+                counts.append((reg.ends[is_f] - reg.starts[is_f]) >> _U64(PAGE_SHIFT))
         if not starts:
-            return PageRuns.empty(), PageRuns.empty()
-        st, en, ca = np.concatenate(starts), np.concatenate(ends), np.concatenate(cats)
-        counts = (en - st) >> _U64(PAGE_SHIFT)
-        is_f = (ca & _U64(pm.PAGE_IS_FILE)) != 0
-        swapped = (ca & _U64(pm.PAGE_IS_PRESENT)) == 0
-        unsure = PageRuns.empty()
-        if swapped.any():
-            # Spans may cross anonymous mappings: their swap entries are real.
-            unsure = PageRuns(st[swapped], counts[swapped]).intersect(_runs_of(files))
-        return PageRuns(st[is_f], counts[is_f]), unsure
+            return PageRuns.empty()
+        return PageRuns(np.concatenate(starts), np.concatenate(counts))
 
     def _fresh(self, group: list[Mapping]) -> PageRuns:
         """Mappings not (or no longer) armed: register them, then one

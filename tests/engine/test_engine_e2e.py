@@ -14,12 +14,12 @@ import pytest
 from migrated.engine.dest import DestLimits
 from migrated.engine.source import SendOptions
 from migrated.image.store import ImageStore
+from migrated.runs import PAGE_SIZE
 from tests.engine.harness import CuttingProxy, migrate
 from tests.engine.imagecheck import compare
 from tests.engine.procs import workload
 
 MIB = 1024 * 1024
-PAGE = 4096
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_the_first_collections_dirty_rate_is_over_the_whole_time_tracked(store):
         assert s["status"] == "completed", s.get("error")
         r0, r1 = s["rounds"][0], s["rounds"][1]
         assert r0["duration_ms"] > 1500 and r1["pages"] > rate      # the premise
-        assert 0.4 * rate * PAGE <= r1["dirty_rate"] <= 2.0 * rate * PAGE, r1
+        assert 0.4 * rate * PAGE_SIZE <= r1["dirty_rate"] <= 2.0 * rate * PAGE_SIZE, r1
         compare(store, s["image_id"], w.pid)
         _thaw(w.pid)
 

@@ -284,10 +284,10 @@ def test_hole_punched_in_shared_memory_is_not_kept(setup, mem):
     t.write("s", 0, 16, seed=2)
     eng.start()
     s = region(t, "s")
-    t.remove("s", 3, 2)
+    t.advise("s", 3, 2, "remove")
     c = eng.round()
     assert not pages(t, "s", (3, 2)).subtract(c.dirty.union(c.dropped))
-    t.remove("s", 12, 1)
+    t.advise("s", 12, 1, "remove")
     c = final_round(fz, eng)
     assert not pages(t, "s", (12, 1)).subtract(c.dirty.union(c.dropped))
 
