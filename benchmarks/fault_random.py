@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.faults.harness import FAULTS, PHASES, FaultBench, all_cases  # noqa: E402
+from tests.faults.harness import FAULTS, PHASES, FaultBench, all_cases, applicable  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.minutes is not None and time.monotonic() - t_start > a.minutes * 60:
                 print(f"time is up after {i} cases", flush=True)
                 break
-            pre = (not a.all and fault not in ("target_exit", "target_exec", "churn")
+            pre = (not a.all and applicable(phase, fault, prestopped=True)
                    and rng.random() < a.prestopped_share)
             try:
                 r = bench.run(phase, fault, prestopped=pre)

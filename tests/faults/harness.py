@@ -92,8 +92,17 @@ POLL_REQUEST_S = 1.0
 STOPPED_SOURCE_HOLD_S = max(FAST_TIMEOUTS.idle_s, FAST_TIMEOUTS.handshake_s) + 1.5
 
 
-def applicable(phase: str, fault: str) -> bool:
+# Phases a target stopped before we came never reaches: it cannot change,
+# so the source goes from round 0 straight to the final delta (no live
+# round 1, no layout message after round 0).
+NOT_WHEN_PRESTOPPED = ("round1", "layout")
+
+
+def applicable(phase: str, fault: str, prestopped: bool = False) -> bool:
     """Combinations that mean something."""
+    if prestopped and (phase in NOT_WHEN_PRESTOPPED
+                       or fault in ("target_exit", "target_exec", "churn")):
+        return False
     if fault == "target_exec":
         # A frozen target cannot exec; at connect the source has not looked
         # at the target yet (an exec then is just an earlier process).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.harness import FAULTS, PHASES, all_cases, applicable
+from tests.faults.harness import FAULTS, NOT_WHEN_PRESTOPPED, PHASES, all_cases, applicable
 
 # (phase, fault): every phase, every fault, the pairs that matter most
 # (death and silence around the freeze and the commit).
@@ -72,3 +72,11 @@ def test_target_stopped_before_we_came_stays_stopped(bench):
         r = bench.run(phase, fault, prestopped=True)
         print(r.line())
         assert not r.violations, r.line()
+    # Such a target cannot change: the source goes from round 0 straight to
+    # the final delta, so there is no live round 1 (nor a layout message
+    # after round 0) for a fault to hit, and the random runs never pick
+    # those phases for it.
+    r = bench.run("round1", "close", prestopped=True)
+    live = [t for t in r.trace if t[1] in ("round-end", "layout") and (t[2] or 0) >= 1]
+    assert not r.fired and not live and r.source_status == "completed", r.line()
+    assert not any(applicable(p, f, prestopped=True) for p in NOT_WHEN_PRESTOPPED for f in FAULTS)
