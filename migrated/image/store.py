@@ -62,17 +62,6 @@ COMMIT_DIGEST_THREADS = 2
 # the page file updates the bitmaps by slices, else by page index.
 _FEW_STRETCHES = 16
 
-# A stretch of at least this many bytes that holds pages never stored
-# before gets its blocks with one fallocate(2) before it is written.
-# Without it a filesystem with delayed allocation (ext4) reserves space page
-# by page as the write fills the page cache and allocates at writeback.
-# Round 0, 512 MiB, medians of alternating runs: over loopback TCP the
-# destination's write CPU 0.57 against 0.72 ns/B and the round 900 against
-# 829 MiB/s (eight pairs); over TLS 0.58 against 0.66 ns/B, 391 against
-# 373 MiB/s (six pairs).  Small stretches (a scattered final delta) gain
-# nothing and would pay a call each.
-PREALLOCATE_MIN_BYTES = 256 * 1024
-
 # Initial rows of the per-chunk bitmaps; they double as needed.
 _INITIAL_SLOTS = 64
 
@@ -111,18 +100,6 @@ def _punch(fd: int, offset: int, length: int) -> bool:
     """Free the blocks of a file range (reads then return zeros)."""
     return _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                            offset, length) == 0
-
-
-def _preallocate(fd: int, offset: int, length: int) -> bool:
-    """Allocate the blocks of a file range (size grows to cover it); False
-    where the filesystem cannot (then writing allocates as usual).  Other
-    failures (ENOSPC, EDQUOT, EIO) raise OSError like a failed write."""
-    if _libc.fallocate(fd, 0, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
-    raise OSError(err, f"fallocate of {length} bytes at {offset}: {os.strerror(err)}")
 
 
 def _page_index(seg_fp: np.ndarray, seg_data: np.ndarray, seg_n: np.ndarray) -> np.ndarray:
@@ -806,7 +783,6 @@ class ImageWriter:
         # CPU time of the thread(s) writing page data: what filling the page
         # cache costs on this node (reported at commit; benchmarks use it).
         self.write_cpu_s = 0.0
-        self._preallocate = True     # until the filesystem says it cannot
         self._fd = os.open(os.path.join(path, mf.PAGES_NAME),
                            os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
                            _FILE_MODE)
@@ -998,14 +974,12 @@ class ImageWriter:
         # Bookkeeping by slices of the flat bitmaps while the stretches are
         # few (the usual case: one source run cut at chunk boundaries), by
         # page index otherwise.
-        few = seg_fp.size <= _FEW_STRETCHES
-        if few:
+        if seg_fp.size <= _FEW_STRETCHES:
             spans = [slice(a, a + n) for a, n in zip(seg_fp.tolist(), seg_n.tolist())]
         else:
             spans = [_page_index(seg_fp, seg_data, seg_n)]
         alloc_bits = self._alloc.reshape(-1)
-        held = [int(np.count_nonzero(alloc_bits[sp])) for sp in spans]
-        new = npages - sum(held)
+        new = npages - sum(int(np.count_nonzero(alloc_bits[sp])) for sp in spans)
         st = self.store
         with st._lock:
             try:
@@ -1035,12 +1009,6 @@ class ImageWriter:
         fd = self._fd
         cpu0 = time.thread_time()
         try:
-            if new and few and self._preallocate:
-                for off, a, b, h in zip(offs, lo, hi, held):
-                    if b - a >= PREALLOCATE_MIN_BYTES and h * PAGE_SIZE < b - a:
-                        if not _preallocate(fd, off, b - a):
-                            self._preallocate = False
-                            break
             if fill is not None:
                 fill(fd, list(zip(offs, lo, hi)))
             else:
