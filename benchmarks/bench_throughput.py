@@ -313,7 +313,7 @@ def serve_dest(tls_dir: str | None, state_dir: str) -> None:
                         on_event=lambda e: commit.update(e) if e["event"] == "commit" else None
                         ).run()
     out = {k: res.get(k) for k in ("status", "error")}
-    for k in ("commit_ms", "store", "page_bytes", "write_cpu_ms", "live_flushes"):
+    for k in ("commit_ms", "store", "page_bytes", "write_cpu_ms"):
         out[k] = commit.get(k)
     print(json.dumps(out), flush=True)
 

@@ -72,46 +72,11 @@ FROZEN_CHECKPOINT_BYTES = 8 * 1024 * 1024
 # During live rounds, start writing the received pages back to disk every
 # this many bytes (ImageWriter.flush_async): a short migration would
 # otherwise leave most of its disk writes to the fsync inside commit.
-# Always for a source without the "backlog" capability.  One with it learns
+# Only for a source without the "backlog" capability: one with it learns
 # the destination's unflushed bytes after every round (Backlog) and waits
-# for the disk before it freezes; there the pages of a round are flushed
-# from its RoundEnd on, and while they arrive only when the disk keeps up
-# with them (below), else left to the kernel's writeback.
+# for the disk before it freezes, so the pages of a round are left to the
+# kernel's writeback while they arrive and flushed from its RoundEnd on.
 LIVE_FLUSH_BYTES = 32 * 1024 * 1024
-
-# With "backlog" the pages of a live round are flushed while they arrive
-# only when they arrive more slowly than our disk takes them (the rate the
-# flushes measured; the first LIVE_FLUSH_BYTES are flushed to measure it).
-# Then the link, not this machine, sets the pace -- the usual case between
-# hosts -- and the disk works beside the link instead of after it.  Idle
-# 256 MiB over a veth link shaped to 2 Gbit/s, flushing every 32 MiB:
-# total 1586-1657 against 2210-2274 ms (the source waited 70-80 against
-# 663-730 ms for our disk), round 0 unchanged.  A stream faster than the
-# disk runs at the machine's pace, and writeback would take CPU from it:
-# over loopback on two cores, flushing during round 0 cost a quarter of
-# its rate (session 8 in the README).  CPU figures did not tell the two
-# apart: the system was idle 15-27% of the time on the shaped link (packet
-# processing), 3-21% over loopback, and the receiving thread was busy
-# 47-62% of the time on the shaped link.
-
-
-class LivePace:
-    """Whether to flush the page bytes of a live round now (see above)."""
-
-    def __init__(self, now: float | None = None) -> None:
-        self._since = time.monotonic() if now is None else now
-        self._asked = False
-
-    def flush_now(self, nbytes: int, writer: Any, now: float | None = None) -> bool:
-        """``nbytes`` arrived since the previous call (or creation);
-        ``writer.flush_rate`` is the disk's rate, 0 while unmeasured."""
-        now = time.monotonic() if now is None else now
-        seconds, self._since = now - self._since, now
-        disk = float(getattr(writer, "flush_rate", 0.0) or 0.0)
-        if not disk:
-            first, self._asked = not self._asked, True
-            return first        # measure the disk once; wait for the answer
-        return seconds > 0 and nbytes / seconds < disk
 
 
 # Over a plain socket, a Pages message with at least this many bytes of
@@ -187,8 +152,7 @@ class DestMigration:
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
         self._committed_at = 0.0
-        self._backlog = False        # "backlog" agreed: report; live flush only if the disk keeps up
-        self.live_flushes = 0        # flushes kicked while pages streamed in live rounds
+        self._backlog = False        # "backlog" agreed: report, no live flush
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
         self._cancel.cancel(reason)
@@ -217,7 +181,7 @@ class DestMigration:
             self._cancel.disarm()
             self.transport.close()          # first: wakes a keepalive blocked in send
             self.channel.stop_keepalive()
-        result.update(migration_id=self.migration_id or None, live_flushes=self.live_flushes,
+        result.update(migration_id=self.migration_id or None,
                       total_ms=round((time.perf_counter() - t0) * 1000.0, 3),
                       bytes_received=self.transport.bytes_received)
         self._emit({"event": "end", **{k: v for k, v in result.items() if k != "rounds"}})
@@ -262,8 +226,7 @@ class DestMigration:
         # for with its process frozen, then only digests and flushes what
         # the last rounds changed (ImageWriter.checkpoint).
         checkpoint = getattr(w, "checkpoint", None)
-        flush_async = getattr(w, "flush_async", None)
-        pace = LivePace() if self._backlog else None
+        flush_async = None if self._backlog else getattr(w, "flush_async", None)
         if self._backlog and checkpoint is not None:
             w.set_flush_listener(self._report_flushed)
         frozen = False
@@ -278,10 +241,8 @@ class DestMigration:
                         unflushed = 0
                         checkpoint(settled_only=True)
                 elif unflushed >= LIVE_FLUSH_BYTES and flush_async is not None:
-                    arrived, unflushed = unflushed, 0
-                    if pace is None or pace.flush_now(arrived, w):
-                        flush_async()
-                        self.live_flushes += 1
+                    unflushed = 0
+                    flush_async()
             elif isinstance(got, ev.Dropped):      # (a subclass of Zeros: test first)
                 w.drop(got.runs)
             elif isinstance(got, ev.Zeros):
@@ -439,7 +400,6 @@ class DestMigration:
                     "store": dict(getattr(w, "commit_stats", {}) or {}),
                     "page_bytes": totals.get("bytes_received"),
                     "direct_bytes": self.channel.direct_bytes,
-                    "live_flushes": self.live_flushes,
                     "write_cpu_ms": round(totals.get("write_cpu_s", 0.0) * 1000.0, 3)})
 
     def _await_verdict(self, image_id: str, deadline: float) -> None:
