@@ -209,7 +209,9 @@ class BlockingTransport:
                            and sock.type == socket.SOCK_STREAM
                            and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
         sock.settimeout(self.timeout)
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        self._tcp = (sock.family in (socket.AF_INET, socket.AF_INET6)
+                     and sock.type == socket.SOCK_STREAM)
+        if self._tcp:
             # No Nagle: the small messages that end a round or the freeze
             # (RoundEnd, FinalEnd, CommitRequest, Release) must not wait for
             # the ACK of the batch before them -- with delayed ACKs that
@@ -265,7 +267,7 @@ class BlockingTransport:
     def _set_cork(self, on: bool) -> bool:
         """Cork or uncork a TCP socket; False where that cannot be done
         (not TCP, or already closed: the send reports that itself)."""
-        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if not self._tcp:
             return False
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))

@@ -364,10 +364,11 @@ class UffdWpTracker(Tracker):
                 written = written.subtract(cache)
         return resident, written
 
-    def _scan(self, start: int, end: int, anyof: int, ret: int, flags: int) -> pm.Regions | None:
+    def _scan(self, start: int, end: int, anyof: int, ret: int, flags: int,
+              mask: int = 0) -> pm.Regions | None:
         self.scan_calls += 1
         try:
-            return self._pm.scan_regions(start, end, 0, category_anyof_mask=anyof,
+            return self._pm.scan_regions(start, end, mask, category_anyof_mask=anyof,
                                          return_mask=ret, flags=flags)
         except AccessDenied as e:
             # The pagemap fd is open already: EPERM here is CHECK_WPASYNC
@@ -399,11 +400,11 @@ class UffdWpTracker(Tracker):
                 pass        # a page that cannot be read stays as reported
         starts, counts = [], []
         for lo, hi in _file_spans(group):
-            reg = self._scan(lo, hi, _RESIDENT, pm.PAGE_IS_FILE, 0)
+            # Only page-cache pages match: the kernel reports nothing else.
+            reg = self._scan(lo, hi, _RESIDENT, pm.PAGE_IS_FILE, 0, mask=pm.PAGE_IS_FILE)
             if reg is not None and reg.starts.size:
-                is_f = (reg.categories & _U64(pm.PAGE_IS_FILE)) != 0
-                starts.append(reg.starts[is_f])
-                counts.append((reg.ends[is_f] - reg.starts[is_f]) >> _U64(PAGE_SHIFT))
+                starts.append(reg.starts)
+                counts.append((reg.ends - reg.starts) >> _U64(PAGE_SHIFT))
         if not starts:
             return PageRuns.empty()
         return PageRuns(np.concatenate(starts), np.concatenate(counts))

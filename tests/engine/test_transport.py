@@ -259,9 +259,13 @@ def test_tcp_transports_turn_nagle_off(kind):
             assert tr.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
-def _segs_out(sock) -> int:
-    # struct tcp_info (linux/tcp.h): tcpi_segs_out is the u32 at byte 136.
-    return struct.unpack_from("<I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 136)[0]
+# struct tcp_info (linux/tcp.h): byte offsets of two u32 fields.
+_TCPI_SND_MSS, _TCPI_SEGS_OUT = 16, 136
+
+
+def _tcp_info(sock, offset: int) -> int:
+    return struct.unpack_from("<I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256),
+                              offset)[0]
 
 
 def test_tls_bulk_send_is_corked_while_it_runs_and_uncorked_after():
@@ -288,15 +292,14 @@ def test_tls_bulk_send_is_corked_while_it_runs_and_uncorked_after():
 
         # Full-size segments while a reader keeps up (uncorked with Nagle
         # off, each 16 KiB record can leave alone: up to 4x as many).
-        mss = struct.unpack_from("<I", a.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 16)[0]
+        mss = _tcp_info(a, _TCPI_SND_MSS)
         data = os.urandom(4 * 1024 * 1024)
         reader = threading.Thread(target=_drain, args=(tb, len(data), out))
         reader.start()
-        before = _segs_out(a)
+        before = _tcp_info(a, _TCPI_SEGS_OUT)
         ta.send([data])
         reader.join(10)
         assert out[1] == data
         wire = len(data) * (2 ** 14 + 22) // 2 ** 14        # records' header and tag
-        assert _segs_out(a) - before <= wire // mss * 1.1 + 4
+        assert _tcp_info(a, _TCPI_SEGS_OUT) - before <= wire // mss * 1.1 + 4
         assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
-

@@ -96,8 +96,7 @@ class MiniEngine:
         zero = set()
         for chunk in self.reader.read(todo):
             data = np.frombuffer(chunk.data, np.uint8).reshape(-1, P)
-            flat = ~data.any(axis=1)
-            zero.update(a for a, z in zip(chunk.runs.page_addresses().tolist(), flat) if z)
+            zero.update(chunk.runs.page_addresses()[~data.any(axis=1)].tolist())
         return zero
 
     def verify(self) -> None:
