@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed[(phase, fault)] += 1
                     failures.append(f"{phase} {fault}{tag}: {'; '.join(r.violations)}")
         figs = {n: (d.rss_kib(), d.fd_count()) for n, d in
-                (("source", bench.src), ("destination", bench.dst))}
+                (("source", bench.src), ("destination", bench.dst)) if d.alive}
 
     total = sum(ran.values())
     took = time.monotonic() - t_start
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in FAULTS:
         if detect[f]:
             print(f"  {f:12} {statistics.median(detect[f]):6.2f} {max(detect[f]):6.2f}")
-    print("\ndaemons at the end: " + ", ".join(
-        f"{n} rss {rss / 1024:.1f} MiB fds {fds}" for n, (rss, fds) in figs.items()))
+    print("\ndaemons at the end: " + (", ".join(
+        f"{n} rss {rss / 1024:.1f} MiB fds {fds}" for n, (rss, fds) in figs.items())
+        or "none running"))
     if failures:
         print("\nfailures:")
         for line in failures:

@@ -335,9 +335,12 @@ class FaultBench:
         rule = Rule(match=None if phase == "connect" else _matcher(phase),
                     action=self._action(fault, v), on_connect=phase == "connect")
         self.proxy.arm(rule)
-        mid = self.src.send(v.pid, self.proxy.host, self.proxy.port, **OPTIONS)
         try:
-            self._drive(res, rule, mid, fault, v, prestopped)
+            mid = self._send(v, rule, fault)
+            if mid is None:
+                self._drive_unanswered(res, rule, v, prestopped)
+            else:
+                self._drive(res, rule, mid, fault, v, prestopped)
         finally:
             self.proxy.disarm()
             self.proxy.release()
@@ -348,6 +351,66 @@ class FaultBench:
         self._drop_victims()
         res.case_s = time.monotonic() - t_case
         return res
+
+    def _send(self, v: Victim, rule: Rule, fault: str) -> str | None:
+        """Start the case's migration: its id, or None when the fault killed
+        the source before it answered.  (Its migration thread dials the peer
+        while the answer is on its way, so kill_src at connect can win.)"""
+        try:
+            return self.src.send(v.pid, self.proxy.host, self.proxy.port, **OPTIONS)
+        except ControlError:
+            if fault == "kill_src" and rule.fired.wait(2.0) and not self.src.alive:
+                return None
+            raise
+
+    def _drive_unanswered(self, res: CaseResult, rule: Rule, v: Victim,
+                          prestopped: bool) -> None:
+        """The source died before it named the migration: what can be
+        checked without the id.  The restarted source leaves the target as it
+        was and keeps no journal; the destination ends with no image and no
+        partial image."""
+        res.fired = rule.fired.is_set()
+        res.source_status = "killed"
+        self.src.start()                        # journal replay thaws
+        self._check_target(res, v, prestopped, time.monotonic())
+        try:
+            wait_until(lambda: self.dst.alive and not self.dst.active(), DEST_END_S,
+                       "destination to end")
+        except TimeoutError:
+            res.violations.append(f"destination still busy after {DEST_END_S:g} s: "
+                                  f"{self.dst.active()}")
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not self.dst.partials(), DEST_END_S, "partial images removed")
+        res.images = len(self.dst.images())
+        if res.images:
+            res.violations.append(f"the source died before answering, yet the destination "
+                                  f"holds {res.images} image(s)")
+        if self.dst.partials():
+            res.violations.append(f"destination partial images left: {self.dst.partials()}")
+        if not res.fired:
+            res.violations.append(f"the fault never fired (trace {self.proxy.trace[-6:]})")
+
+    def _check_target(self, res: CaseResult, v: Victim, prestopped: bool,
+                      t_end: float) -> None:
+        """The target after the source's end: running again (or still
+        stopped, if it was before we came); no journal left at the source."""
+        src = self.src
+        if v.alive:
+            if prestopped:
+                time.sleep(0.2)
+                if proc_state(v.pid) != "T":
+                    res.violations.append(f"target {v.pid} was stopped before the "
+                                          f"migration but is now {proc_state(v.pid)}")
+            elif wait_not_stopped(v.pid, THAW_DEADLINE_S):
+                res.thaw_s = time.monotonic() - t_end
+            else:
+                res.violations.append(f"target {v.pid} still stopped {THAW_DEADLINE_S:g} s "
+                                      "after the source gave up")
+        if src.alive:
+            with contextlib.suppress(Exception):
+                wait_until(lambda: not src.journal(), 2.0, "journal")
+            if src.journal():
+                res.violations.append(f"source journal still holds {src.journal()}")
 
     def _drive(self, res: CaseResult, rule: Rule, mid: str, fault: str, v: Victim,
                prestopped: bool) -> None:
@@ -391,22 +454,7 @@ class FaultBench:
             dst.resume()
 
         # 2. the target
-        if v.alive:
-            if prestopped:
-                time.sleep(0.2)
-                if proc_state(v.pid) != "T":
-                    res.violations.append(f"target {v.pid} was stopped before the "
-                                          f"migration but is now {proc_state(v.pid)}")
-            elif wait_not_stopped(v.pid, THAW_DEADLINE_S):
-                res.thaw_s = time.monotonic() - t_end
-            else:
-                res.violations.append(f"target {v.pid} still stopped {THAW_DEADLINE_S:g} s "
-                                      "after the source gave up")
-        if src.alive:
-            with contextlib.suppress(Exception):
-                wait_until(lambda: not src.journal(), 2.0, "journal")
-            if src.journal():
-                res.violations.append(f"source journal still holds {src.journal()}")
+        self._check_target(res, v, prestopped, t_end)
         if fault == "kill_dst" and not dst.alive:
             dst.start()
 

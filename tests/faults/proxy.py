@@ -218,8 +218,12 @@ class FaultProxy:
             conn.abort(reset=True)
             return
         conn.upstream = up
-        for s in (conn.client, up):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for s in (conn.client, up):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            conn.abort(reset=True)      # closed meanwhile (reset_all, a dead peer)
+            return
         threading.Thread(target=self._pump, args=(conn, conn.client, up, S2D), daemon=True).start()
         threading.Thread(target=self._pump, args=(conn, up, conn.client, D2S), daemon=True).start()
 
