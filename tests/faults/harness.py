@@ -359,9 +359,14 @@ class FaultBench:
         try:
             return self.src.send(v.pid, self.proxy.host, self.proxy.port, **OPTIONS)
         except ControlError:
-            if fault == "kill_src" and rule.fired.wait(2.0) and not self.src.alive:
-                return None
-            raise
+            if fault != "kill_src" or not rule.fired.wait(2.0):
+                raise
+            # The kill runs in the proxy's thread: let it reap the daemon.
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: not self.src.alive, 10, "source killed")
+            if self.src.alive:
+                raise
+            return None
 
     def _drive_unanswered(self, res: CaseResult, rule: Rule, v: Victim,
                           prestopped: bool) -> None:
