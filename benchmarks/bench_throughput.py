@@ -48,7 +48,8 @@ time that sum gives the fastest possible first round on this machine, and
 so the best ratio any such engine could print here.
 
 It prints both rates and their ratio (target >= 0.5).  The best of
-``--repeat`` runs of each is kept (timings on a shared machine are noisy);
+``--repeat`` runs of each is kept (timings on a shared machine are noisy),
+and the ratio of each repeat's own engine and raw runs is printed too;
 each repeat runs every kind once, so all kinds sample the same stretch of
 the machine's drift.  Before them, ``--warmup`` untimed engine and raw
 runs per link: the first engine run after the workload was made writes
@@ -64,6 +65,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import ssl
 import struct
 import subprocess
@@ -525,6 +527,12 @@ def main() -> int:
                   f"{nbytes / 2**20:.0f} MiB]")
             print(f"{'':7s} raw + store    {rs / 2**20:8.1f} MiB/s  (raw receiver appending to a "
                   f"fresh file)  engine / raw+store {e / rs:.2f}, raw+store / raw {rs / r:.2f}")
+            # The same ratio repeat by repeat: each engine run against the
+            # raw run of its own repeat, seconds apart, so that both met the
+            # same state of the machine (its speed drifts over minutes here).
+            pairs = sorted(x["rate"] / y[0] for x, y in zip(eng, raw))
+            print(f"{'':7s} per repeat     " + " ".join(f"{p:.2f}" for p in pairs)
+                  + f"  (engine / raw of the same repeat; median {statistics.median(pairs):.2f})")
             if not a.no_minimal:
                 m = max(mins)
                 print(f"{'':7s} minimal pipeline {m / 2**20:6.1f} MiB/s  (the same work with no "
