@@ -210,6 +210,13 @@ def _is_norm(s: np.ndarray, c: np.ndarray) -> bool:
 
 
 def _normalize(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if s.size == 1 and c[0] > 0:
+        # One run, the usual page batch: nothing to sort or merge, and a
+        # dozen numpy calls on one element cost more than the batch's
+        # bookkeeping needs.  Copies, as below: never the caller's arrays.
+        if int(s[0]) & (PAGE_SIZE - 1):
+            raise ValueError("page run start not page aligned")
+        return s.copy(), c.copy()
     keep = c > 0
     s, c = s[keep], c[keep]
     if s.size == 0:

@@ -70,3 +70,17 @@ def test_contains_holds_for_runs_in_any_order():
     assert inside.contains(PageRuns(np.array([15 * PAGE_SIZE, 11 * PAGE_SIZE], np.uint64),
                                     np.array([5, 2], np.uint64), normalized=True))
     assert inside.contains(PageRuns.empty()) and not PageRuns.empty().contains(inside)
+
+
+def test_one_run_is_checked_and_copied_like_many():
+    """A single run (the usual page batch) takes a short path: it is still
+    checked, an empty run still vanishes, and the caller's arrays are
+    never shared."""
+    import pytest
+    s, c = np.array([4 * PAGE_SIZE], np.uint64), np.array([3], np.uint64)
+    r = PageRuns(s, c)
+    s[0], c[0] = 0, 9
+    assert r.pairs() == [(4 * PAGE_SIZE, 3)]
+    assert not PageRuns(np.array([PAGE_SIZE], np.uint64), np.array([0], np.uint64))
+    with pytest.raises(ValueError):
+        PageRuns(np.array([PAGE_SIZE + 8], np.uint64), np.array([1], np.uint64))

@@ -873,6 +873,36 @@ class ImageWriter:
         that is contiguous both in the data and in the file, and the slot of
         every piece (a run cut at chunk boundaries).  Vectorised over runs
         and chunks, never pages: a batch of one run is a few stretches."""
+        if len(runs) == 1:
+            return self._segments_of_run(int(runs.starts[0]) >> PAGE_SHIFT,
+                                         int(runs.counts[0]))
+        return self._segments_of_runs(runs)
+
+    def _segments_of_run(self, pn: int, count: int):
+        """_segments of one run (most page batches: a run of up to 4 MiB
+        crosses two or three chunks), on Python ints per chunk instead of
+        two dozen numpy calls on arrays of one element."""
+        end = pn + count
+        c0, c1 = pn // CHUNK_PAGES, (end - 1) // CHUNK_PAGES
+        slots = self._slots_for(np.arange(c0, c1 + 1, dtype=np.int64))
+        fps: list[int] = []
+        firsts: list[int] = []
+        lens: list[int] = []
+        done = 0
+        for chunk, slot in zip(range(c0, c1 + 1), slots.tolist()):
+            lo, hi = max(pn, chunk * CHUNK_PAGES), min(end, (chunk + 1) * CHUNK_PAGES)
+            fp = slot * CHUNK_PAGES + lo % CHUNK_PAGES
+            if fps and fps[-1] + lens[-1] == fp:
+                lens[-1] += hi - lo             # the next chunk's slot follows
+            else:
+                fps.append(fp)
+                firsts.append(done)
+                lens.append(hi - lo)
+            done += hi - lo
+        return (np.array(fps, np.int64), np.array(firsts, np.int64),
+                np.array(lens, np.int64), slots)
+
+    def _segments_of_runs(self, runs: PageRuns):
         pn = (runs.starts >> np.uint64(PAGE_SHIFT)).astype(np.int64)
         end = pn + runs.counts.astype(np.int64)
         first_chunk = pn // CHUNK_PAGES

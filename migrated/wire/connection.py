@@ -14,11 +14,13 @@ the protocol raises LocalProtocolError and changes nothing.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import xxhash
 
 from migrated.errors import ProtocolError
-from migrated.runs import PAGE_SIZE, PageRuns
+from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 from . import events as E
 from . import limits as L
@@ -92,6 +94,7 @@ class _Connection:
         self.layout: E.Layout | None = None
         self._mig_starts = np.empty(0, np.uint64)  # migratable intervals,
         self._mig_ends = np.empty(0, np.uint64)    # adjacent ones merged
+        self._mig_bounds: tuple[list[int], list[int]] = ([], [])  # the same, as ints
         self.round_pages = 0     # pages in Pages messages of this round
         self.total_pages = 0     # ... of all rounds
         self.total_bytes = 0     # page data bytes of all rounds (quota)
@@ -335,6 +338,12 @@ class _Connection:
     def _check_within(self, runs: PageRuns, what: str) -> None:
         """Every run lies inside one merged interval of migratable mappings
         (one searchsorted for the whole message)."""
+        if len(runs) == 1:
+            # One run (most page batches): one bisect on Python ints.
+            a = int(runs.starts[0])
+            k = bisect.bisect_right(self._mig_bounds[0], a) - 1
+            if k >= 0 and a + (int(runs.counts[0]) << PAGE_SHIFT) <= self._mig_bounds[1][k]:
+                return
         i = np.searchsorted(self._mig_starts, runs.starts, side="right").astype(np.int64) - 1
         ok = i >= 0
         ends = runs.ends()
@@ -365,6 +374,7 @@ class _Connection:
         def apply():
             self.layout = ev
             self._mig_starts, self._mig_ends = s, e
+            self._mig_bounds = (s.tolist(), e.tolist())
         return apply
 
     def _on_pages(self, ev: E.Pages, sender: Role):

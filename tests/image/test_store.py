@@ -13,7 +13,7 @@ import pytest
 from migrated.errors import ImageError, ImageNotFound, QuotaExceeded
 from migrated.image import (DiskFull, ImageStore, LayoutViolation, IMAGE_ID_RE)
 from migrated.image.manifest import CHUNK_BYTES, PAGES_NAME, MANIFEST_NAME
-from migrated.runs import PAGE_SIZE, PageRuns
+from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 from .conftest import MiB, mapping, runs, write_pattern
 from tests.target import expected
@@ -466,3 +466,31 @@ def test_commit_failing_after_rename_leaves_no_image(store, monkeypatch):
     assert store.list() == [] and os.listdir(store.images_dir) == []
     assert os.listdir(store.partial_dir) == []
     assert store.used_bytes() == 0
+
+
+def test_one_run_is_placed_like_many(store):
+    """A batch of one run is placed by a short path (Python ints per chunk):
+    it must give the same stretches and slots as the general path, also
+    where chunks got their slots out of address order (so a run's chunks
+    are not neighbours in the file) and where a run starts or ends inside
+    a chunk."""
+    from migrated.image.manifest import CHUNK_PAGES
+    w = store.begin({"pid": 1}, 0)
+    base = 0x7f0000000000
+    w.set_layout([mapping(base, 64 * CHUNK_PAGES)])
+    # Slots out of order: chunk 9 first, then 3, then the rest as they come.
+    write_pattern(w, base + 9 * CHUNK_BYTES, 1, 1)
+    write_pattern(w, base + 3 * CHUNK_BYTES + 5 * P, 2, 1)
+    rng = random.Random(7)
+    for _ in range(300):
+        first = rng.randrange(0, 60 * CHUNK_PAGES)
+        count = rng.choice([1, 7, CHUNK_PAGES - 1, CHUNK_PAGES, 1024, rng.randrange(1, 1500)])
+        r = runs(base + first * P, count)
+        pn = (base >> PAGE_SHIFT) + first
+        if rng.random() < 0.5:          # either may meet the new chunks first
+            fast, slow = w._segments_of_run(pn, count), w._segments_of_runs(r)
+        else:
+            slow, fast = w._segments_of_runs(r), w._segments_of_run(pn, count)
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.tolist() == b.tolist(), (first, count, fast, slow)
+    w.abort()

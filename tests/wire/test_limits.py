@@ -246,3 +246,30 @@ def test_recv_into_path_decodes_whole_stream():
             for r in replies.get(len(got) - 1, []):
                 d.send(r)
     assert got == events
+
+
+_TOP = L.USER_ADDRESS_LIMIT
+
+
+@pytest.mark.parametrize("start,count,ok", [
+    (BASE, 1, True), (BASE, L.MAX_BATCH_PAGES, True),
+    (_TOP - PAGE_SIZE, 1, True), (0, _TOP // PAGE_SIZE, True),      # up to the very end
+    (_TOP - PAGE_SIZE, 2, False), (PAGE_SIZE, _TOP // PAGE_SIZE, False),  # one page past it
+    (_TOP, 1, False), (2 ** 64 - PAGE_SIZE, 1, False), (BASE, 2 ** 64 - 1, False),
+    (BASE, 0, False), (BASE + 8, 1, False)])
+def test_one_run_is_checked_like_many(start, count, ok):
+    """A batch of one run takes a short path through the checks: it must
+    accept and refuse exactly what the general path does (the same run
+    behind a valid first run takes the general path)."""
+    from migrated.wire.events import runs_from_wire
+    run = struct.pack("<QQ", start, count)
+    cases = [run]
+    if start >= 2 * PAGE_SIZE:
+        cases.append(struct.pack("<QQ", 0, 1) + run)
+    for b in cases:
+        if ok:
+            assert runs_from_wire(b, "pages.runs").total_pages() == count + (b is not run)
+        else:
+            with pytest.raises(ProtocolError) as e:
+                runs_from_wire(b, "pages.runs")
+            assert e.value.code == "malformed"
