@@ -7,6 +7,7 @@ vectorised; nothing here loops in Python once per page.
 
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Iterable, Iterator
 
@@ -132,6 +133,12 @@ class PageRuns:
             return True
         if not self:
             return False
+        if other.starts.size == 1:
+            # One run (most page batches): a bisect, no array temporaries.
+            a = int(other.starts[0])
+            k = bisect.bisect_right(self.starts, a) - 1
+            return k >= 0 and (a + (int(other.counts[0]) << PAGE_SHIFT)
+                               <= int(self.starts[k]) + (int(self.counts[k]) << PAGE_SHIFT))
         i = np.searchsorted(self.starts, other.starts, side="right").astype(np.int64) - 1
         if (i < 0).any():
             return False

@@ -84,3 +84,11 @@ def test_one_run_is_checked_and_copied_like_many():
     assert not PageRuns(np.array([PAGE_SIZE], np.uint64), np.array([0], np.uint64))
     with pytest.raises(ValueError):
         PageRuns(np.array([PAGE_SIZE + 8], np.uint64), np.array([1], np.uint64))
+
+
+@given(pages, st.integers(0, 300), st.integers(1, 40))
+def test_one_run_containment_matches_sets(a, first, n):
+    """contains() of a single run takes a short path (a bisect): it must
+    agree with the set of pages."""
+    one = PageRuns.from_range(first * PAGE_SIZE, (first + n) * PAGE_SIZE)
+    assert runs_of(a).contains(one) == (set(range(first, first + n)) <= a)

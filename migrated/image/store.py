@@ -829,16 +829,19 @@ class ImageWriter:
         out = np.empty(uniq.size, np.int64)
         for i, c in enumerate(uniq.tolist()):
             s = self._slot_of.get(c)
-            if s is None and not allocate:
-                s = -1
-            elif s is None:
-                s = len(self._slot_of)
-                if s >= self._data.shape[0]:
-                    self._grow()
-                self._slot_of[c] = s
-                self._chunk_of[s] = c
+            if s is None:
+                s = self._new_slot(c) if allocate else -1
             out[i] = s
         return out[inv]
+
+    def _new_slot(self, chunk: int) -> int:
+        """The next slot of the page file, given to ``chunk``."""
+        s = len(self._slot_of)
+        if s >= self._data.shape[0]:
+            self._grow()
+        self._slot_of[chunk] = s
+        self._chunk_of[s] = chunk
+        return s
 
     def _grow(self) -> None:
         n = self._data.shape[0] * 2
@@ -873,23 +876,27 @@ class ImageWriter:
         that is contiguous both in the data and in the file, and the slot of
         every piece (a run cut at chunk boundaries).  Vectorised over runs
         and chunks, never pages: a batch of one run is a few stretches."""
-        if len(runs) == 1:
+        if len(runs) == 1 and int(runs.counts[0]) <= 4 * CHUNK_PAGES:
             return self._segments_of_run(int(runs.starts[0]) >> PAGE_SHIFT,
                                          int(runs.counts[0]))
         return self._segments_of_runs(runs)
 
     def _segments_of_run(self, pn: int, count: int):
-        """_segments of one run (most page batches: a run of up to 4 MiB
-        crosses two or three chunks), on Python ints per chunk instead of
-        two dozen numpy calls on arrays of one element."""
+        """_segments of one run of a few chunks (most page batches: a run
+        of up to 4 MiB crosses two or three), on Python ints per chunk
+        instead of two dozen numpy calls on arrays of one element."""
         end = pn + count
         c0, c1 = pn // CHUNK_PAGES, (end - 1) // CHUNK_PAGES
-        slots = self._slots_for(np.arange(c0, c1 + 1, dtype=np.int64))
+        slot_of = self._slot_of
+        slots = [slot_of.get(c) for c in range(c0, c1 + 1)]
         fps: list[int] = []
         firsts: list[int] = []
         lens: list[int] = []
         done = 0
-        for chunk, slot in zip(range(c0, c1 + 1), slots.tolist()):
+        for i, chunk in enumerate(range(c0, c1 + 1)):
+            slot = slots[i]
+            if slot is None:
+                slot = slots[i] = self._new_slot(chunk)
             lo, hi = max(pn, chunk * CHUNK_PAGES), min(end, (chunk + 1) * CHUNK_PAGES)
             fp = slot * CHUNK_PAGES + lo % CHUNK_PAGES
             if fps and fps[-1] + lens[-1] == fp:
@@ -900,7 +907,7 @@ class ImageWriter:
                 lens.append(hi - lo)
             done += hi - lo
         return (np.array(fps, np.int64), np.array(firsts, np.int64),
-                np.array(lens, np.int64), slots)
+                np.array(lens, np.int64), np.array(slots, np.int64))
 
     def _segments_of_runs(self, runs: PageRuns):
         pn = (runs.starts >> np.uint64(PAGE_SHIFT)).astype(np.int64)
