@@ -14,8 +14,6 @@ the protocol raises LocalProtocolError and changes nothing.
 
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 import xxhash
 
@@ -92,9 +90,7 @@ class _Connection:
         # Streaming bookkeeping (identical on both ends).
         self.round = 0
         self.layout: E.Layout | None = None
-        self._mig_starts = np.empty(0, np.uint64)  # migratable intervals,
-        self._mig_ends = np.empty(0, np.uint64)    # adjacent ones merged
-        self._mig_bounds: tuple[list[int], list[int]] = ([], [])  # the same, as ints
+        self._migratable = PageRuns.empty()  # of the layout, adjacent mappings merged
         self.round_pages = 0     # pages in Pages messages of this round
         self.total_pages = 0     # ... of all rounds
         self.total_bytes = 0     # page data bytes of all rounds (quota)
@@ -336,45 +332,34 @@ class _Connection:
             raise _out_of_state(f"{what} for round {ev.round} during round {self.round}")
 
     def _check_within(self, runs: PageRuns, what: str) -> None:
-        """Every run lies inside one merged interval of migratable mappings
-        (one searchsorted for the whole message)."""
-        if len(runs) == 1:
-            # One run (most page batches): one bisect on Python ints.
-            a = int(runs.starts[0])
-            k = bisect.bisect_right(self._mig_bounds[0], a) - 1
-            if k >= 0 and a + (int(runs.counts[0]) << PAGE_SHIFT) <= self._mig_bounds[1][k]:
-                return
-        i = np.searchsorted(self._mig_starts, runs.starts, side="right").astype(np.int64) - 1
+        """Every run lies inside one interval of migratable mappings
+        (adjacent ones merged): PageRuns.contains, then, only to name the
+        first run that does not, one searchsorted."""
+        mig = self._migratable
+        if mig.contains(runs):
+            return
+        i = np.searchsorted(mig.starts, runs.starts, side="right").astype(np.int64) - 1
         ok = i >= 0
-        ends = runs.ends()
-        ok[ok] = ends[ok] <= self._mig_ends[i[ok]]
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
-            raise ProtocolError(
-                "bad-pages", f"{what} run at {int(runs.starts[bad]):#x} "
-                f"({int(runs.counts[bad])} pages) lies outside the migratable "
-                f"mappings of the round {self.round} layout")
+        ok[ok] = runs.ends()[ok] <= mig.ends()[i[ok]]
+        bad = int(np.flatnonzero(~ok)[0])
+        raise ProtocolError(
+            "bad-pages", f"{what} run at {int(runs.starts[bad]):#x} "
+            f"({int(runs.counts[bad])} pages) lies outside the migratable "
+            f"mappings of the round {self.round} layout")
 
     def _on_layout(self, ev: E.Layout, sender: Role):
         if ev.round != self.round:
             raise _out_of_state(f"layout for round {ev.round} during round {self.round}")
-        ms = ev.mappings
-        n = len(ms)
-        starts = np.fromiter((m.start for m in ms), np.uint64, n)
-        ends = np.fromiter((m.end for m in ms), np.uint64, n)
-        mig = np.fromiter((m.kind in E.MIGRATABLE_KINDS for m in ms), bool, n)
-        s, e = starts[mig], ends[mig]
-        if s.size:
-            first = np.ones(s.size, bool)
-            first[1:] = s[1:] != e[:-1]
-            idx = np.flatnonzero(first)
-            last = np.append(idx[1:] - 1, s.size - 1)
-            s, e = s[idx], e[last]
+        # Mappings are page aligned, sorted and disjoint (checked when the
+        # message was decoded); PageRuns merges the adjacent ones.
+        ms = [m for m in ev.mappings if m.kind in E.MIGRATABLE_KINDS]
+        starts = np.fromiter((m.start for m in ms), np.uint64, len(ms))
+        ends = np.fromiter((m.end for m in ms), np.uint64, len(ms))
+        migratable = PageRuns(starts, (ends - starts) >> np.uint64(PAGE_SHIFT))
 
         def apply():
             self.layout = ev
-            self._mig_starts, self._mig_ends = s, e
-            self._mig_bounds = (s.tolist(), e.tolist())
+            self._migratable = migratable
         return apply
 
     def _on_pages(self, ev: E.Pages, sender: Role):
