@@ -21,18 +21,18 @@ certificates) it measures, in this run:
 
 And a **minimal pipeline** (``--no-minimal`` skips it): the work every
 engine of this design does, with nothing else -- no protocol, no state
-machine, no tracker, no image format.  A reader thread fills 8 MiB buffers
-with process_vm_readv and takes the xxh3-128 of each 4 MiB batch; the main
-thread sends a 24-byte header (length, digest) and the batch.  Over plain
-TCP the receiver splices each batch from the socket into a fresh file and
-hashes it there through a read-only mapping, as the destination does;
-over TLS it reads each batch into one of a few reused buffers, checks its
-digest and a writer thread appends it to the file.  Nothing is flushed
-during the round (the destination leaves round 0's writeback to the
-kernel when the source takes its backlog reports).  Its rate is timed
-like the engine's round 0, at the sender.  ``engine / minimal`` tells how
-much the engine itself costs; ``minimal / raw`` what keeping the bytes costs
-on this machine.
+machine, no tracker, no image format. A reader thread fills the engine's
+read buffers (two of 16 MiB, on huge pages) with process_vm_readv and takes
+the xxh3-128 of each 4 MiB batch; the main thread sends a 24-byte header
+(length, digest) and the batch. Over plain TCP the receiver splices each
+batch from the socket into a fresh file and hashes it there through a
+read-only mapping, as the destination does; over TLS it reads each batch
+into one of a few reused buffers, checks its digest and a writer thread
+appends it to the file. Nothing is flushed during the round (the
+destination leaves round 0's writeback to the kernel when the source takes
+its backlog reports). Its rate is timed like the engine's round 0, at the
+sender. ``engine / minimal`` tells how much the engine itself costs;
+``minimal / raw`` what keeping the bytes costs on this machine.
 
 And a **budget** (``--no-budget`` skips it): the CPU time per byte of the
 raw link (both ends, from their own rusage; over plain TCP with a receiver
@@ -255,6 +255,16 @@ def _minimal_copy(conn, fd: int) -> None:
     t.join()
 
 
+def _huge_map(nbytes: int):
+    import mmap
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    return m
+
+
 def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float:
     """Bytes/s of the minimal pipeline (module doc), timed at the sender."""
     import queue
@@ -266,7 +276,8 @@ def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float
         p, port = _spawn("minimal", tls_dir, d)
         try:
             s = _connect(port, tls_dir)
-            bufs = [np.zeros(MIN_READ, np.uint8) for _ in range(2)]
+            # The engine's read buffers: anonymous maps on huge pages.
+            bufs = [np.frombuffer(_huge_map(MIN_READ), np.uint8) for _ in range(2)]
             ready: queue.Queue = queue.Queue()
             slots = threading.Semaphore(len(bufs))
 

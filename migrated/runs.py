@@ -99,7 +99,10 @@ class PageRuns:
         return f"PageRuns([{head}{more}])"
 
     def total_pages(self) -> int:
-        return int(self.counts.sum()) if self.counts.size else 0
+        c = self.counts
+        if c.size == 1:
+            return int(c[0])
+        return int(c.sum()) if c.size else 0
 
     def total_bytes(self) -> int:
         return self.total_pages() * PAGE_SIZE
@@ -120,7 +123,39 @@ class PageRuns:
         return _combine(self, other, lambda a, b: a & b)
 
     def subtract(self, other: "PageRuns") -> "PageRuns":
+        if other.starts.size == 1 and self.starts.size:
+            return self._minus_one_run(int(other.starts[0]), int(other.counts[0]))
         return _combine(self, other, lambda a, b: a & ~b)
+
+    def _minus_one_run(self, a: int, n: int) -> "PageRuns":
+        """This set without pages [a, a + n pages): what the source takes
+        off its pending set once per read buffer.  Two binary searches
+        find the runs that overlap; the rest is kept as it is, so the cost
+        does not grow with the number of runs the way the general
+        combination (a sort of every boundary) does."""
+        s, c = self.starts, self.counts
+        b = a + (n << PAGE_SHIFT)
+        lo = bisect.bisect_right(s, a) - 1          # last run starting at or before a
+        if lo < 0 or int(s[lo]) + (int(c[lo]) << PAGE_SHIFT) <= a:
+            lo += 1                                  # it ends before a: not touched
+        hi = bisect.bisect_left(s, b)               # runs [lo, hi) start before b
+        if n <= 0 or lo >= hi:
+            return self
+        keep_s: list[int] = []
+        keep_c: list[int] = []
+        first = int(s[lo])
+        if first < a:
+            keep_s.append(first)
+            keep_c.append((a - first) >> PAGE_SHIFT)
+        last_end = int(s[hi - 1]) + (int(c[hi - 1]) << PAGE_SHIFT)
+        if last_end > b:
+            keep_s.append(b)
+            keep_c.append((last_end - b) >> PAGE_SHIFT)
+        if lo == 0 and hi == s.size:
+            return PageRuns(np.array(keep_s, _U64), np.array(keep_c, _U64), normalized=True)
+        return PageRuns(np.concatenate([s[:lo], np.array(keep_s, _U64), s[hi:]]),
+                        np.concatenate([c[:lo], np.array(keep_c, _U64), c[hi:]]),
+                        normalized=True)
 
     def clip(self, start: int, end: int) -> "PageRuns":
         return self.intersect(PageRuns.from_range(start, end))
@@ -149,6 +184,17 @@ class PageRuns:
         if max_pages <= 0:
             raise ValueError("max_pages must be positive")
         if not self:
+            return
+        if self.starts.size == 1:
+            # One run (a read buffer, a bulk batch): pieces by integer
+            # arithmetic, without the cumulative-count machinery below.
+            first, n = int(self.starts[0]), int(self.counts[0])
+            if n <= max_pages:
+                yield self
+                return
+            for k in range(0, n, max_pages):
+                yield PageRuns(np.array([first + (k << PAGE_SHIFT)], _U64),
+                               np.array([min(max_pages, n - k)], _U64), normalized=True)
             return
         # Cut runs longer than max_pages first so each piece can be found
         # with one searchsorted over the cumulative page counts.

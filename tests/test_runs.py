@@ -92,3 +92,41 @@ def test_one_run_containment_matches_sets(a, first, n):
     agree with the set of pages."""
     one = PageRuns.from_range(first * PAGE_SIZE, (first + n) * PAGE_SIZE)
     assert runs_of(a).contains(one) == (set(range(first, first + n)) <= a)
+
+
+@given(pages, st.integers(0, 320), st.integers(1, 60))
+@settings(max_examples=300)
+def test_one_run_subtraction_matches_sets_and_the_general_path(a, first, n):
+    """subtract() of a single run (the source's pending set minus each read
+    buffer) takes a short path: two binary searches.  It must agree with
+    the set of pages and give exactly the runs the general combination
+    gives (sorted, coalesced, nothing empty)."""
+    from migrated.runs import _combine
+    r = runs_of(a)
+    one = PageRuns.from_range(first * PAGE_SIZE, (first + n) * PAGE_SIZE)
+    got = r.subtract(one)
+    assert pages_of(got) == a - set(range(first, first + n))
+    assert got == _combine(r, one, lambda x, y: x & ~y)
+    assert got.total_pages() == len(a - set(range(first, first + n)))
+
+
+def test_one_run_subtraction_at_the_edges():
+    r = PageRuns.from_pairs([(10 * PAGE_SIZE, 5), (20 * PAGE_SIZE, 5)])
+    cut = lambda f, n: r.subtract(PageRuns.from_range(f * PAGE_SIZE, (f + n) * PAGE_SIZE))
+    page = lambda p: p * PAGE_SIZE
+    assert cut(15, 5) == r                                  # the gap between the runs
+    assert cut(0, 10) == r and cut(25, 100) == r           # before and after all
+    assert cut(10, 15).pairs() == []                        # exactly everything
+    assert cut(12, 10).pairs() == [(page(10), 2), (page(22), 3)]   # across the gap
+    assert cut(11, 1).pairs() == [(page(10), 1), (page(12), 3), (page(20), 5)]
+    assert cut(24, 1).pairs() == [(page(10), 5), (page(20), 4)]
+
+
+@given(st.integers(0, 1 << 20), st.integers(1, 5000), st.integers(1, 1100))
+def test_one_run_splits_into_consecutive_pieces(first, n, k):
+    """split() of a single run takes a short path; its pieces are the run
+    cut every ``k`` pages, in order."""
+    r = PageRuns.from_range(first * PAGE_SIZE, (first + n) * PAGE_SIZE)
+    pieces = [p.pairs() for p in r.split(k)]
+    want = [[((first + i) * PAGE_SIZE, min(k, n - i))] for i in range(0, n, k)]
+    assert pieces == want

@@ -40,6 +40,8 @@ UIO_MAXIOV = 1024
 # memcpy-like speed (4.5 GB/s measured at 16 MiB vs 1.3 GB/s at 64 KiB),
 # small enough to stay in the daemon's memory budget per migration.
 DEFAULT_BUFFER_BYTES = 16 << 20
+# Buffers of at least this size ask for transparent huge pages.
+HUGE_BUFFER_BYTES = 2 << 20
 # Consecutive failed pages in one run after which the rest of the run is
 # given up as failed (see module docstring).
 FAULT_SKIP_RUN_AFTER = 2
@@ -85,6 +87,14 @@ class MemReader:
         # starts mid-page ran 3x slower here (1.2 against 3.6 GB/s).
         self._map = mmap.mmap(-1, buffer_pages * PAGE_SIZE,
                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if buffer_pages * PAGE_SIZE >= HUGE_BUFFER_BYTES:
+            # Huge pages where the kernel has them: every copy into the
+            # buffer, and the hash and the send that read it, walk a
+            # 2 MiB page instead of 512 small ones (fewer TLB misses).
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except (AttributeError, OSError):
+                pass        # no THP here: small pages work the same
         self._buf = np.frombuffer(self._map, dtype=np.uint8)
         self._local = np.zeros((1, 2), _U64)
         self._remote = np.zeros((UIO_MAXIOV, 2), _U64)

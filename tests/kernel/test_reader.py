@@ -151,3 +151,39 @@ def test_no_iovec_limit_violation(target, monkeypatch):
     ok, data, failed = collect(r, runs)
     assert data == expected_runs(runs, 6) and not failed
     assert r.syscalls == 5   # 14 runs / 3 per call
+
+
+def _thp_eligible(addr: int) -> bool | None:
+    """The THPeligible flag /proc/self/smaps gives the mapping at ``addr``
+    (None on kernels that do not print it)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "THPeligible:":
+                return line.split()[1] == "1"
+    return None
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
+                    reason="this kernel gives no transparent huge pages")
+def test_large_buffers_ask_for_huge_pages():
+    """The source's read buffers (MiBs, copied into and read twice per
+    batch) are eligible for transparent huge pages; a small one is left as
+    the kernel's default has it."""
+    big = MemReader(1, buffer_bytes=16 << 20)
+    assert _thp_eligible(big._buf.ctypes.data) is True
+    if _thp_mode() == "madvise":
+        small = MemReader(1, buffer_pages=4)
+        assert _thp_eligible(small._buf.ctypes.data) is False
