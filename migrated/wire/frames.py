@@ -528,6 +528,14 @@ class FrameReader:
             n = min(n, max(rest, self.DIRECT_HEAD_READ))
         elif self._body_len >= self.FRAME_CAP_MIN and rest > 0:
             n = min(n, rest)
+        elif self.hand_over:
+            # Between frames, or in a small one: at most FRAME_CAP_MIN past
+            # its end.  A big batch behind it then starts in this buffer and
+            # ends at its end (the cap above), so it can be handed over;
+            # one read of a whole batch and the start of the next (a
+            # receiver behind its sender finds both in the socket) would
+            # leave it to be copied.
+            n = min(n, rest + self.FRAME_CAP_MIN)
         n = max(1, min(n, L.RECEIVE_BUFFER_LIMIT - (self._end - self._start)))
         self._space(n)
         return memoryview(self._buf)[self._end:self._end + n]

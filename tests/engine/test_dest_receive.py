@@ -282,6 +282,33 @@ def test_small_batches_and_batches_with_bytes_behind_are_only_lent():
         bytes(held)
 
 
+def test_a_receiver_behind_its_sender_still_gets_big_batches_handed_over():
+    """A receiver slower than its sender finds several frames waiting and
+    asks for a big buffer each time (Channel._pull).  Reads must still stop
+    at the end of each big batch -- not run on into the next one -- or
+    every such batch is copied instead of handed over."""
+    from migrated.engine.transport import RECV_BUFFER_HINT
+    from migrated.wire import Zeros
+    from migrated.wire.frames import handed_over
+    d = _streaming_dest(hand_over_pages=True)
+    small = Zeros(0, PageRuns.from_pairs([(BASE + pg(60), 2)]))
+    evs = [_pages(16, 0, seed=1), small, _pages(16, 16, seed=2), _pages(16, 32, seed=3),
+           _pages(8, 48, seed=4)]
+    stream = b"".join(encode(e) for e in evs)
+    got, pos = [], 0
+    while pos < len(stream):
+        buf = d.get_buffer(RECV_BUFFER_HINT)
+        n = min(len(buf), len(stream) - pos)     # all that the socket holds
+        buf[:n] = stream[pos:pos + n]
+        buf.release()
+        d.buffer_updated(n)
+        pos += n
+        while (ev := d.next_event()) is not NEED_DATA:
+            assert ev == evs[len(got)]              # (a lent batch is valid until the next call)
+            got.append(handed_over(ev.data) is not None if isinstance(ev, Pages) else None)
+    assert got == [True, None, True, True, False]   # the last is below the cap: lent
+
+
 def test_spare_buffers_kept_for_reuse_are_bounded():
     from migrated.wire.frames import MAX_SPARE_BUFFERS, handed_over
     d = _streaming_dest(hand_over_pages=True)
