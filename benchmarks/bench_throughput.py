@@ -21,17 +21,17 @@ certificates) it measures, in this run:
 
 And a **minimal pipeline** (``--no-minimal`` skips it): the work every
 engine of this design does, with nothing else -- no protocol, no state
-machine, no tracker, no image format. A reader thread fills the engine's
+machine, no tracker, no image format.  A reader thread fills the engine's
 read buffers (two of 16 MiB, on huge pages) with process_vm_readv and takes
 the xxh3-128 of each 4 MiB batch; the main thread sends a 24-byte header
-(length, digest) and the batch. Over plain TCP the receiver splices each
+(length, digest) and the batch.  Over plain TCP the receiver splices each
 batch from the socket into a fresh file and hashes it there through a
 read-only mapping, as the destination does; over TLS it reads each batch
 into one of a few reused buffers, checks its digest and a writer thread
-appends it to the file. Nothing is flushed during the round (the
+appends it to the file.  Nothing is flushed during the round (the
 destination leaves round 0's writeback to the kernel when the source takes
-its backlog reports). Its rate is timed like the engine's round 0, at the
-sender. ``engine / minimal`` tells how much the engine itself costs;
+its backlog reports).  Its rate is timed like the engine's round 0, at the
+sender.  ``engine / minimal`` tells how much the engine itself costs;
 ``minimal / raw`` what keeping the bytes costs on this machine.
 
 And a **budget** (``--no-budget`` skips it): the CPU time per byte of the
@@ -83,6 +83,7 @@ TARGET_RATIO = 0.5
 # The minimal pipeline's sizes are the engine's own: the source's read
 # buffer, the protocol's largest batch, the destination writer's queue
 # (plus receive buffers in use or spare).
+from migrated.engine.source import PIPELINE_DEPTH as MIN_DEPTH  # noqa: E402
 from migrated.engine.source import READ_BUFFER_BYTES as MIN_READ  # noqa: E402
 from migrated.image.pipeline import MAX_QUEUED as MIN_QUEUED  # noqa: E402
 from migrated.wire.limits import MAX_BATCH_BYTES as MIN_BATCH  # noqa: E402
@@ -255,29 +256,19 @@ def _minimal_copy(conn, fd: int) -> None:
     t.join()
 
 
-def _huge_map(nbytes: int):
-    import mmap
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):
-        pass
-    return m
-
-
 def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float:
     """Bytes/s of the minimal pipeline (module doc), timed at the sender."""
     import queue
     import threading
     import numpy as np
     import xxhash
-    from migrated.kernel.reader import process_vm_readv
+    from migrated.kernel.reader import process_vm_readv, read_buffer
     with tempfile.TemporaryDirectory(prefix="bench-minimal-") as d:
         p, port = _spawn("minimal", tls_dir, d)
         try:
             s = _connect(port, tls_dir)
-            # The engine's read buffers: anonymous maps on huge pages.
-            bufs = [np.frombuffer(_huge_map(MIN_READ), np.uint8) for _ in range(2)]
+            # The engine's read buffers, as many and as made.
+            bufs = [np.frombuffer(read_buffer(MIN_READ), np.uint8) for _ in range(MIN_DEPTH)]
             ready: queue.Queue = queue.Queue()
             slots = threading.Semaphore(len(bufs))
 

@@ -133,13 +133,15 @@ class PageRuns:
         find the runs that overlap; the rest is kept as it is, so the cost
         does not grow with the number of runs the way the general
         combination (a sort of every boundary) does."""
+        if n <= 0:
+            return self
         s, c = self.starts, self.counts
         b = a + (n << PAGE_SHIFT)
         lo = bisect.bisect_right(s, a) - 1          # last run starting at or before a
         if lo < 0 or int(s[lo]) + (int(c[lo]) << PAGE_SHIFT) <= a:
             lo += 1                                  # it ends before a: not touched
         hi = bisect.bisect_left(s, b)               # runs [lo, hi) start before b
-        if n <= 0 or lo >= hi:
+        if lo >= hi:
             return self
         keep_s: list[int] = []
         keep_c: list[int] = []
