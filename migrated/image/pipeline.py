@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import mmap
 import queue
-import threading
 from typing import Any
 
+from migrated.threads import Thread
 from migrated.wire.frames import ReceiveBuffer, handed_over
 
 # Four batches of at most 4 MiB: enough to ride over a slow pwrite without
@@ -58,8 +58,8 @@ class PipelinedWriter:
         self._error: BaseException | None = None
         self._free: queue.Queue = queue.Queue()
         self._pool_made = 0
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"image-writer-{getattr(writer, 'image_id', '')}")
+        self._thread = Thread(target=self._run, daemon=True,
+                              name=f"image-writer-{getattr(writer, 'image_id', '')}")
         self._thread.start()
 
     # -- worker -------------------------------------------------------------
@@ -134,7 +134,8 @@ class PipelinedWriter:
             else:
                 buf = self._free.get()
         if buf is None or len(buf) < nbytes:
-            buf = mmap.mmap(-1, max(nbytes, BATCH_BYTES_HINT))
+            buf = mmap.mmap(-1, max(nbytes, BATCH_BYTES_HINT),
+                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return buf
 
     def close(self) -> None:
