@@ -34,6 +34,7 @@ from typing import Callable
 from migrated.daemon.durable import fsync_dir, write_record
 from migrated.errors import MigratedError, NoSuchProcess
 from migrated.kernel import procfs
+from migrated.threads import Thread
 
 SUBDIR = "indoubt"
 MAX_RECORD_BYTES = 4096
@@ -147,8 +148,8 @@ class InDoubt:
             t = self._threads.get(rec.mid)
             if t is not None and t.is_alive():
                 return
-            t = threading.Thread(target=self._resolve, args=(rec,), daemon=True,
-                                 name=f"withdraw-{rec.mid}")
+            t = Thread(target=self._resolve, args=(rec,), daemon=True,
+                       name=f"withdraw-{rec.mid}")
             self._threads[rec.mid] = t
         t.start()
 

@@ -23,6 +23,7 @@ import threading
 
 from migrated.daemon import tls
 from migrated.daemon.manager import Busy
+from migrated.threads import Thread
 
 # Connections in their TLS handshake at once.  Each holds a thread (a few
 # tens of KiB resident) and a socket for at most HANDSHAKE_TIMEOUT_S; 64
@@ -143,8 +144,8 @@ class PeerListener:
             self.log.warning("peer_refused", peer=_fmt(addr), reason=refuse)
             conn.close()
             return
-        threading.Thread(target=self._session, args=(conn, addr), daemon=True,
-                         name=f"peer-{_fmt(addr)}").start()
+        Thread(target=self._session, args=(conn, addr), daemon=True,
+               name=f"peer-{_fmt(addr)}").start()
 
     def _session(self, conn: socket.socket, addr) -> None:
         peer = _fmt(addr)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrated.errors import MigratedError
+from migrated.threads import Thread
 
 # A finished migration stays visible to `status` / `list` until this many
 # newer ones finished (bounded memory on a long-running daemon).
@@ -322,8 +323,8 @@ class Manager:
         timeout = opts.get("timeout_s", _default_timeout())
         assert self.loop is not None
         m._watchdog = self.loop.call_later(timeout + TIMEOUT_GRACE_S, self._timeout, m, timeout)
-        m.thread = threading.Thread(target=self._send_worker, args=(m, host, port, opts),
-                                    name=f"send-{mid}", daemon=True)
+        m.thread = Thread(target=self._send_worker, args=(m, host, port, opts),
+                          name=f"send-{mid}", daemon=True)
         m.thread.start()
         return m
 

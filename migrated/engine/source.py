@@ -52,6 +52,7 @@ from migrated.kernel.maps import read_layout
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import make_tracker
 from migrated.runs import PAGE_SIZE, PageRuns
+from migrated.threads import Thread
 from migrated.wire import events as ev
 from migrated.wire import limits as L
 from migrated.wire.connection import NEED_DATA, SourceConnection
@@ -205,8 +206,8 @@ class _Pipeline:
             self.free.put(None)
         self.stop = threading.Event()
         self._held = False
-        self.thread = threading.Thread(target=self._produce, args=(runs, piece_pages),
-                                       name="migrated-reader", daemon=True)
+        self.thread = Thread(target=self._produce, args=(runs, piece_pages),
+                             name="migrated-reader", daemon=True)
         self.thread.start()
 
     def _produce(self, runs: PageRuns, piece_pages: int) -> None:

@@ -45,6 +45,7 @@ import xxhash
 
 from migrated.errors import MigratedError, ProtocolError
 from migrated.image.store import pwrite_all
+from migrated.threads import Thread
 from migrated.wire import events as ev
 from migrated.wire import limits as L
 from migrated.wire.events import DeferredData, Pages
@@ -704,7 +705,7 @@ class Channel:
                     self._ka_error = e
                     return
 
-        self._ka_thread = threading.Thread(target=loop, name="migrated-keepalive", daemon=True)
+        self._ka_thread = Thread(target=loop, name="migrated-keepalive", daemon=True)
         self._ka_thread.start()
 
     def stop_keepalive(self, timeout: float | None = None) -> None:

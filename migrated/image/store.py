@@ -33,6 +33,7 @@ import xxhash
 
 from migrated.errors import ImageError, ImageNotFound, ImageWithdrawn, QuotaExceeded
 from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
+from migrated.threads import Thread
 
 from . import manifest as mf
 from .manifest import CHUNK_BYTES, CHUNK_PAGES, CHUNK_SHIFT
@@ -530,7 +531,7 @@ class _InThread:
                 self._out = (fn(*args), None)
             except BaseException as exc:  # noqa: BLE001 -- handed to result()
                 self._out = (None, exc)
-        self._thread = threading.Thread(target=run, name="migrated-store", daemon=True)
+        self._thread = Thread(target=run, name="migrated-store", daemon=True)
         self._thread.start()
 
     def join(self) -> None:
@@ -612,7 +613,7 @@ class _Flusher:
         self.flushes = 0
         self._state = state
         self._written = written
-        self._thread = threading.Thread(target=self._loop, name="migrated-flush", daemon=True)
+        self._thread = Thread(target=self._loop, name="migrated-flush", daemon=True)
         self._thread.start()
 
     def kick(self) -> None:
@@ -674,8 +675,8 @@ class _Checkpointer:
         self.cache: dict[int, tuple[int, str, int]] = {}
         self.digest_s = 0.0        # time spent digesting, all jobs
         self.chunks = 0            # chunks digested
-        self._thread = threading.Thread(target=self._loop, name="migrated-checkpoint",
-                                        daemon=True)
+        self._thread = Thread(target=self._loop, name="migrated-checkpoint",
+                              daemon=True)
         self._thread.start()
 
     def submit(self, job: int, slots: np.ndarray, masks: np.ndarray) -> None:
