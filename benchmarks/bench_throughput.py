@@ -22,30 +22,34 @@ certificates) it measures, in this run:
 And a **minimal pipeline** (``--no-minimal`` skips it): the work every
 engine of this design does, with nothing else -- no protocol, no state
 machine, no tracker, no image format.  A reader thread fills the engine's
-read buffers (two of 16 MiB, on huge pages) with process_vm_readv and takes
-the xxh3-128 of each 4 MiB batch; the main thread sends a 24-byte header
-(length, digest) and the batch.  Over plain TCP the receiver splices each
-batch from the socket into a fresh file and hashes it there through a
-read-only mapping, as the destination does; over TLS it reads each batch
-into one of a few reused buffers, checks its digest and a writer thread
-appends it to the file.  Nothing is flushed during the round (the
-destination leaves round 0's writeback to the kernel when the source takes
-its backlog reports).  Its rate is timed like the engine's round 0, at the
-sender.  ``engine / minimal`` tells how much the engine itself costs;
-``minimal / raw`` what keeping the bytes costs on this machine.
+read buffers (two of 16 MiB, on huge pages) with process_vm_readv and
+takes the xxh3-128 of each 4 MiB batch; the main thread sends a 24-byte
+header (length, digest) and the batch.  Over plain TCP the receiver
+splices each batch from the socket into a fresh file and hashes it there
+through a read-only mapping, as the destination does; over TLS it reads
+each batch into one of a few reused buffers, checks its digest and a
+writer thread appends it to the file as the destination does, in pieces of
+``STORE_WRITE_BYTES`` (a whole batch per write gets large page-cache
+folios, which on this VM come from memory its host took back).  Nothing is
+flushed during the round (the destination leaves round 0's writeback to
+the kernel when the source takes its backlog reports).  Its rate is timed
+like the engine's round 0, at the sender.  ``engine / minimal`` tells how
+much the engine itself costs; ``minimal / raw`` what keeping the bytes
+costs on this machine.
 
 And a **budget** (``--no-budget`` skips it): the CPU time per byte of the
 raw link (both ends, from their own rusage; over plain TCP with a receiver
 that splices into /dev/null, since the destination splices there and its
-one copy is the store below) plus what every engine that
-reads, verifies and keeps the bytes must add -- one process_vm_readv of
-the workload, an xxh3-128 over the data at each end, one write into a
-fresh file -- each measured here, cheapest of ``--repeat`` (the store as
-cheapest-dearest: writing into new page-cache pages costs what the memory
-the kernel hands out costs, which on a VM that returns freed memory to its
-host varies several-fold between runs).  With every core busy all the
-time that sum gives the fastest possible first round on this machine, and
-so the best ratio any such engine could print here.
+one copy is the store below) plus what every engine that reads, verifies
+and keeps the bytes must add -- one process_vm_readv of the workload, an
+xxh3-128 over the data at each end, one write into a fresh file (the
+destination's, in its pieces) -- each measured here, cheapest of
+``--repeat`` (the store as cheapest-dearest: writing into new page-cache
+pages costs what the memory the kernel hands out costs, which on a VM that
+returns freed memory to its host varies several-fold between runs).  With
+every core busy all the time that sum gives the fastest possible first
+round on this machine, and so the best ratio any such engine could print
+here.
 
 It prints both rates and their ratio (target >= 0.5).  The best of
 ``--repeat`` runs of each is kept (timings on a shared machine are noisy),
@@ -229,6 +233,7 @@ def _minimal_copy(conn, fd: int) -> None:
     import queue
     import threading
     import xxhash
+    from migrated.image.store import pwrite_all
     free: queue.Queue = queue.Queue()
     for _ in range(MIN_BUFFERS):
         free.put(bytearray(MIN_BATCH))
@@ -238,7 +243,7 @@ def _minimal_copy(conn, fd: int) -> None:
         off = 0
         while (item := todo.get()) is not None:
             buf, n = item
-            os.pwrite(fd, memoryview(buf)[:n], off)
+            pwrite_all(fd, memoryview(buf)[:n], off)   # the engine's page write
             off += n
             free.put(buf)
 
@@ -433,6 +438,7 @@ def work_ns(pid: int, addr: int, nbytes: int, store_dir: str) -> dict:
     at both ends), write them into a fresh file (the page-cache fill)."""
     import xxhash
     import numpy as np
+    from migrated.image.store import pwrite_all
     from migrated.kernel.reader import MemReader
     from migrated.runs import PAGE_SIZE, PageRuns
     reader = MemReader(pid, buffer_bytes=RAW_BLOCK)
@@ -440,13 +446,15 @@ def work_ns(pid: int, addr: int, nbytes: int, store_dir: str) -> dict:
     t_read = t_hash = t_store = 0.0
     path = os.path.join(store_dir, "budget.img")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    off = 0
     try:
         t = time.perf_counter()
         for chunk in reader.read(runs):
             a = time.perf_counter()
             xxhash.xxh3_128_digest(chunk.data)
             b = time.perf_counter()
-            os.write(fd, chunk.data)
+            pwrite_all(fd, chunk.data, off)      # the engine's page write
+            off += chunk.data.nbytes
             c = time.perf_counter()
             t_read += a - t
             t_hash += b - a

@@ -62,9 +62,11 @@ FREE_RECHECK_BYTES = 32 * 1024 * 1024
 # small and come from memory the guest kept: 0.37-0.57 ns/B either way
 # (368-495 MiB/s with the memory given back, 406-491 without, against
 # 448-497 for whole batches).  On bare metal the pieces cost a few more
-# calls and folios, nothing else.  (Pages spliced from a plain socket
-# showed no such cost after the same pause, 0.47-0.65 ns/B, and are left
-# as they are.)  tests/image/test_folios.py reads the folio sizes back.
+# calls and folios, nothing else.  Pages spliced from a plain socket are
+# left as they are (up to 1 MiB per splice): cutting those splices into
+# such pieces measured slower (TCP round 0 median 889 against 1004 MiB/s,
+# nine alternating runs each).  tests/image/test_folios.py reads the
+# folio sizes back.
 STORE_WRITE_BYTES = 256 * 1024
 
 # read_memory() is for inspection: bound what one call may allocate.
