@@ -348,11 +348,12 @@ def _pages_fields(body, limits: TypeLimits, borrow: bool, total: int | None = No
 MAX_SPARE_BUFFERS = 8
 
 # A buffer made for a big frame is sized to it, rounded up to this, where
-# small ones double.  Every page batch (4 MiB of data behind a head of at
-# most 16 KiB) then fits in every spare, so spares are reused; doubling
-# made an 8 MiB buffer, and dropped a spare, each time a batch's head was
-# a few bytes longer than the one before (9 buffers, 52 MiB of new memory
-# per 512 MiB round over TLS, against 7 of 4.25 MiB now).
+# small ones double (FrameReader._space).  Every page batch (4 MiB of data
+# behind a head of at most 16 KiB) then fits in every spare, so spares are
+# reused; doubling past the frame made an 8 MiB buffer, and dropped a
+# spare, each time a batch's head was a few bytes longer than the one
+# before (9 buffers, 52 MiB of new memory per 512 MiB round over TLS,
+# against 6 or 7 of 4.25 MiB now).
 BIG_BUFFER_GRAIN = 256 * 1024
 
 
@@ -501,10 +502,19 @@ class FrameReader:
             self._buf[:live] = self._buf[self._start:self._end]
         else:
             need = live + n
-            if need >= self.FRAME_CAP_MIN:
-                size = -(-need // BIG_BUFFER_GRAIN) * BIG_BUFFER_GRAIN
-            else:
+            if need < self.FRAME_CAP_MIN:
                 size = max(2 * cap, need)
+            else:
+                # Doubling still, so a frame fed in small pieces is not
+                # copied over once per piece -- but never past the frame
+                # being received (it starts at _start) once its length is
+                # known, so a batch gets a buffer of its own size.  Growth
+                # stays driven by bytes received, not by lengths declared.
+                grow = 2 * cap
+                if self._body_len >= 0:
+                    grow = min(grow, L.LENGTH_PREFIX_SIZE + self._body_len)
+                need = max(need, grow)
+                size = -(-need // BIG_BUFFER_GRAIN) * BIG_BUFFER_GRAIN
             new = self._new_buffer(size)
             new[:live] = self._buf[self._start:self._end]
             self._buf = new

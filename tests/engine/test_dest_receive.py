@@ -387,3 +387,21 @@ def test_batches_whose_heads_grow_reuse_the_spare_buffers():
         owners[id(owner)] = owner
         owner.give_back()
     assert len(owners) == 2
+
+
+def test_a_big_frame_fed_in_small_pieces_grows_its_buffer_by_doubling():
+    """receive_data() in 64 KiB pieces (a connection without get_buffer):
+    the buffer must grow geometrically up to the frame, not by one size
+    step per piece -- each growth copies everything received so far."""
+    reader = FrameReader(borrow=True)
+    reader.feed(L.PREAMBLE)
+    frame = encode(Pages.build(0, PageRuns.from_pairs([(BASE, 1024)]), bytes(pg(1024))))
+    buffers, last = 0, None
+    for k in range(0, len(frame), 64 * 1024):
+        reader.feed(frame[k:k + 64 * 1024])
+        if reader._buf is not last:
+            buffers, last = buffers + 1, reader._buf
+        reader.next_frame(L.MAX_FRAME, lambda t: None, decode=False)
+    assert reader.next_frame(L.MAX_FRAME, lambda t: None) is not None
+    assert buffers <= 8                 # 64 KiB doubling to 4 MiB, and one at most to fit
+    assert len(reader._buf) < 2 * len(frame)
