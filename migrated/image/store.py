@@ -552,7 +552,9 @@ class _InThread:
                 self._out = (fn(*args), None)
             except BaseException as exc:  # noqa: BLE001 -- handed to result()
                 self._out = (None, exc)
-        self._thread = Thread(target=run, name="migrated-store", daemon=True)
+        # Not named in the kernel (migrated.threads): these live for
+        # milliseconds, inside the freeze, and naming costs ~20 us a thread.
+        self._thread = threading.Thread(target=run, name="migrated-store", daemon=True)
         self._thread.start()
 
     def join(self) -> None:
