@@ -297,6 +297,7 @@ class SourceMigration:
         self._held = PageRuns.empty()      # pages the image holds so far
         self._carry = PageRuns.empty()     # pages a read failed on: retry
         self._sent_layout: KLayout | None = None
+        self._last_layout: KLayout | None = None
         self._backlog_on = False           # the destination reports its backlog
         self._dest: ev.Backlog | None = None   # its latest report ...
         self._dest_at = 0.0                # ... and when it arrived (monotonic)
@@ -380,7 +381,7 @@ class SourceMigration:
         stop_and_copy = decision.stop
         if stop_and_copy:
             self._freeze()
-        layout = read_layout(self.pid)
+        layout = self._read_layout()
         t_armed = time.perf_counter()      # the tracker records writes from here on
         present = self.tracker.start(layout).dirty
         self._handshake_start(present.total_bytes())
@@ -402,7 +403,7 @@ class SourceMigration:
                 rnd += 1
                 wait_ms = self._wait_for_destination(rnd - 1) if self._backlog_on else 0.0
                 t_collect = time.perf_counter()
-                layout = read_layout(self.pid)
+                layout = self._read_layout()
                 got = self.tracker.collect(layout)
                 now = time.perf_counter()
                 collect_ms = (now - t_collect) * 1000.0
@@ -423,7 +424,7 @@ class SourceMigration:
 
         # -- frozen: the final delta --------------------------------------------------
         t_final = time.perf_counter()
-        layout = read_layout(self.pid)
+        layout = self._read_layout()
         final_rate = 0.0
         if stop_and_copy:
             final_dirty, final_dropped, pause = PageRuns.empty(), PageRuns.empty(), 0.0
@@ -479,6 +480,12 @@ class SourceMigration:
                     "freeze_ms": round(freeze_ms, 3), "then": self.options.then,
                     **self.freeze_breakdown})
         return reply.image_id, reply.digest, freeze_ms
+
+    def _read_layout(self) -> KLayout:
+        """The target's layout now; the last one read if its maps are
+        unchanged (most rounds: no parsing then)."""
+        self._last_layout = read_layout(self.pid, self._last_layout)
+        return self._last_layout
 
     # -- handshake -----------------------------------------------------------------------
 

@@ -525,6 +525,17 @@ class _ChunkBuffers:
             if len(self._idle) < self._keep:
                 self._idle.append(buf)
 
+    def reserve(self, n: int) -> None:
+        """Have at least ``n`` idle buffers (at most ``keep``), their pages
+        already faulted in: called off the freeze, so that every digest
+        thread of a commit finds a warm one."""
+        with self._lock:
+            missing = min(n, self._keep) - len(self._idle)
+        for _ in range(missing):
+            buf = self.take()
+            np.frombuffer(buf, np.uint8)[::PAGE_SIZE] = 0     # touch every page
+            self.give_back(buf)
+
 
 # Enough for a commit's digest threads plus a checkpoint thread.
 _CHUNK_BUFFERS = _ChunkBuffers(keep=COMMIT_DIGEST_THREADS + 2)
@@ -735,6 +746,9 @@ class _Checkpointer:
 
     def _loop(self) -> None:
         try:
+            # Buffers for the commit's digest threads, made here and now
+            # rather than inside the freeze.
+            _CHUNK_BUFFERS.reserve(COMMIT_DIGEST_THREADS)
             while True:
                 with self._cond:
                     while not self._jobs and not self._cancel:

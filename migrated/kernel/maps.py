@@ -174,21 +174,37 @@ class Layout(tuple):
         return [m for m in self if m.kind == kind]
 
     def runs(self, migratable_only: bool = True) -> PageRuns:
-        """Address ranges of (migratable) mappings as PageRuns."""
-        ms = [m for m in self if m.migrates or not migratable_only]
-        if not ms:
-            return PageRuns.empty()
-        starts = np.array([m.start for m in ms], np.uint64)
-        counts = np.array([m.npages for m in ms], np.uint64)
-        return PageRuns(starts, counts)
+        """Address ranges of (migratable) mappings as PageRuns (computed
+        once per layout: a layout and its mappings never change)."""
+        cache = self.__dict__.setdefault("_runs", {})
+        got = cache.get(migratable_only)
+        if got is None:
+            ms = [m for m in self if m.migrates or not migratable_only]
+            if not ms:
+                got = PageRuns.empty()
+            else:
+                got = PageRuns(np.array([m.start for m in ms], np.uint64),
+                               np.array([m.npages for m in ms], np.uint64))
+            cache[migratable_only] = got
+        return got
 
 
 def parse_maps(text: str) -> Layout:
-    return Layout(parse_line(line) for line in text.split("\n") if line)
+    layout = Layout(parse_line(line) for line in text.split("\n") if line)
+    layout._text = text
+    return layout
 
 
-def read_layout(pid: int) -> Layout:
-    return parse_maps(procfs.read_maps_text(pid))
+def read_layout(pid: int, previous: Layout | None = None) -> Layout:
+    """The layout of ``pid`` now.  ``previous``: an earlier read of the
+    same process; if /proc/PID/maps reads back byte for byte as it did
+    then, that Layout is returned instead of parsing every line again
+    (171 mappings: 1.3-2 ms, and the final one is read inside the freeze).
+    The parse is a function of the text alone, so nothing can differ."""
+    text = procfs.read_maps_text(pid)
+    if previous is not None and previous.__dict__.get("_text") == text:
+        return previous
+    return parse_maps(text)
 
 
 # -- diff -------------------------------------------------------------------

@@ -144,3 +144,25 @@ def test_digest_buffers_are_shared_between_threads(tmp_path):
         os.close(fd)
     assert len(set(digests)) == 1
     assert pool.made == made, "a thread made a buffer of its own"
+
+
+def test_a_commit_after_checkpoints_makes_no_digest_buffer(tmp_path):
+    """The checkpoint thread reserves warm buffers for every digest thread
+    of the commit: none is made (and faulted in) inside the freeze."""
+    from migrated.image import ImageStore
+    from tests.target import expected
+    store = ImageStore(str(tmp_path / "state"), min_free_bytes=0)
+    base, n = 0x10000000, 8 * mf.CHUNK_PAGES
+    w = store.begin({"pid": 7}, 0)
+    w.set_layout([{"start": base, "end": base + n * P, "perms": "rw-p", "kind": "anon"}])
+    w.write_pages(PageRuns.from_range(base, base + n * P), expected(base, n, 1))
+    w.checkpoint()
+    assert w.wait_checkpoints(30)
+    for c in range(0, n, mf.CHUNK_PAGES):          # one page of every chunk changes
+        at = base + (c + 3) * P
+        w.write_pages(PageRuns.from_range(at, at + P), expected(at, 1, 2))
+    made = store_mod._CHUNK_BUFFERS.made
+    image_id, _ = w.commit()
+    assert w.commit_stats["chunks_digested"] == 8
+    assert store_mod._CHUNK_BUFFERS.made == made
+    assert store.verify(image_id).ok

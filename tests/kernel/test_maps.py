@@ -197,3 +197,23 @@ def test_read_layout_of_gone_process(target):
     target.close()
     with pytest.raises(NoSuchProcess, match=str(pid)):
         read_layout(pid)
+
+
+def test_an_unchanged_layout_is_reused_and_a_changed_one_read_again(target):
+    """read_layout(pid, previous) skips the parse only when the maps text
+    is byte for byte what ``previous`` was parsed from."""
+    target.map("a", 4, guard=True)
+    first = read_layout(target.pid)
+    again = read_layout(target.pid, first)
+    assert again is first
+    assert again.runs() is first.runs()            # computed once per layout
+    target.map("b", 3, guard=True)
+    changed = read_layout(target.pid, first)
+    assert changed is not first
+    assert changed == read_layout(target.pid)       # as a fresh parse sees it
+    assert changed.find(target.addr("b")) is not None and first.find(target.addr("b")) is None
+    target.unmap("a", 0, 1)
+    shrunk = read_layout(target.pid, changed)
+    assert shrunk is not changed and shrunk.find(target.addr("a")) is None
+    # A Layout made by hand (no text behind it) is never taken for current.
+    assert read_layout(target.pid, Layout(list(changed))) is not None
