@@ -146,11 +146,36 @@ def test_digest_buffers_are_shared_between_threads(tmp_path):
     assert pool.made == made, "a thread made a buffer of its own"
 
 
-def test_a_commit_after_checkpoints_makes_no_digest_buffer(tmp_path):
+def _present_pages(buf) -> int:
+    """Pages of ``buf`` mapped in this process (/proc/self/pagemap bit 63)."""
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    n = len(buf) // P
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // P * 8)
+        entries = np.frombuffer(f.read(n * 8), np.uint64)
+    return int(np.count_nonzero(entries >> np.uint64(63)))
+
+
+def test_reserved_digest_buffers_are_distinct_and_faulted_in(monkeypatch):
+    pool = store_mod._ChunkBuffers(keep=4)
+    monkeypatch.setattr(store_mod, "_CHUNK_BUFFERS", pool)
+    pool.reserve(3)
+    assert pool.made == 3
+    bufs = [pool.take() for _ in range(3)]
+    assert len({np.frombuffer(b, np.uint8).ctypes.data for b in bufs}) == 3
+    assert [_present_pages(b) for b in bufs] == [mf.CHUNK_PAGES] * 3
+    for b in bufs:
+        pool.give_back(b)
+    pool.reserve(2)                  # enough idle already
+    assert pool.made == 3
+
+
+def test_a_commit_after_checkpoints_makes_no_digest_buffer(tmp_path, monkeypatch):
     """The checkpoint thread reserves warm buffers for every digest thread
     of the commit: none is made (and faulted in) inside the freeze."""
     from migrated.image import ImageStore
     from tests.target import expected
+    monkeypatch.setattr(store_mod, "_CHUNK_BUFFERS", store_mod._ChunkBuffers(keep=4))
     store = ImageStore(str(tmp_path / "state"), min_free_bytes=0)
     base, n = 0x10000000, 8 * mf.CHUNK_PAGES
     w = store.begin({"pid": 7}, 0)
