@@ -71,6 +71,13 @@ THEN_CHOICES = ("stop", "resume", "kill")
 READ_BUFFER_BYTES = 16 * 1024 * 1024
 PIPELINE_DEPTH = 2
 
+# A round's first read is this small and each next one twice the last, up
+# to READ_BUFFER_BYTES: sending starts after reading 512 KiB instead of a
+# whole buffer, and the destination writes while the rest is read.  This
+# matters for the final delta, a few MiB read and sent with the target
+# frozen: all of it was read before the first byte left.
+FIRST_READ_BYTES = 512 * 1024
+
 
 # The freeze must take hold within this (threads in D state may delay it);
 # longer means something is wrong with the target: fail and thaw.
@@ -166,6 +173,18 @@ def split_zero_pages(runs: PageRuns, data: memoryview) -> tuple[PageRuns, PageRu
     return zero_runs, runs.subtract(zero_runs), memoryview(words[keep]).cast("B")
 
 
+def ramped_pieces(runs: PageRuns, first: int, most: int) -> Iterator[PageRuns]:
+    """Consecutive pieces of ``runs`` in address order: ``first`` pages,
+    then each piece twice the last, up to ``most`` pages a piece."""
+    size, rest = first, runs
+    while rest and size < most:
+        head = next(rest.split(size))
+        yield head
+        rest = rest.subtract(head)
+        size *= 2
+    yield from rest.split(most)
+
+
 def slice_runs(runs: PageRuns, max_runs: int) -> Iterator[PageRuns]:
     """Pieces of at most ``max_runs`` runs (for Zeros/Dropped messages)."""
     for i in range(0, len(runs), max_runs):
@@ -212,7 +231,8 @@ class _Pipeline:
 
     def _produce(self, runs: PageRuns, piece_pages: int) -> None:
         try:
-            for i, piece in enumerate(runs.split(piece_pages)):
+            first = min(piece_pages, max(1, FIRST_READ_BYTES // PAGE_SIZE))
+            for i, piece in enumerate(ramped_pieces(runs, first, piece_pages)):
                 self.free.get()
                 if self.stop.is_set():
                     return
