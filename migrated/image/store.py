@@ -123,6 +123,31 @@ def _punch(fd: int, offset: int, length: int) -> bool:
                            offset, length) == 0
 
 
+# Errors of fallocate() that mean "this filesystem cannot": writes then
+# allocate as they always did.
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
+
+def _allocate(fd: int, stretches: list[tuple[int, int, int]]) -> bool:
+    """Allocate the blocks of the file ranges about to be written, each
+    (file offset, first byte, end byte), in one fallocate call per range,
+    without changing the file's size.  Page data written into blocks so
+    allocated skips ext4's delayed allocation, which reserves and tracks
+    every 4 KiB block of a buffered write on its own: the destination's
+    CPU per byte stored fell from 0.52-0.62 to 0.44-0.50 ns/B (512 MiB
+    round 0 over TCP, nine runs each, alternating).  Only pages that carry
+    data are ever written, so no space goes to zero pages.  Returns False
+    where the filesystem cannot (the caller stops asking); raises OSError
+    (ENOSPC, EDQUOT...) otherwise."""
+    for off, a, b in stretches:
+        if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, off, b - a) != 0:
+            err = ctypes.get_errno()
+            if err in _NO_FALLOCATE:
+                return False
+            raise OSError(err, os.strerror(err))
+    return True
+
+
 def _page_index(seg_fp: np.ndarray, seg_data: np.ndarray, seg_n: np.ndarray) -> np.ndarray:
     """File page of every page of the stretches ImageWriter._segments
     returns, in data order."""
@@ -851,6 +876,7 @@ class ImageWriter:
         # CPU time of the thread(s) writing page data: what filling the page
         # cache costs on this node (reported at commit; benchmarks use it).
         self.write_cpu_s = 0.0
+        self._can_allocate = True     # fallocate() works here (see _allocate)
         self._fd = os.open(os.path.join(path, mf.PAGES_NAME),
                            os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
                            _FILE_MODE)
@@ -1113,11 +1139,14 @@ class ImageWriter:
         self._last_slots = slots
         fd = self._fd
         cpu0 = time.thread_time()
+        stretches = list(zip(offs, lo, hi))
         try:
+            if new and self._can_allocate:
+                self._can_allocate = _allocate(fd, stretches)
             if fill is not None:
-                fill(fd, list(zip(offs, lo, hi)))
+                fill(fd, stretches)
             else:
-                for off, a, b in zip(offs, lo, hi):
+                for off, a, b in stretches:
                     pwrite_all(fd, mv[a:b], off)
         except OSError as exc:
             raise self._fail(exc, "writing page data") from None
