@@ -22,10 +22,17 @@ def test_kernel_names_are_short_and_keep_what_tells_threads_apart():
 
 
 def _seen_while_running(make) -> str:
-    go, seen = threading.Event(), {}
-    t = make(go.wait)
+    """The kernel's name of a thread once its target runs (start() returns
+    as soon as the thread exists, before run() has named it)."""
+    go, running, seen = threading.Event(), threading.Event(), {}
+
+    def target() -> None:
+        running.set()
+        go.wait(10)
+    t = make(target)
     t.start()
     try:
+        assert running.wait(10)
         seen["comm"] = _comm(t)
     finally:
         go.set()
