@@ -568,7 +568,8 @@ class _ChunkBuffers:
             self.give_back(buf)
 
 
-# Enough for a commit's digest threads plus a checkpoint thread.
+# Idle buffers kept: one per commit digest thread, and two more for the
+# checkpoint threads of images received at the same time (4 x 2 MiB).
 _CHUNK_BUFFERS = _ChunkBuffers(keep=COMMIT_DIGEST_THREADS + 2)
 
 

@@ -149,7 +149,9 @@ def parse_line(line: str) -> Mapping:
 
 
 class Layout(tuple):
-    """A process's mappings, sorted by start address (a tuple of Mapping)."""
+    """A process's mappings, sorted by start address (a tuple of Mapping).
+    One parsed from /proc/PID/maps keeps that text as ``_text`` (see
+    read_layout)."""
 
     def __new__(cls, mappings: Iterable[Mapping] = ()):
         return super().__new__(cls, sorted(mappings, key=lambda m: m.start))
@@ -202,7 +204,7 @@ def read_layout(pid: int, previous: Layout | None = None) -> Layout:
     (171 mappings: 1.3-2 ms, and the final one is read inside the freeze).
     The parse is a function of the text alone, so nothing can differ."""
     text = procfs.read_maps_text(pid)
-    if previous is not None and previous.__dict__.get("_text") == text:
+    if previous is not None and getattr(previous, "_text", None) == text:
         return previous
     return parse_maps(text)
 
