@@ -61,15 +61,27 @@ log = logging.getLogger("migrated.engine.source")
 
 THEN_CHOICES = ("stop", "resume", "kill")
 
-# Reader buffer per pipeline stage.  Two stages of 16 MiB (32 MiB per
-# outgoing migration, on huge pages where the kernel has them):
-# process_vm_readv runs near memcpy speed at this size (KERNEL.md: 4.5 GB/s
-# at 16 MiB, 1.3 at 64 KiB), four batches of 4 MiB fit in each, and the
-# per-buffer work (a read call, the zero scan, the tracker's bookkeeping, a
-# hand-over between threads) is paid half as often as with 8 MiB: round 0
-# ran 1017 against 910 MiB/s over loopback TCP (median of six, alternating).
+# How the source reads the target's memory, by link:
+#
+# - Over TLS a reader thread reads ahead into two buffers of 16 MiB (32 MiB
+#   per outgoing migration, on huge pages where the kernel has them) while
+#   the sending thread encrypts -- about 1 ns/B, several times what the read
+#   costs, so reading beside it is nearly free: round 0 498 against 466
+#   MiB/s read in the sending thread (session 13, median of eight,
+#   alternating).  process_vm_readv runs near memcpy speed at this size
+#   (KERNEL.md: 4.5 GB/s at 16 MiB, 1.3 at 64 KiB), and everything paid
+#   per buffer (a read call, the zero scan, the tracker's bookkeeping, the
+#   hand-over between threads) is paid half as often as with 8 MiB.
+# - Over plain TCP sending is one copy, and a second busy thread costs more
+#   than the overlap gains: it competes for the cores with the target
+#   (which runs on through the live rounds), the kernel's transmit path and,
+#   on a shared machine, the destination.  The sending thread reads 8 MiB
+#   at a time itself: round 0 over loopback 1251 against 1034 MiB/s with
+#   the reader thread (median of eight, alternating, two cores; 4 MiB
+#   reads: 1100, 16 MiB: 1030), and half the memory.
 READ_BUFFER_BYTES = 16 * 1024 * 1024
 PIPELINE_DEPTH = 2
+INLINE_READ_BYTES = 8 * 1024 * 1024
 
 # A round's first read is this small and each next one twice the last, up
 # to READ_BUFFER_BYTES: sending starts after reading 512 KiB instead of a
@@ -202,20 +214,28 @@ class _Prepared:
 
 
 class _Pipeline:
-    """Read, split and account chunks of ``runs`` in a helper thread,
-    ``len(readers)`` buffers ahead of the consumer.  A buffer is reused only
+    """Read, split and account chunks of ``runs`` -- with ``read_ahead``
+    in a helper thread, ``len(readers)`` buffers ahead of the consumer,
+    else in the consumer's own ``__next__`` calls.  A buffer is reused only
     after the consumer handed it back (its next ``__next__`` call).
 
-    ``on_read(runs, data)`` is called in the helper thread with the exact
+    ``on_read(runs, data)`` is called by the reading thread with the exact
     bytes about to be sent (the tracker's ``sent``): if sending then fails,
     the whole migration fails, so confirming a moment early is safe."""
 
     _END = object()
 
     def __init__(self, readers: list[MemReader], runs: PageRuns, piece_pages: int,
-                 on_read: Callable[[PageRuns, memoryview], None]):
+                 on_read: Callable[[PageRuns, memoryview], None], *, read_ahead: bool = True):
         self.readers = readers
         self.on_read = on_read
+        self._held = False
+        if not read_ahead:
+            # Read in the consumer's thread, one buffer at a time: the next
+            # read happens in __next__, once the last item was sent.
+            self.thread = None
+            self._items = self._prepared(runs, piece_pages)
+            return
         # SimpleQueues (C): per buffer, a put and a get each way, with no
         # Python-level Condition in between.  ``free`` holds one token per
         # buffer the producer may fill.
@@ -224,27 +244,37 @@ class _Pipeline:
         for _ in readers:
             self.free.put(None)
         self.stop = threading.Event()
-        self._held = False
-        self.thread = Thread(target=self._produce, args=(runs, piece_pages),
-                             name="migrated-reader", daemon=True)
+        self.thread: threading.Thread | None = Thread(
+            target=self._produce, args=(runs, piece_pages), name="migrated-reader", daemon=True)
         self.thread.start()
+
+    def _prepared(self, runs: PageRuns, piece_pages: int) -> Iterator[_Prepared]:
+        """Read ``runs`` piece by piece (ramped_pieces), each into the next
+        reader's buffer, and split and account each piece."""
+        first = min(piece_pages, max(1, FIRST_READ_BYTES // PAGE_SIZE))
+        for i, piece in enumerate(ramped_pieces(runs, first, piece_pages)):
+            reader = self.readers[i % len(self.readers)]
+            for chunk in reader.read(piece):   # one chunk: piece fits the buffer
+                if chunk.runs:
+                    zero_runs, data_runs, data = split_zero_pages(chunk.runs, chunk.data)
+                    self.on_read(chunk.runs, chunk.data)
+                else:
+                    zero_runs, data_runs, data = chunk.runs, chunk.runs, memoryview(b"")
+                yield _Prepared(chunk.runs, chunk.failed, zero_runs, data_runs, data)
 
     def _produce(self, runs: PageRuns, piece_pages: int) -> None:
         try:
-            first = min(piece_pages, max(1, FIRST_READ_BYTES // PAGE_SIZE))
-            for i, piece in enumerate(ramped_pieces(runs, first, piece_pages)):
+            items = self._prepared(runs, piece_pages)
+            while True:
+                # A token per buffer: the one about to be read into was
+                # handed back by the consumer.
                 self.free.get()
                 if self.stop.is_set():
                     return
-                reader = self.readers[i % len(self.readers)]
-                for chunk in reader.read(piece):   # one chunk: piece fits the buffer
-                    if chunk.runs:
-                        zero_runs, data_runs, data = split_zero_pages(chunk.runs, chunk.data)
-                        self.on_read(chunk.runs, chunk.data)
-                    else:
-                        zero_runs, data_runs, data = chunk.runs, chunk.runs, memoryview(b"")
-                    self.q.put(_Prepared(chunk.runs, chunk.failed, zero_runs, data_runs, data))
-            self.q.put(self._END)
+                item = next(items, self._END)
+                self.q.put(item)
+                if item is self._END:
+                    return
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer
             self.q.put(e)
 
@@ -252,6 +282,8 @@ class _Pipeline:
         return self
 
     def __next__(self) -> _Prepared:
+        if self.thread is None:
+            return next(self._items)
         if self._held:
             self.free.put(None)
             self._held = False
@@ -264,6 +296,9 @@ class _Pipeline:
         return item
 
     def close(self) -> None:
+        if self.thread is None:
+            self._items.close()
+            return
         self.stop.set()
         for _ in self.readers:
             self.free.put(None)
@@ -393,8 +428,13 @@ class SourceMigration:
         self.freezer = Freezer(self.pid, on_freeze=self.on_freeze, on_thaw=self.on_thaw)
         self.tracker = make_tracker(opts.tracker, self.pid, self.freezer)
         self.tracker_name = self.tracker.name
-        self._readers = [MemReader(self.pid, buffer_bytes=READ_BUFFER_BYTES)
-                         for _ in range(PIPELINE_DEPTH)]
+        # Module doc at READ_BUFFER_BYTES.
+        self._read_ahead = self.transport.is_ssl
+        if self._read_ahead:
+            self._readers = [MemReader(self.pid, buffer_bytes=READ_BUFFER_BYTES)
+                             for _ in range(PIPELINE_DEPTH)]
+        else:
+            self._readers = [MemReader(self.pid, buffer_bytes=INLINE_READ_BYTES)]
 
         self._handshake_hello()
         decision = self.policy.begin()
@@ -596,7 +636,8 @@ class SourceMigration:
         ch = self.channel
         failed: list[PageRuns] = []
         sent: list[PageRuns] = []
-        pipe = _Pipeline(self._readers, runs, READ_BUFFER_BYTES // PAGE_SIZE, self.tracker.sent)
+        pipe = _Pipeline(self._readers, runs, self._readers[0].buffer_pages,
+                         self.tracker.sent, read_ahead=self._read_ahead)
         try:
             for item in pipe:
                 self._check_abort(live)

@@ -1,0 +1,105 @@
+"""Who reads the target's memory: over TLS a reader thread reads ahead of
+the sending thread; over plain TCP the sending thread reads itself, one
+buffer at a time.  Both ways must hand the sender the same pages."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from migrated.engine.source import INLINE_READ_BYTES, READ_BUFFER_BYTES, SendOptions, _Pipeline
+from migrated.image.store import ImageStore
+from migrated.kernel.reader import MemReader
+from migrated.runs import PAGE_SIZE, PageRuns
+from tests.engine.harness import migrate
+from tests.engine.imagecheck import compare
+from tests.engine.procs import workload
+from tests.engine.tlspair import tcp_pair, tls_pair
+
+MIB = 1024 * 1024
+
+
+def _memory(pid: int, runs: PageRuns) -> bytes:
+    """The bytes of ``runs`` read straight from /proc/PID/mem."""
+    out = []
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        for start, n in runs.pairs():
+            f.seek(start)
+            out.append(f.read(n * PAGE_SIZE))
+    return b"".join(out)
+
+
+def _drain(pid: int, runs: PageRuns, read_ahead: bool, nreaders: int) -> tuple[list, set]:
+    """Every item of a pipeline over ``runs``, its data copied out at once
+    (a buffer is reused after the next item), and the threads that read."""
+    readers = [MemReader(pid, buffer_bytes=MIB) for _ in range(nreaders)]
+    readers_seen: set[int] = set()
+    pipe = _Pipeline(readers, runs, readers[0].buffer_pages,
+                     lambda r, d: readers_seen.add(threading.get_ident()), read_ahead=read_ahead)
+    items = []
+    try:
+        for it in pipe:
+            items.append((it.runs, it.failed, it.zero_runs, it.data_runs, bytes(it.data)))
+    finally:
+        pipe.close()
+    return items, readers_seen
+
+
+def test_reading_inline_or_ahead_hands_over_the_same_pages():
+    with workload(mib=6, zero_mib=1) as w:
+        runs = PageRuns.from_pairs([(w.addr, w.mib * MIB // PAGE_SIZE),
+                                    (w.zero_addr, w.zero_mib * MIB // PAGE_SIZE)])
+        before = threading.active_count()
+        inline, inline_readers = _drain(w.pid, runs, read_ahead=False, nreaders=1)
+        assert threading.active_count() == before            # no thread was started
+        ahead, ahead_readers = _drain(w.pid, runs, read_ahead=True, nreaders=2)
+
+        assert inline == ahead
+        assert len(inline) > 3                                # several buffers' worth
+        assert inline_readers == {threading.get_ident()}      # read by the consumer
+        assert threading.get_ident() not in ahead_readers     # read by the helper
+        got = PageRuns.concat([it[0] for it in inline])
+        assert got == runs
+        zeros = PageRuns.concat([it[2] for it in inline if it[2]])
+        assert zeros.total_pages() == w.zero_mib * MIB // PAGE_SIZE
+        for _, _, _, data_runs, data in inline:               # exactly the target's bytes
+            if data_runs:
+                assert data == _memory(w.pid, data_runs)
+
+
+def test_closing_an_inline_pipeline_midway_stops_reading():
+    with workload(mib=4) as w:
+        runs = PageRuns.from_pairs([(w.addr, w.mib * MIB // PAGE_SIZE)])
+        reader = MemReader(w.pid, buffer_bytes=MIB)
+        pipe = _Pipeline([reader], runs, reader.buffer_pages, lambda r, d: None,
+                         read_ahead=False)
+        next(pipe)
+        read = reader.bytes_read
+        pipe.close()
+        with pytest.raises(StopIteration):
+            next(pipe)
+        assert reader.bytes_read == read
+
+
+@pytest.mark.parametrize("link, ahead", [(tcp_pair, False), (tls_pair, True)])
+def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead):
+    store = ImageStore(str(tmp_path / "state"))
+    seen = {}
+
+    def note(sm, e):
+        if e["event"] == "round":
+            seen.update(ahead=sm._read_ahead,
+                        buffers=[r.buffer_pages * PAGE_SIZE for r in sm._readers])
+
+    with workload(mib=24) as w:
+        try:
+            out = migrate(w.pid, store, SendOptions(then="stop"), sockets=link(),
+                          on_event=note)
+            assert out.source["status"] == "completed", out.source.get("error")
+            compare(store, out.source["image_id"], w.pid)
+        finally:
+            os.kill(w.pid, 18)      # SIGCONT: then=stop left it stopped
+    assert seen["ahead"] is ahead
+    assert seen["buffers"] == ([READ_BUFFER_BYTES] * 2 if ahead else [INLINE_READ_BYTES])
