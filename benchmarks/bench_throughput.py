@@ -21,10 +21,12 @@ certificates) it measures, in this run:
 
 And a **minimal pipeline** (``--no-minimal`` skips it): the work every
 engine of this design does, with nothing else -- no protocol, no state
-machine, no tracker, no image format.  A reader thread fills the engine's
-read buffers (two of 16 MiB, on huge pages) with process_vm_readv and
-takes the xxh3-128 of each 4 MiB batch; the main thread sends a 24-byte
-header (length, digest) and the batch.  Over plain TCP the receiver
+machine, no tracker, no image format.  The engine's read buffers (on
+huge pages) are filled with process_vm_readv as the engine fills them --
+over TLS by a reader thread, two of 16 MiB ahead of the sender; over plain
+TCP by the sender, one of 8 MiB -- and the xxh3-128 of each 4 MiB batch
+is taken at once; the main thread sends a 24-byte header (length, digest)
+and the batch.  Over plain TCP the receiver
 splices each batch from the socket into a fresh file and hashes it there
 through a read-only mapping, as the destination does; over TLS it reads
 each batch into one of a few reused buffers, checks its digest and a
@@ -89,6 +91,7 @@ TARGET_RATIO = 0.5
 # (plus receive buffers in use or spare).
 from migrated.engine.source import PIPELINE_DEPTH as MIN_DEPTH  # noqa: E402
 from migrated.engine.source import READ_BUFFER_BYTES as MIN_READ  # noqa: E402
+from migrated.engine.source import INLINE_READ_BYTES as MIN_INLINE_READ  # noqa: E402
 from migrated.image.pipeline import MAX_QUEUED as MIN_QUEUED  # noqa: E402
 from migrated.wire.limits import MAX_BATCH_BYTES as MIN_BATCH  # noqa: E402
 MIN_BUFFERS = MIN_QUEUED + 4
@@ -272,34 +275,45 @@ def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float
         p, port = _spawn("minimal", tls_dir, d)
         try:
             s = _connect(port, tls_dir)
-            # The engine's read buffers, as many and as made.
-            bufs = [np.frombuffer(read_buffer(MIN_READ), np.uint8) for _ in range(MIN_DEPTH)]
+            # The engine's read buffers, as many and as made, and read as it
+            # reads: ahead in a thread over TLS, by the sender over TCP.
+            ahead = bool(tls_dir)
+            size = MIN_READ if ahead else MIN_INLINE_READ
+            bufs = [np.frombuffer(read_buffer(size), np.uint8)
+                    for _ in range(MIN_DEPTH if ahead else 1)]
             ready: queue.Queue = queue.Queue()
             slots = threading.Semaphore(len(bufs))
 
-            def reader() -> None:
-                for i, off in enumerate(range(0, nbytes, MIN_READ)):
-                    slots.acquire()
-                    n = min(MIN_READ, nbytes - off)
+            def batches():
+                for i, off in enumerate(range(0, nbytes, size)):
+                    n = min(size, nbytes - off)
                     buf = bufs[i % len(bufs)]
                     got = process_vm_readv(pid, np.array([[buf.ctypes.data, n]], np.uint64),
                                            np.array([[addr + off, n]], np.uint64))
                     view = memoryview(buf)[:got]
-                    ready.put([(view[k:k + MIN_BATCH],
-                                xxhash.xxh3_128_digest(view[k:k + MIN_BATCH]))
-                               for k in range(0, got, MIN_BATCH)])
+                    yield [(view[k:k + MIN_BATCH], xxhash.xxh3_128_digest(view[k:k + MIN_BATCH]))
+                           for k in range(0, got, MIN_BATCH)]
+
+            def reader() -> None:
+                # A slot per buffer: the one read next must have been sent.
+                for got in batches():
+                    ready.put(got)
+                    slots.acquire()
                 ready.put(None)
 
             t = threading.Thread(target=reader)
+            slots.acquire()          # the first buffer's, taken for the reader
             t0 = time.perf_counter()
-            t.start()
-            while (batches := ready.get()) is not None:
-                for view, digest in batches:
+            if ahead:
+                t.start()
+            for got in (iter(ready.get, None) if ahead else batches()):
+                for view, digest in got:
                     s.sendall(_MIN_HEADER.pack(len(view), digest))
                     s.sendall(view)
                 slots.release()
             dt = time.perf_counter() - t0
-            t.join()
+            if ahead:
+                t.join()
             socket.socket.shutdown(s, socket.SHUT_WR)
             if not dest_report(p).get("ok"):
                 raise SystemExit("minimal pipeline: the receiver failed")
