@@ -43,6 +43,7 @@ def test_shaped_link_converges_and_is_exact(tmp_path):
             dest.close()
         assert res["status"] == "completed", res.get("error")
         assert d["status"] == "completed", d.get("error")
+        assert d["write_inline"] is False       # another host: a writer thread
         assert _state(w.pid) == "T"
         # The link, not the machine, set the pace of round 0.
         bw0 = res["rounds"][0]["bandwidth"]

@@ -1,15 +1,19 @@
-"""Who reads the target's memory: over TLS a reader thread reads ahead of
-the sending thread; over plain TCP the sending thread reads itself, one
-buffer at a time.  Both ways must hand the sender the same pages."""
+"""Who does the work in how many threads.  The source: over TLS a reader
+thread reads ahead of the sending thread; over plain TCP the sending
+thread reads itself, one buffer at a time.  The destination: pages are
+written by a second thread unless the source runs on the same machine.
+Every way must give the same pages and an exact image."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import pytest
 
 from migrated.engine.source import INLINE_READ_BYTES, READ_BUFFER_BYTES, SendOptions, _Pipeline
+from migrated.engine.transport import BlockingTransport
 from migrated.image.store import ImageStore
 from migrated.kernel.reader import MemReader
 from migrated.runs import PAGE_SIZE, PageRuns
@@ -84,7 +88,8 @@ def test_closing_an_inline_pipeline_midway_stops_reading():
 
 
 @pytest.mark.parametrize("link, ahead", [(tcp_pair, False), (tls_pair, True)])
-def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead):
+@pytest.mark.parametrize("write_inline", [None, False])
+def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead, write_inline):
     store = ImageStore(str(tmp_path / "state"))
     seen = {}
 
@@ -93,13 +98,45 @@ def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead
             seen.update(ahead=sm._read_ahead,
                         buffers=[r.buffer_pages * PAGE_SIZE for r in sm._readers])
 
-    with workload(mib=24) as w:
+    with workload(mib=24, zero_mib=2) as w:
         try:
             out = migrate(w.pid, store, SendOptions(then="stop"), sockets=link(),
-                          on_event=note)
+                          on_event=note, write_inline=write_inline)
             assert out.source["status"] == "completed", out.source.get("error")
             compare(store, out.source["image_id"], w.pid)
         finally:
             os.kill(w.pid, 18)      # SIGCONT: then=stop left it stopped
     assert seen["ahead"] is ahead
     assert seen["buffers"] == ([READ_BUFFER_BYTES] * 2 if ahead else [INLINE_READ_BYTES])
+    # Loopback is this machine: pages written where they were received,
+    # unless told otherwise.
+    assert out.dest["write_inline"] is (write_inline is None)
+
+
+def test_a_peer_is_on_this_machine_over_loopback_or_a_unix_socket():
+    for make in (tcp_pair, tls_pair, socket.socketpair):
+        a, b = make()
+        try:
+            assert BlockingTransport(a).same_host and BlockingTransport(b).same_host
+        finally:
+            a.close()
+            b.close()
+    # A connection from our own address to itself is local too, loopback or not.
+    addrs = [a for a in _local_ipv4() if not a.startswith("127.")]
+    if not addrs:
+        pytest.skip("no non-loopback address here")
+    ls = socket.create_server((addrs[0], 0))
+    try:
+        c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        assert BlockingTransport(c).same_host and BlockingTransport(s).same_host
+        c.close()
+        s.close()
+    finally:
+        ls.close()
+
+
+def _local_ipv4() -> list[str]:
+    import subprocess
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines()]
