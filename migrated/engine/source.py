@@ -61,7 +61,7 @@ log = logging.getLogger("migrated.engine.source")
 
 THEN_CHOICES = ("stop", "resume", "kill")
 
-# How the source reads the target's memory, by link:
+# How the source reads the target's memory:
 #
 # - Over TLS a reader thread reads ahead into two buffers of 16 MiB (32 MiB
 #   per outgoing migration, on huge pages where the kernel has them) while
@@ -72,13 +72,17 @@ THEN_CHOICES = ("stop", "resume", "kill")
 #   (KERNEL.md: 4.5 GB/s at 16 MiB, 1.3 at 64 KiB), and everything paid
 #   per buffer (a read call, the zero scan, the tracker's bookkeeping, the
 #   hand-over between threads) is paid half as often as with 8 MiB.
-# - Over plain TCP sending is one copy, and a second busy thread costs more
-#   than the overlap gains: it competes for the cores with the target
-#   (which runs on through the live rounds), the kernel's transmit path and,
-#   on a shared machine, the destination.  The sending thread reads 8 MiB
-#   at a time itself: round 0 over loopback 1251 against 1034 MiB/s with
-#   the reader thread (median of eight, alternating, two cores; 4 MiB
-#   reads: 1100, 16 MiB: 1030), and half the memory.
+# - Over plain TCP sending is one copy, and in the live rounds a second
+#   busy thread costs more than the overlap gains: it competes for the
+#   cores with the target (which runs on meanwhile), the kernel's transmit
+#   path and, on a shared machine, the destination.  The sending thread
+#   reads 8 MiB at a time itself: round 0 over loopback 1251 against 1034
+#   MiB/s with the reader thread (median of eight, alternating, two cores;
+#   4 MiB reads: 1100, 16 MiB: 1030).  Once the target is frozen it takes
+#   no CPU, and the final delta's latency is the freeze: the reader thread
+#   reads ahead again (two buffers of 8 MiB, both warm from round 0).
+#   Pre-copy freeze median 32 against 38 ms reading in the sending thread
+#   (bench_precopy, eight alternating runs).
 READ_BUFFER_BYTES = 16 * 1024 * 1024
 PIPELINE_DEPTH = 2
 INLINE_READ_BYTES = 8 * 1024 * 1024
@@ -430,11 +434,8 @@ class SourceMigration:
         self.tracker_name = self.tracker.name
         # Module doc at READ_BUFFER_BYTES.
         self._read_ahead = self.transport.is_ssl
-        if self._read_ahead:
-            self._readers = [MemReader(self.pid, buffer_bytes=READ_BUFFER_BYTES)
-                             for _ in range(PIPELINE_DEPTH)]
-        else:
-            self._readers = [MemReader(self.pid, buffer_bytes=INLINE_READ_BYTES)]
+        size = READ_BUFFER_BYTES if self._read_ahead else INLINE_READ_BYTES
+        self._readers = [MemReader(self.pid, buffer_bytes=size) for _ in range(PIPELINE_DEPTH)]
 
         self._handshake_hello()
         decision = self.policy.begin()
@@ -637,7 +638,7 @@ class SourceMigration:
         failed: list[PageRuns] = []
         sent: list[PageRuns] = []
         pipe = _Pipeline(self._readers, runs, self._readers[0].buffer_pages,
-                         self.tracker.sent, read_ahead=self._read_ahead)
+                         self.tracker.sent, read_ahead=self._read_ahead or not live)
         try:
             for item in pipe:
                 self._check_abort(live)

@@ -90,15 +90,27 @@ def test_closing_an_inline_pipeline_midway_stops_reading():
 @pytest.mark.parametrize("link, ahead", [(tcp_pair, False), (tls_pair, True)])
 @pytest.mark.parametrize("write_inline", [None, False])
 def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead, write_inline):
+    """Live rounds read in the sending thread over plain TCP, ahead over
+    TLS; the frozen delta is always read ahead."""
     store = ImageStore(str(tmp_path / "state"))
-    seen = {}
+    seen = {"live": set(), "frozen": set()}
 
     def note(sm, e):
-        if e["event"] == "round":
-            seen.update(ahead=sm._read_ahead,
+        # Which threads read: the tracker hears of every buffer read, from
+        # the thread that read it.  Watched from the end of round 0 on.
+        if e["event"] in ("round", "freeze"):
+            phase = "frozen" if e["event"] == "freeze" else "live"
+            sent = getattr(sm.tracker.sent, "__wrapped__", sm.tracker.sent)
+
+            def watched(runs, data=None, _sent=sent, _phase=phase):
+                seen[_phase].add(threading.get_ident())
+                return _sent(runs, data)
+            watched.__wrapped__ = sent
+            sm.tracker.sent = watched
+            seen.update(sender=threading.get_ident(), ahead=sm._read_ahead,
                         buffers=[r.buffer_pages * PAGE_SIZE for r in sm._readers])
 
-    with workload(mib=24, zero_mib=2) as w:
+    with workload(mib=24, rate=3000, zero_mib=2) as w:
         try:
             out = migrate(w.pid, store, SendOptions(then="stop"), sockets=link(),
                           on_event=note, write_inline=write_inline)
@@ -106,8 +118,12 @@ def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead
             compare(store, out.source["image_id"], w.pid)
         finally:
             os.kill(w.pid, 18)      # SIGCONT: then=stop left it stopped
+    assert out.source["rounds"][1]["pages"] > 0 and out.source["rounds"][-1]["pages"] > 0
     assert seen["ahead"] is ahead
-    assert seen["buffers"] == ([READ_BUFFER_BYTES] * 2 if ahead else [INLINE_READ_BYTES])
+    assert seen["buffers"] == [READ_BUFFER_BYTES if ahead else INLINE_READ_BYTES] * 2
+    assert seen["live"] and seen["frozen"]
+    assert (seen["live"] == {seen["sender"]}) is not ahead
+    assert seen["sender"] not in seen["frozen"]
     # Loopback is this machine: pages written where they were received,
     # unless told otherwise.
     assert out.dest["write_inline"] is (write_inline is None)
