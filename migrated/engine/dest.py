@@ -147,7 +147,7 @@ class DestMigration:
         # reading, encrypting and sending then take the same cores, and a
         # fourth busy thread only adds contention; written where they were
         # decrypted, the bytes are also still in this core's cache.  Round 0
-        # over loopback TLS: 490 against 438 MiB/s (median of eight,
+        # over loopback TLS: 508 against 439 MiB/s (median of eight,
         # alternating, two cores).  (Over plain TCP big batches go from the
         # socket into the file by splice in this thread either way.)
         self.write_inline = transport.same_host if write_inline is None else write_inline
