@@ -142,15 +142,19 @@ class DestMigration:
         # until the next event.
         direct = DIRECT_RECEIVE_BYTES if direct_receive and transport.can_splice else 0
         # Pages are written in a second thread (PipelinedWriter) while the
-        # next batch is received -- unless the source runs on this machine
-        # (loopback: the demo, a move between containers of one node).  Its
-        # reading, encrypting and sending then take the same cores, and a
-        # fourth busy thread only adds contention; written where they were
-        # decrypted, the bytes are also still in this core's cache.  Round 0
-        # over loopback TLS: 508 against 439 MiB/s (median of eight,
-        # alternating, two cores).  (Over plain TCP big batches go from the
-        # socket into the file by splice in this thread either way.)
-        self.write_inline = transport.same_host if write_inline is None else write_inline
+        # next batch is received -- unless they come over TLS from a source
+        # on this machine (loopback: the demo, a move between containers of
+        # one node).  Its reading, encrypting and sending then take the same
+        # cores, and a fourth busy thread only adds contention; written
+        # where they were decrypted, the bytes are also still in this core's
+        # cache.  Round 0 over loopback TLS: 508 against 439 MiB/s (median
+        # of eight, alternating, two cores).  Over plain TCP big batches go
+        # from the socket into the file by splice in this thread anyway, and
+        # the writer thread keeps the small work (zero pages, small batches,
+        # checkpoints) off the receiving thread, as measured for the freeze.
+        if write_inline is None:
+            write_inline = transport.same_host and not transport.can_splice
+        self.write_inline = write_inline
         self.channel = Channel(DestConnection(borrow_pages=True,
                                               hand_over_pages=not self.write_inline,
                                               direct_pages=direct),

@@ -78,14 +78,18 @@ THEN_CHOICES = ("stop", "resume", "kill")
 #   path and, on a shared machine, the destination.  The sending thread
 #   reads 8 MiB at a time itself: round 0 over loopback 1251 against 1034
 #   MiB/s with the reader thread (median of eight, alternating, two cores;
-#   4 MiB reads: 1100, 16 MiB: 1030).  Once the target is frozen it takes
-#   no CPU, and the final delta's latency is the freeze: the reader thread
-#   reads ahead again (two buffers of 8 MiB, both warm from round 0).
-#   Pre-copy freeze median 32 against 38 ms reading in the sending thread
-#   (bench_precopy, eight alternating runs).
+#   4 MiB reads: 1100, 16 MiB: 1030).  That holds for a round of many
+#   buffers, where throughput decides.  A smaller round (INLINE_MIN_ROUND_
+#   BYTES) is read ahead: there the overlap shortens the round, and so
+#   what the target dirties meanwhile -- pre-copy freeze median 32 against
+#   35 ms (bench_precopy, twelve alternating runs).  Once the target is
+#   frozen it takes no CPU, and the final delta's latency is the freeze:
+#   it is read ahead too (median 32 against 38 ms, eight alternating runs).
+#   Two buffers of 8 MiB, both warm from round 0.
 READ_BUFFER_BYTES = 16 * 1024 * 1024
 PIPELINE_DEPTH = 2
 INLINE_READ_BYTES = 8 * 1024 * 1024
+INLINE_MIN_ROUND_BYTES = 64 * 1024 * 1024
 
 # A round's first read is this small and each next one twice the last, up
 # to READ_BUFFER_BYTES: sending starts after reading 512 KiB instead of a
@@ -637,8 +641,11 @@ class SourceMigration:
         ch = self.channel
         failed: list[PageRuns] = []
         sent: list[PageRuns] = []
+        # Module doc at READ_BUFFER_BYTES.
+        inline = (not self._read_ahead and live
+                  and runs.total_pages() * PAGE_SIZE >= INLINE_MIN_ROUND_BYTES)
         pipe = _Pipeline(self._readers, runs, self._readers[0].buffer_pages,
-                         self.tracker.sent, read_ahead=self._read_ahead or not live)
+                         self.tracker.sent, read_ahead=not inline)
         try:
             for item in pipe:
                 self._check_abort(live)

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from migrated.engine import source
 from migrated.engine.source import INLINE_READ_BYTES, READ_BUFFER_BYTES, SendOptions, _Pipeline
 from migrated.engine.transport import BlockingTransport
 from migrated.image.store import ImageStore
@@ -87,28 +88,27 @@ def test_closing_an_inline_pipeline_midway_stops_reading():
         assert reader.bytes_read == read
 
 
-@pytest.mark.parametrize("link, ahead", [(tcp_pair, False), (tls_pair, True)])
+@pytest.mark.parametrize("link, tls", [(tcp_pair, False), (tls_pair, True)])
 @pytest.mark.parametrize("write_inline", [None, False])
-def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead, write_inline):
-    """Live rounds read in the sending thread over plain TCP, ahead over
-    TLS; the frozen delta is always read ahead."""
+def test_the_link_and_the_round_decide_who_reads(tmp_path, monkeypatch, link, tls,
+                                                 write_inline):
+    """Over plain TCP a live round of at least INLINE_MIN_ROUND_BYTES is
+    read in the sending thread; smaller ones, the frozen delta and every
+    round over TLS are read ahead.  The image is exact either way."""
     store = ImageStore(str(tmp_path / "state"))
-    seen = {"live": set(), "frozen": set()}
+    monkeypatch.setattr(source, "INLINE_MIN_ROUND_BYTES", 8 * MIB)
+    rounds = []                             # (bytes, read ahead?) per round read
+
+    class Watched(source._Pipeline):
+        def __init__(self, readers, runs, piece_pages, on_read, *, read_ahead=True):
+            rounds.append((runs.total_pages() * PAGE_SIZE, read_ahead))
+            super().__init__(readers, runs, piece_pages, on_read, read_ahead=read_ahead)
+
+    monkeypatch.setattr(source, "_Pipeline", Watched)
+    seen = {}
 
     def note(sm, e):
-        # Which threads read: the tracker hears of every buffer read, from
-        # the thread that read it.  Watched from the end of round 0 on.
-        if e["event"] in ("round", "freeze"):
-            phase = "frozen" if e["event"] == "freeze" else "live"
-            sent = getattr(sm.tracker.sent, "__wrapped__", sm.tracker.sent)
-
-            def watched(runs, data=None, _sent=sent, _phase=phase):
-                seen[_phase].add(threading.get_ident())
-                return _sent(runs, data)
-            watched.__wrapped__ = sent
-            sm.tracker.sent = watched
-            seen.update(sender=threading.get_ident(), ahead=sm._read_ahead,
-                        buffers=[r.buffer_pages * PAGE_SIZE for r in sm._readers])
+        seen.update(buffers=[r.buffer_pages * PAGE_SIZE for r in sm._readers])
 
     with workload(mib=24, rate=3000, zero_mib=2) as w:
         try:
@@ -118,15 +118,16 @@ def test_the_link_decides_who_reads_and_the_image_is_exact(tmp_path, link, ahead
             compare(store, out.source["image_id"], w.pid)
         finally:
             os.kill(w.pid, 18)      # SIGCONT: then=stop left it stopped
-    assert out.source["rounds"][1]["pages"] > 0 and out.source["rounds"][-1]["pages"] > 0
-    assert seen["ahead"] is ahead
-    assert seen["buffers"] == [READ_BUFFER_BYTES if ahead else INLINE_READ_BYTES] * 2
-    assert seen["live"] and seen["frozen"]
-    assert (seen["live"] == {seen["sender"]}) is not ahead
-    assert seen["sender"] not in seen["frozen"]
-    # Loopback is this machine: pages written where they were received,
-    # unless told otherwise.
-    assert out.dest["write_inline"] is (write_inline is None)
+    assert seen["buffers"] == [READ_BUFFER_BYTES if tls else INLINE_READ_BYTES] * 2
+    assert len(rounds) >= 3 and rounds[0][0] >= 24 * MIB
+    live, frozen = rounds[:-1], rounds[-1]
+    for nbytes, ahead in live:
+        assert ahead is (tls or nbytes < 8 * MIB), (nbytes, ahead)
+    assert any(n < 8 * MIB for n, _ in live)        # both kinds of live round seen
+    assert frozen[1] is True
+    # Loopback is this machine: over TLS pages are written where they were
+    # received, unless told otherwise; over TCP the writer thread stays.
+    assert out.dest["write_inline"] is (write_inline is None and tls)
 
 
 def test_a_peer_is_on_this_machine_over_loopback_or_a_unix_socket():
