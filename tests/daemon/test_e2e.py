@@ -93,7 +93,7 @@ def test_send_table_on_terminal_output(pair):
     a, b = pair
     with workload(8, 200) as w:
         r = ctl(a.control, "send", str(w.pid), f"127.0.0.1:{b.port}", "--then", "resume")
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.returncode == 0, r.stdout + r.stderr + "\nSRC\n" + a.log() + "\nDST\n" + b.log()
         assert "round" in r.stdout and "dirty MiB/s" in r.stdout and "status: completed" in r.stdout
 
 

@@ -27,9 +27,7 @@ CLONE_NEWNET = 0x40000000
 START_TIMEOUT_S = 30.0
 
 
-def _in_netns(ns: str, make):
-    """``make()``'s result, called in a thread that entered network
-    namespace ``ns`` (a socket stays in the namespace it was made in)."""
+def socket_in(ns: str, host: str, port: int, timeout: float = 10.0) -> socket.socket:
     out: dict = {}
 
     def work() -> None:
@@ -42,7 +40,7 @@ def _in_netns(ns: str, make):
                     raise OSError(e, f"setns({ns}): {os.strerror(e)}")
             finally:
                 os.close(fd)
-            out["result"] = make()
+            out["sock"] = socket.create_connection((host, port), timeout=timeout)
         except BaseException as e:  # noqa: BLE001 -- re-raised in the caller
             out["error"] = e
 
@@ -51,15 +49,7 @@ def _in_netns(ns: str, make):
     t.join()
     if "error" in out:
         raise out["error"]
-    return out["result"]
-
-
-def socket_in(ns: str, host: str, port: int, timeout: float = 10.0) -> socket.socket:
-    return _in_netns(ns, lambda: socket.create_connection((host, port), timeout=timeout))
-
-
-def listener_in(ns: str, host: str) -> socket.socket:
-    return _in_netns(ns, lambda: socket.create_server((host, 0)))
+    return out["sock"]
 
 
 class DestProcess:
