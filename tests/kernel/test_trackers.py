@@ -110,16 +110,18 @@ class MiniEngine:
         assert not extra, (f"{len(extra)} pages kept that the target no longer has, "
                            f"e.g. {sorted(extra)[:3]}")
         missing = set(addrs) - set(self.mirror)
-        if missing:
-            missing -= self._zero_anon(layout, missing)
+        zero = self._zero_anon(layout, missing) if missing else set()
+        missing -= zero
         assert not missing, (f"{len(missing)} present pages never sent, "
                              f"e.g. {[hex(a) for a in sorted(missing)[:3]]}")
         bad = []
+        blank = bytes(P)
         for chunk in self.reader.read(present):
             assert not chunk.failed
             data = bytes(chunk.data)
             for i, a in enumerate(chunk.runs.page_addresses().tolist()):
-                if self.mirror[a] != data[i * P:(i + 1) * P]:
+                # A page never sent is one of the zero pages just found.
+                if self.mirror.get(a, blank) != data[i * P:(i + 1) * P]:
                     bad.append(a)
         assert not bad, (f"{len(bad)} pages differ from what was sent (lost writes), "
                          f"e.g. {[hex(a) for a in bad[:3]]}")
