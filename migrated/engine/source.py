@@ -79,13 +79,13 @@ THEN_CHOICES = ("stop", "resume", "kill")
 #   reads 8 MiB at a time itself: round 0 over loopback 1251 against 1034
 #   MiB/s with the reader thread (median of eight, alternating, two cores;
 #   4 MiB reads: 1100, 16 MiB: 1030).  That holds for a round of many
-#   buffers, where throughput decides.  A smaller round (INLINE_MIN_ROUND_
-#   BYTES) is read ahead: there the overlap shortens the round, and so
-#   what the target dirties meanwhile -- pre-copy freeze median 32 against
-#   35 ms (bench_precopy, twelve alternating runs).  Once the target is
-#   frozen it takes no CPU, and the final delta's latency is the freeze:
-#   it is read ahead too (median 32 against 38 ms, eight alternating runs).
-#   Two buffers of 8 MiB, both warm from round 0.
+#   buffers, where throughput decides.  A round smaller than
+#   INLINE_MIN_ROUND_BYTES is read ahead: there the overlap shortens the
+#   round, and so what the target dirties meanwhile -- pre-copy freeze
+#   median 32 against 35 ms (bench_precopy, twelve alternating runs).
+#   Once the target is frozen it takes no CPU, and the final delta's
+#   latency is the freeze: it is read ahead too (median 32 against 38 ms,
+#   eight alternating runs).  Two buffers of 8 MiB, both warm from round 0.
 READ_BUFFER_BYTES = 16 * 1024 * 1024
 PIPELINE_DEPTH = 2
 INLINE_READ_BYTES = 8 * 1024 * 1024
