@@ -26,9 +26,9 @@ huge pages) are filled with process_vm_readv as the engine fills them --
 over TLS by a reader thread, two of 16 MiB ahead of the sender; over plain
 TCP by the sender, one of 8 MiB -- and the xxh3-128 of each 4 MiB batch
 is taken at once; the main thread sends a 24-byte header (length, digest)
-and the batch.  Over plain TCP the receiver
-splices each batch from the socket into a fresh file and hashes it there
-through a read-only mapping, as the destination does; over TLS it reads
+and the batch.  Over plain TCP the receiver splices each batch from the
+socket into a fresh file and hashes it there through a read-only
+mapping, as the destination does; over TLS it reads
 each batch into one of a few reused buffers, checks its digest and a
 writer thread appends it to the file as the destination does, in pieces of
 ``STORE_WRITE_BYTES`` (a whole batch per write gets large page-cache
@@ -296,13 +296,15 @@ def minimal_rate(pid: int, addr: int, nbytes: int, tls_dir: str | None) -> float
 
             def reader() -> None:
                 # A slot per buffer: the one read next must have been sent.
-                for got in batches():
-                    ready.put(got)
+                items = batches()
+                while True:
                     slots.acquire()
-                ready.put(None)
+                    got = next(items, None)
+                    ready.put(got)
+                    if got is None:
+                        return
 
             t = threading.Thread(target=reader)
-            slots.acquire()          # the first buffer's, taken for the reader
             t0 = time.perf_counter()
             if ahead:
                 t.start()
