@@ -8,7 +8,7 @@ loop.  :class:`BlockingTransport` is the seam the daemon hands over
 - ``send(parts)`` writes every part or raises: one ``sendmsg`` per group of
   up to ``IOV_MAX`` parts with partial sends resumed where they stopped; an
   SSLSocket has no sendmsg, so small parts are coalesced into one record and
-  large ones written with ``sendall``;
+  large ones written as they are;
 - ``recv(n)`` returns up to n bytes, ``b""`` at EOF;
 - ``splice_into(fd, offset, n)`` moves n bytes from a plain socket into a
   file at ``offset`` through a pipe (splice(2)): the kernel hands the
@@ -16,6 +16,9 @@ loop.  :class:`BlockingTransport` is the seam the daemon hands over
   copy plus a write copy (``can_splice`` says whether the socket allows it;
   a TLS socket does not);
 - a timeout on either raises :class:`TransportTimeout` naming the peer;
+- over TLS one thread at a time is inside the SSL object (see
+  BlockingTransport: the socket is non-blocking and every wait happens
+  outside the lock that guards it);
 - ``max_bandwidth`` (bytes/s) paces sends with a token bucket;
 - ``close()`` (and ``shutdown()``) first shut the socket down in both
   directions so a thread blocked in recv/send on it wakes up at once --
@@ -28,7 +31,6 @@ small timer thread while the engine is busy without talking.
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import mmap
@@ -36,7 +38,6 @@ import os
 import select
 import socket
 import ssl
-import termios
 import threading
 import time
 from typing import Any, Sequence
@@ -77,14 +78,6 @@ RECV_CHUNK = 1024 * 1024
 # one largest Pages frame (4 MiB + header).  A buffer with room for a whole
 # frame past what is buffered rarely has to move a partial frame around.
 RECV_BUFFER_HINT = 4 * 1024 * 1024 + 64 * 1024 + 4
-
-# The most socket bytes one TLS 1.3 record can take: 5 bytes of header and
-# at most 2^14 + 256 of ciphertext (RFC 8446 5.2).  While twice this many
-# bytes are known to be queued a record read cannot block, even if it also
-# swallows a record without application data (a post-handshake message).
-TLS_RECORD_OVERHEAD = 5 + 256
-TLS_RECORD_MAX_WIRE = 2 ** 14 + TLS_RECORD_OVERHEAD
-TLS_SAFE_QUEUED = 2 * TLS_RECORD_MAX_WIRE
 
 # Pipe between socket and file for splice_into: each splice moves at most
 # this much (one pipe buffer per socket page fragment).  1 MiB is the
@@ -188,7 +181,18 @@ class TokenBucket:
 
 
 class BlockingTransport:
-    """Wraps a connected blocking socket or SSLSocket (see module doc)."""
+    """Wraps a connected blocking socket or SSLSocket (see module doc).
+
+    Over TLS the receiving thread reads while others send (keepalives, the
+    destination's backlog reports).  OpenSSL does not allow two threads in
+    one SSL object at once: an SSL_write racing an SSL_read corrupts the
+    connection's state, and the read then reports a spurious end of stream
+    (CPython's SSLSocket takes no lock of its own).  So an SSLSocket is
+    made non-blocking, every call into it (read, write, pending) is made
+    under ``_ssl_lock`` and returns at once, and the wait the call asks for
+    (readable or writable) happens outside the lock, with poll, at most
+    ``timeout`` seconds at a time.  A writer waiting for room never holds
+    up the reader -- which would deadlock two peers that both send."""
 
     def __init__(self, sock: socket.socket, *, timeout: float = 30.0,
                  max_bandwidth: float | None = None, peer: str | None = None):
@@ -201,15 +205,18 @@ class BlockingTransport:
         self.bytes_received = 0
         self._lock = threading.Lock()       # close/shutdown
         self._send_lock = threading.Lock()  # one writer at a time (keepalives)
+        self._ssl_lock = threading.Lock()   # one thread at a time in the SSL object
         self._shut = False
         self._closed = False
-        self._poller: Any = None    # readiness of the socket (_ssl_drain, splice_into)
+        self._poller: Any = None    # readiness of the socket (splice_into)
         self._pipe: tuple[int, int] | None = None    # splice_into's (read, write) ends
         self._splicing = False
         self.can_splice = (not self.is_ssl and hasattr(os, "splice")
                            and sock.type == socket.SOCK_STREAM
                            and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
-        sock.settimeout(self.timeout)
+        # Over TLS the socket is non-blocking and this class does the waiting
+        # (class doc); a plain socket blocks, with the timeout.
+        sock.settimeout(0.0 if self.is_ssl else self.timeout)
         self._tcp = (sock.family in (socket.AF_INET, socket.AF_INET6)
                      and sock.type == socket.SOCK_STREAM)
         if self._tcp:
@@ -295,8 +302,58 @@ class BlockingTransport:
             self._ssl_write(b"".join(small))
 
     def _ssl_write(self, data) -> None:
-        self.sock.sendall(data)
-        self.bytes_sent += len(data)
+        view = memoryview(data).cast("B")
+        while view:
+            # Until it succeeds, a write is retried with the same buffer
+            # (OpenSSL's rule after a want-write); reads may run between.
+            n = self._ssl_call("write", view)
+            self.bytes_sent += n
+            view = view[n:]
+
+    def _ssl_call(self, op: str, *args):
+        """``op`` ("read" or "write") on the SSL object under the lock; when
+        it wants the socket readable or writable, wait for that outside the
+        lock (at most ``timeout`` seconds: TimeoutError) and call again.  A
+        read returns 0 at the end of the stream, a ragged one included (as
+        SSLSocket does with suppress_ragged_eofs)."""
+        while True:
+            with self._ssl_lock:
+                try:
+                    return self._ssl_once(op, *args)
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                    if op == "read":
+                        return 0
+                    raise
+            if not self._wait_for(events, self.timeout):
+                raise TimeoutError(f"TLS {op} waited {self.timeout:g} s")
+
+    def _ssl_once(self, op: str, *args):
+        """One non-blocking call into the SSL object (caller holds the lock).
+        The SSL object itself where the SSLSocket still has one (SSLSocket's
+        own methods add two Python calls and two checks per 16 KiB record);
+        once closed, SSLSocket's methods say so."""
+        obj = getattr(self.sock, "_sslobj", None)
+        if obj is not None:
+            return getattr(obj, op)(*args)
+        if op == "read":
+            return self.sock.recv_into(args[1], args[0])
+        return self.sock.send(*args)
+
+    def _wait_for(self, events: int, timeout: float) -> bool:
+        """Whether the socket became ready for ``events`` within ``timeout``
+        seconds.  A poll object of its own: the reading and a sending
+        thread may wait at once, and one poll object cannot be polled by
+        two threads."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "the connection was closed")
+        poller = select.poll()
+        poller.register(fd, events)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
 
     def _send_paced(self, views: list[memoryview]) -> None:
         assert self.bucket is not None
@@ -316,6 +373,10 @@ class BlockingTransport:
     def recv(self, n: int = RECV_CHUNK) -> bytes:
         """Up to ``n`` bytes; ``b""`` when the peer closed the connection."""
         self._check_open("receive")
+        if self.is_ssl:
+            buf = bytearray(n)
+            got = self.recv_into(buf)
+            return bytes(buf[:got])
         try:
             data = self.sock.recv(n)
         except (OSError, ValueError) as e:
@@ -332,9 +393,16 @@ class BlockingTransport:
         per-read work is paid per buffer, not per record."""
         self._check_open("receive")
         try:
-            n = self.sock.recv_into(buf)
-            if self.is_ssl and n:
-                n += self._ssl_drain(buf, n)
+            if self.is_ssl:
+                mv = memoryview(buf).cast("B")
+                try:
+                    n = self._ssl_call("read", len(mv), mv)
+                    if n:
+                        n += self._ssl_drain(mv, n)
+                finally:
+                    mv.release()
+            else:
+                n = self.sock.recv_into(buf)
         except (OSError, ValueError) as e:
             self._receive_failed(e)
             return 0
@@ -417,7 +485,7 @@ class BlockingTransport:
     def wait_readable(self, timeout: float) -> bool:
         """Whether the socket became readable (or hit EOF) within ``timeout``
         seconds; reads nothing.  (Bytes already decrypted inside an
-        SSLSocket do not count: check ``pending()`` first.)"""
+        SSLSocket do not count: see ``readable_now``.)"""
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
@@ -434,58 +502,44 @@ class BlockingTransport:
         if not self._shut:
             raise self._failure("receiving from", e) from e
 
-    def _ssl_drain(self, buf, have: int) -> int:
+    def _ssl_drain(self, mv: memoryview, have: int) -> int:
         """Read on the TLS records that already arrived (after a first read
-        of ``have`` bytes), without blocking.  One FIONREAD tells how many
-        bytes the socket holds; a read is safe as long as whole records are
-        sure to be among them (each read takes at most its plaintext plus
-        the record overhead), so most records cost one read, not a poll
-        and a read.  Past that, each further record is polled for."""
-        sock = self.sock
-        # One record per read, so this loop runs every 16 KiB: it calls the
-        # SSL object under the SSLSocket directly (SSLSocket.recv_into adds
-        # two Python calls and two closed-checks per record), and treats a
-        # ragged EOF as the end of the drain, as SSLSocket would.
-        sslobj = getattr(sock, "_sslobj", None)
-        if sslobj is not None:
-            read, pending = sslobj.read, sslobj.pending
-        else:           # closed under us: SSLSocket's own calls say so
-            read, pending = (lambda n, view: sock.recv_into(view, n)), sock.pending
-        mv = memoryview(buf)
+        of ``have`` bytes into ``mv``), up to the first read that would
+        wait; one record per read.  The lock is taken per record, so a
+        sender waits at most one record's decryption."""
         end = len(mv)
         got = 0
-        try:
-            queued = self._queued_bytes()
-            while have + got < end:
-                if queued < TLS_SAFE_QUEUED and not pending():
-                    if not self._readable_now():
-                        break
-                    queued = self._queued_bytes()
+        while have + got < end:
+            with self._ssl_lock:
                 try:
-                    k = read(end - have - got, mv[have + got:])
-                except ssl.SSLEOFError:
-                    k = 0
-                if not k:
-                    break
-                got += k
-                queued -= k + TLS_RECORD_OVERHEAD
-        finally:
-            mv.release()
+                    k = self._ssl_once("read", end - have - got, mv[have + got:])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError,
+                        ssl.SSLZeroReturnError):
+                    k = 0       # nothing more now; an end shows in the next read
+            if not k:
+                break
+            got += k
         return got
 
-    def _queued_bytes(self) -> int:
-        """Bytes waiting in the kernel's receive queue of the socket."""
-        out = array.array("i", [0])
-        try:
-            fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, out, True)
-        except OSError:
+    def pending(self) -> int:
+        """Bytes already decrypted inside the SSL object (0 over plain TCP):
+        readable without the socket showing it."""
+        if not self.is_ssl:
             return 0
-        return out[0]
+        with self._ssl_lock:
+            try:
+                return self.sock.pending()
+            except (OSError, ValueError):
+                return 0
 
-    def _readable_now(self) -> bool:
-        # One poll object for the transport's life: cheaper per TLS record
-        # than building select()'s lists every time.
-        return self.wait_readable(0)
+    def readable_now(self) -> bool:
+        """Whether a receive would return at once (data, or the end)."""
+        if self.pending():
+            return True
+        try:
+            return self._wait_for(select.POLLIN, 0)
+        except OSError:
+            return True     # closed: the receive says so at once
 
     # -- closing ------------------------------------------------------------------
 
@@ -513,13 +567,18 @@ class BlockingTransport:
             self._closed = True
             if not self._splicing:
                 self._drop_pipe()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        # Not while another thread is inside the SSL object (its calls
+        # return at once, see the class doc).
+        with self._ssl_lock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def set_timeout(self, timeout: float) -> None:
         self.timeout = float(timeout)
+        if self.is_ssl:
+            return      # non-blocking; the waits use self.timeout (class doc)
         try:
             self.sock.settimeout(self.timeout)
         except OSError:
@@ -668,18 +727,8 @@ class Channel:
             ev = self.conn.next_event()
         if ev is not self.need_data or self._eof:
             return ev
-        sock = self.transport.sock
-        try:
-            pending = sock.pending() if self.transport.is_ssl else 0
-        except (OSError, ValueError):
-            pending = 0
-        if not pending:
-            try:
-                r, _, _ = select.select([sock], [], [], 0)
-            except (OSError, ValueError):
-                return self.need_data
-            if not r:
-                return self.need_data
+        if not self.transport.readable_now():
+            return self.need_data
         self._pull()
         with self._conn_lock:
             return self.conn.next_event()
