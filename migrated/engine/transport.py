@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import mmap
 import os
 import select
@@ -142,6 +143,22 @@ class TransportClosed(TransportError):
     """The transport was shut down locally (cancel) or the peer closed it."""
 
 
+def _same_host(sock: socket.socket) -> bool:
+    """Whether the peer runs on this machine: the other end of a unix
+    socket, or of a connection to a loopback address or from our own."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            return True
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        peer, ours = sock.getpeername()[0], sock.getsockname()[0]
+        ip = ipaddress.ip_address(peer.split("%", 1)[0])
+    except (OSError, ValueError, IndexError, TypeError):
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback or peer == ours
+
+
 def _peer_name(sock: socket.socket) -> str:
     try:
         addr = sock.getpeername()
@@ -200,6 +217,7 @@ class BlockingTransport:
         self.timeout = float(timeout)
         self.peer = peer or _peer_name(sock)
         self.is_ssl = isinstance(sock, ssl.SSLSocket)
+        self.same_host = _same_host(sock)
         self.bucket = TokenBucket(max_bandwidth) if max_bandwidth else None
         self.bytes_sent = 0
         self.bytes_received = 0

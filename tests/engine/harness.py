@@ -33,7 +33,7 @@ def migrate(pid: int, store, options: SendOptions | None = None, *,
             on_source: Callable[[SourceMigration], None] | None = None,
             on_event: Callable[[SourceMigration, dict], None] | None = None,
             sockets: tuple[socket.socket, socket.socket] | None = None,
-            direct_receive: bool = True,
+            direct_receive: bool = True, write_inline: bool | None = None,
             dest_class: type[DestMigration] = DestMigration) -> Outcome:
     """One migration of ``pid`` into ``store``; both sides in threads."""
     a, b = sockets or (tcp_pair() if tcp else socket.socketpair())
@@ -42,7 +42,7 @@ def migrate(pid: int, store, options: SendOptions | None = None, *,
     dres: dict = {}
     dm = dest_class(BlockingTransport(b, timeout=timeout), store, node="test-dest",
                        on_event=dest_events.append, limits=limits,
-                       direct_receive=direct_receive)
+                       direct_receive=direct_receive, write_inline=write_inline)
     dt = threading.Thread(target=lambda: dres.update(dm.run()), name="test-dest")
     dt.start()
     sm: SourceMigration | None = None

@@ -27,7 +27,9 @@ CLONE_NEWNET = 0x40000000
 START_TIMEOUT_S = 30.0
 
 
-def socket_in(ns: str, host: str, port: int, timeout: float = 10.0) -> socket.socket:
+def _in_netns(ns: str, make):
+    """``make()``'s result, called in a thread that entered network
+    namespace ``ns`` (a socket stays in the namespace it was made in)."""
     out: dict = {}
 
     def work() -> None:
@@ -40,7 +42,7 @@ def socket_in(ns: str, host: str, port: int, timeout: float = 10.0) -> socket.so
                     raise OSError(e, f"setns({ns}): {os.strerror(e)}")
             finally:
                 os.close(fd)
-            out["sock"] = socket.create_connection((host, port), timeout=timeout)
+            out["result"] = make()
         except BaseException as e:  # noqa: BLE001 -- re-raised in the caller
             out["error"] = e
 
@@ -49,7 +51,15 @@ def socket_in(ns: str, host: str, port: int, timeout: float = 10.0) -> socket.so
     t.join()
     if "error" in out:
         raise out["error"]
-    return out["sock"]
+    return out["result"]
+
+
+def socket_in(ns: str, host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    return _in_netns(ns, lambda: socket.create_connection((host, port), timeout=timeout))
+
+
+def listener_in(ns: str, host: str) -> socket.socket:
+    return _in_netns(ns, lambda: socket.create_server((host, 0)))
 
 
 class DestProcess:

@@ -14,7 +14,7 @@ from migrated.engine.transport import BlockingTransport
 from migrated.image.store import ImageStore
 from tests import netns
 from tests.engine.imagecheck import compare
-from tests.engine.netns_side import DestProcess, socket_in
+from tests.engine.netns_side import DestProcess, listener_in, socket_in
 from tests.engine.procs import workload
 
 pytestmark = [pytest.mark.netns,
@@ -49,3 +49,21 @@ def test_shaped_link_converges_and_is_exact(tmp_path):
         assert bw0 < 2 * LINK_BYTES_PER_S
         compare(ImageStore(state), res["image_id"], w.pid)
         os.kill(w.pid, signal.SIGCONT)
+
+
+def test_a_peer_in_another_namespace_is_another_host():
+    # Over a veth link the peer's address is neither loopback nor ours:
+    # a destination there keeps its writer thread (DestMigration).
+    with netns.TwoHosts() as hosts:
+        ls = listener_in(hosts.b, hosts.b_ip)
+        try:
+            c = socket_in(hosts.a, hosts.b_ip, ls.getsockname()[1])
+            s, _ = ls.accept()
+            try:
+                assert not BlockingTransport(c).same_host
+                assert not BlockingTransport(s).same_host
+            finally:
+                c.close()
+                s.close()
+        finally:
+            ls.close()

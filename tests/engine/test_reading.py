@@ -1,17 +1,20 @@
-"""Who reads the target's memory: a reader thread ahead of the sending
-thread, or (big live rounds over plain TCP) the sending thread itself,
-one buffer at a time.  Both ways must give the same pages and an exact
-image."""
+"""Who does the work in how many threads.  The source: a reader thread
+reads ahead of the sending thread, or (big live rounds over plain TCP) the
+sending thread reads itself, one buffer at a time.  The destination: pages
+are written by a second thread unless they come over TLS from a source on
+the same machine.  Every way must give the same pages and an exact image."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import pytest
 
 from migrated.engine import source
 from migrated.engine.source import INLINE_READ_BYTES, READ_BUFFER_BYTES, SendOptions, _Pipeline
+from migrated.engine.transport import BlockingTransport
 from migrated.image.store import ImageStore
 from migrated.kernel.reader import MemReader
 from migrated.runs import PAGE_SIZE, PageRuns
@@ -86,7 +89,9 @@ def test_closing_an_inline_pipeline_midway_stops_reading():
 
 
 @pytest.mark.parametrize("link, tls", [(tcp_pair, False), (tls_pair, True)])
-def test_the_link_and_the_round_decide_who_reads(tmp_path, monkeypatch, link, tls):
+@pytest.mark.parametrize("write_inline", [None, False])
+def test_the_link_and_the_round_decide_who_reads(tmp_path, monkeypatch, link, tls,
+                                                 write_inline):
     """Over plain TCP a live round of at least INLINE_MIN_ROUND_BYTES is
     read in the sending thread; smaller ones, the frozen delta and every
     round over TLS are read ahead.  The image is exact either way."""
@@ -108,7 +113,7 @@ def test_the_link_and_the_round_decide_who_reads(tmp_path, monkeypatch, link, tl
     with workload(mib=24, rate=3000, zero_mib=2) as w:
         try:
             out = migrate(w.pid, store, SendOptions(then="stop"), sockets=link(),
-                          on_event=note)
+                          on_event=note, write_inline=write_inline)
             assert out.source["status"] == "completed", out.source.get("error")
             compare(store, out.source["image_id"], w.pid)
         finally:
@@ -120,3 +125,35 @@ def test_the_link_and_the_round_decide_who_reads(tmp_path, monkeypatch, link, tl
         assert ahead is (tls or nbytes < 8 * MIB), (nbytes, ahead)
     assert any(n < 8 * MIB for n, _ in live)        # both kinds of live round seen
     assert frozen[1] is True
+    # Loopback is this machine: over TLS pages are written where they were
+    # received, unless told otherwise; over TCP the writer thread stays.
+    assert out.dest["write_inline"] is (write_inline is None and tls)
+
+
+def test_a_peer_is_on_this_machine_over_loopback_or_a_unix_socket():
+    for make in (tcp_pair, tls_pair, socket.socketpair):
+        a, b = make()
+        try:
+            assert BlockingTransport(a).same_host and BlockingTransport(b).same_host
+        finally:
+            a.close()
+            b.close()
+    # A connection from our own address to itself is local too, loopback or not.
+    addrs = [a for a in _local_ipv4() if not a.startswith("127.")]
+    if not addrs:
+        pytest.skip("no non-loopback address here")
+    ls = socket.create_server((addrs[0], 0))
+    try:
+        c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        assert BlockingTransport(c).same_host and BlockingTransport(s).same_host
+        c.close()
+        s.close()
+    finally:
+        ls.close()
+
+
+def _local_ipv4() -> list[str]:
+    import subprocess
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines()]
