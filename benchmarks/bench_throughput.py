@@ -19,6 +19,11 @@ certificates) it measures, in this run:
   (a VM whose host backs guest pages lazily) this, not the protocol, is
   the ceiling; the script also prints the first-touch cost of memory.
 
+Per engine run it also prints the CPU time of the source's own thread per
+byte of round 0 and the share of a core that comes to at round 0's rate:
+over plain TCP that one thread reads, digests and sends everything, so a
+share near 100% means one core, not the link, sets the first round's pace.
+
 And a **minimal pipeline** (``--no-minimal`` skips it): the work every
 engine of this design does, with nothing else -- no protocol, no state
 machine, no tracker, no image format.  The engine's read buffers (on
@@ -404,17 +409,39 @@ def _raw_rate(nbytes: int, tls_dir: str | None, store_dir: str,
         p.wait()
 
 
+def _round0_timed_class():
+    from migrated.engine.source import SourceMigration
+
+    class Round0Timed(SourceMigration):
+        """Notes the CPU time of the source's own thread in round 0 (the
+        first round sent): over plain TCP that thread reads, digests and
+        sends; over TLS a reader thread reads beside it."""
+        round0_cpu_s = None
+
+        def _send_round(self, *args, **kwargs):
+            if self.round0_cpu_s is not None:
+                return super()._send_round(*args, **kwargs)
+            t0 = time.thread_time()
+            try:
+                return super()._send_round(*args, **kwargs)
+            finally:
+                self.round0_cpu_s = time.thread_time() - t0
+    return Round0Timed
+
+
 def engine_round0(pid: int, tls_dir: str | None, tracker: str) -> dict:
-    from migrated.engine.source import SendOptions, SourceMigration
+    from migrated.engine.source import SendOptions
     from migrated.engine.transport import BlockingTransport
+    timed = _round0_timed_class()
     with tempfile.TemporaryDirectory(prefix="bench-img-") as state:
         p, port = _spawn("dest", tls_dir, state)
         try:
             s = _connect(port, tls_dir)
             rounds: list[dict] = []
             opts = SendOptions(max_rounds=1, tracker=tracker, then="resume")
-            res = SourceMigration(pid, opts, BlockingTransport(s, timeout=60),
-                                  on_event=lambda e: rounds.append(e) if e["event"] == "round" else None).run()
+            sm = timed(pid, opts, BlockingTransport(s, timeout=60),
+                       on_event=lambda e: rounds.append(e) if e["event"] == "round" else None)
+            res = sm.run()
             dest = dest_report(p)
             p.wait(120)
             if res["status"] != "completed":
@@ -423,7 +450,8 @@ def engine_round0(pid: int, tls_dir: str | None, tracker: str) -> dict:
             # CPU ns per byte the destination's page writes cost in this run.
             store_ns = (dest.get("write_cpu_ms") or 0.0) * 1e6 / max(dest.get("page_bytes") or 1, 1)
             return {"rate": r0["bytes"] / (r0["duration_ms"] / 1000.0), "bytes": r0["bytes"],
-                    "tracker": res["tracker"], "store_ns": store_ns}
+                    "tracker": res["tracker"], "store_ns": store_ns,
+                    "source_ns": sm.round0_cpu_s * 1e9 / max(r0["bytes"], 1)}
         finally:
             if p.poll() is None:
                 p.kill()
@@ -559,6 +587,12 @@ def main() -> int:
             pairs = sorted(x["rate"] / y[0] for x, y in zip(eng, raw))
             print(f"{'':7s} per repeat     " + " ".join(f"{p:.2f}" for p in pairs)
                   + f"  (engine / raw of the same repeat; median {statistics.median(pairs):.2f})")
+            # How busy the source's sending thread was: over plain TCP it does
+            # all of the source's work, so one core bounds the round there.
+            print(f"{'':7s} source thread  " + " ".join(
+                f"{x['source_ns']:.2f} ns/B ({x['source_ns'] * x['rate'] / 1e9:.0%} of a core)"
+                for x in eng) + f"; one core at the best of these allows "
+                f"{1e9 / min(x['source_ns'] for x in eng) / 2**20:.0f} MiB/s")
             if not a.no_minimal:
                 m = max(mins)
                 print(f"{'':7s} minimal pipeline {m / 2**20:6.1f} MiB/s  (the same work with no "
