@@ -199,6 +199,7 @@ class DestMigration:
             self._cancel.disarm()
             self.transport.close()          # first: wakes a keepalive blocked in send
             self.channel.stop_keepalive()
+            self._drop_flush_listener()
         result.update(migration_id=self.migration_id or None,
                       total_ms=round((time.perf_counter() - t0) * 1000.0, 3),
                       bytes_received=self.transport.bytes_received)
@@ -521,6 +522,20 @@ class DestMigration:
             return (f"image {w.image_id}, published for it, was withdrawn: the source "
                     "keeps the process")
         return "the partial image was removed (never visible)"
+
+    def _drop_flush_listener(self) -> None:
+        """The writer's flush state holds ``_report_flushed``, a method of
+        this object, which holds the writer: a reference cycle.  Left in
+        place, this migration's memory (its receive buffers, the writer's
+        maps: megabytes) waits for the cyclic garbage collector, which in a
+        daemon may run only many migrations later.  Broken here, it is
+        freed as soon as the last reference goes."""
+        set_listener = getattr(self.writer, "set_flush_listener", None)
+        if set_listener is not None:
+            try:
+                set_listener(None)
+            except Exception:  # noqa: BLE001 -- only a cycle left to the collector
+                log.exception("dropping the flush listener")
 
     def _abort_writer(self) -> None:
         if self.writer is not None:
