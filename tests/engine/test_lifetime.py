@@ -17,7 +17,7 @@ import weakref
 
 import pytest
 
-from migrated.engine.dest import DestMigration
+from migrated.engine.dest import DestLimits, DestMigration
 from migrated.engine.source import SendOptions, SourceMigration
 from migrated.engine.transport import BlockingTransport
 from migrated.image.store import ImageStore
@@ -25,12 +25,13 @@ from tests.engine.procs import workload
 from tests.engine.tlspair import tcp_pair, tls_pair
 
 
-def _migrate(pid: int, store: ImageStore, link, cancel_at_round: int | None = None):
+def _migrate(pid: int, store: ImageStore, link, cancel_at_round: int | None = None,
+             limits: DestLimits | None = None):
     """One migration with both engines in this process; weak references to
     both, and both results.  Callbacks capture no engine."""
     a, b = link()
     dm = DestMigration(BlockingTransport(b, timeout=30), store, node="lifetime",
-                       on_event=lambda e: None)
+                       on_event=lambda e: None, limits=limits)
     dres: dict = {}
     t = threading.Thread(target=lambda: dres.update(dm.run()))
     t.start()
@@ -57,18 +58,22 @@ def _migrate(pid: int, store: ImageStore, link, cancel_at_round: int | None = No
 
 
 @pytest.mark.parametrize("link", [tcp_pair, tls_pair])
-@pytest.mark.parametrize("cancel_at_round", [None, 0])
-def test_engines_are_freed_without_the_cycle_collector(tmp_path, link, cancel_at_round):
+@pytest.mark.parametrize("end", ["completed", "cancelled", "failed"])
+def test_engines_are_freed_without_the_cycle_collector(tmp_path, link, end):
+    """Completed; cancelled by the source in round 0; failed -- the
+    destination refuses more than 1 MiB of pages and both sides end in
+    an error (the exception paths, where tracebacks make cycles easily)."""
     store = ImageStore(str(tmp_path / "state"))
     with workload(mib=8, rate=1000) as w:
         _migrate(w.pid, store, link)        # imports and one-time caches first
         gc.collect()
         gc.disable()
         try:
-            dest, source, sres, dres = _migrate(w.pid, store, link, cancel_at_round)
-            want = "completed" if cancel_at_round is None else "cancelled"
-            assert sres["status"] == want, sres.get("error")
-            assert dres["status"] in (want, "failed"), dres.get("error")
+            dest, source, sres, dres = _migrate(
+                w.pid, store, link, cancel_at_round=0 if end == "cancelled" else None,
+                limits=DestLimits(quota_bytes=1 << 20) if end == "failed" else None)
+            assert sres["status"] == end, sres.get("error")
+            assert dres["status"] in (end, "failed"), dres.get("error")
             assert dest() is None, "the destination engine outlived its run (a reference cycle)"
             assert source() is None, "the source engine outlived its run (a reference cycle)"
         finally:
