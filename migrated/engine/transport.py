@@ -226,7 +226,6 @@ class BlockingTransport:
         self._ssl_lock = threading.Lock()   # one thread at a time in the SSL object
         self._shut = False
         self._closed = False
-        self._poller: Any = None    # readiness of the socket (splice_into)
         self._pipe: tuple[int, int] | None = None    # splice_into's (read, write) ends
         self._splicing = False
         self.can_splice = (not self.is_ssl and hasattr(os, "splice")
@@ -503,12 +502,12 @@ class BlockingTransport:
     def wait_readable(self, timeout: float) -> bool:
         """Whether the socket became readable (or hit EOF) within ``timeout``
         seconds; reads nothing.  (Bytes already decrypted inside an
-        SSLSocket do not count: see ``readable_now``.)"""
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-        return bool(poller.poll(max(0, int(timeout * 1000))))
+        SSLSocket do not count: see ``readable_now``.)  A closed socket
+        counts as readable: the next receive says what happened."""
+        try:
+            return self._wait_for(select.POLLIN, timeout)
+        except OSError:
+            return True
 
     def _receive_failed(self, e: BaseException) -> None:
         """Raise what a failed receive means; return only when we shut the
@@ -552,12 +551,7 @@ class BlockingTransport:
 
     def readable_now(self) -> bool:
         """Whether a receive would return at once (data, or the end)."""
-        if self.pending():
-            return True
-        try:
-            return self._wait_for(select.POLLIN, 0)
-        except OSError:
-            return True     # closed: the receive says so at once
+        return self.pending() > 0 or self.wait_readable(0)
 
     # -- closing ------------------------------------------------------------------
 
