@@ -95,6 +95,7 @@ TARGET_RATIO = 0.5
 # buffer, the protocol's largest batch, the destination writer's queue
 # (plus receive buffers in use or spare).
 from migrated.engine.source import PIPELINE_DEPTH as MIN_DEPTH  # noqa: E402
+from migrated.engine.source import SourceMigration  # noqa: E402
 from migrated.engine.source import READ_BUFFER_BYTES as MIN_READ  # noqa: E402
 from migrated.engine.source import INLINE_READ_BYTES as MIN_INLINE_READ  # noqa: E402
 from migrated.image.pipeline import MAX_QUEUED as MIN_QUEUED  # noqa: E402
@@ -409,38 +410,33 @@ def _raw_rate(nbytes: int, tls_dir: str | None, store_dir: str,
         p.wait()
 
 
-def _round0_timed_class():
-    from migrated.engine.source import SourceMigration
+class _Round0Timed(SourceMigration):
+    """Notes the CPU time of the source's own thread in round 0 (the first
+    round sent): over plain TCP that thread reads, digests and sends; over
+    TLS a reader thread reads beside it."""
+    round0_cpu_s = None
 
-    class Round0Timed(SourceMigration):
-        """Notes the CPU time of the source's own thread in round 0 (the
-        first round sent): over plain TCP that thread reads, digests and
-        sends; over TLS a reader thread reads beside it."""
-        round0_cpu_s = None
-
-        def _send_round(self, *args, **kwargs):
-            if self.round0_cpu_s is not None:
-                return super()._send_round(*args, **kwargs)
-            t0 = time.thread_time()
-            try:
-                return super()._send_round(*args, **kwargs)
-            finally:
-                self.round0_cpu_s = time.thread_time() - t0
-    return Round0Timed
+    def _send_round(self, *args, **kwargs):
+        if self.round0_cpu_s is not None:
+            return super()._send_round(*args, **kwargs)
+        t0 = time.thread_time()
+        try:
+            return super()._send_round(*args, **kwargs)
+        finally:
+            self.round0_cpu_s = time.thread_time() - t0
 
 
 def engine_round0(pid: int, tls_dir: str | None, tracker: str) -> dict:
     from migrated.engine.source import SendOptions
     from migrated.engine.transport import BlockingTransport
-    timed = _round0_timed_class()
     with tempfile.TemporaryDirectory(prefix="bench-img-") as state:
         p, port = _spawn("dest", tls_dir, state)
         try:
             s = _connect(port, tls_dir)
             rounds: list[dict] = []
             opts = SendOptions(max_rounds=1, tracker=tracker, then="resume")
-            sm = timed(pid, opts, BlockingTransport(s, timeout=60),
-                       on_event=lambda e: rounds.append(e) if e["event"] == "round" else None)
+            sm = _Round0Timed(pid, opts, BlockingTransport(s, timeout=60),
+                              on_event=lambda e: rounds.append(e) if e["event"] == "round" else None)
             res = sm.run()
             dest = dest_report(p)
             p.wait(120)
