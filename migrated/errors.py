@@ -47,6 +47,40 @@ class FreezeTimeout(ProcessError):
     pass
 
 
+class TargetTraced(ProcessError):
+    """Another process (a debugger, strace) traces the target: its stops
+    cannot be told from ours, and a tracer may swallow or undo our
+    SIGSTOP, so we neither freeze it nor take its stop for a freeze."""
+
+    def __init__(self, pid: int, tracer: int, what: str = ""):
+        msg = (f"process {pid} is traced by process {tracer} (a debugger or strace): "
+               "a freeze of it cannot be trusted -- the tracer may swallow or undo "
+               "SIGSTOP, and a tracing stop looks like a freeze; detach the tracer "
+               "and retry")
+        if what:
+            msg = f"{what}: {msg}"
+        super().__init__(pid, msg)
+        self.tracer = tracer
+
+
+class TargetSharesMemory(ProcessError):
+    """Another process shares the target's address space (clone with
+    CLONE_VM but not CLONE_THREAD, or a vfork child not yet exec'd): our
+    SIGSTOP does not stop it, so it could write while we take the final
+    delta."""
+
+    def __init__(self, pid: int, others: list[int], what: str = ""):
+        shown = ", ".join(map(str, others[:8])) + (" ..." if len(others) > 8 else "")
+        msg = (f"process {pid} shares its memory with process(es) {shown} (clone with "
+               "CLONE_VM, or a vfork child that has not exec'd yet): stopping it does not "
+               "stop them, so the image could miss their writes; retry once they are "
+               "gone, or migrate a process that does not share its address space")
+        if what:
+            msg = f"{what}: {msg}"
+        super().__init__(pid, msg)
+        self.others = others
+
+
 class KernelUnsupported(MigratedError):
     """The running kernel lacks a feature the chosen path needs."""
 

@@ -29,6 +29,12 @@ Region pages are numbered from 0 within the region; NAME is any word.
   stopspin NAME                   -> ok PAGES_WRITTEN
   comm NAME                       set comm (%-quoted; shows in stat)
   tids                            -> ok TID...
+  dwait FIFO [main]               a thread in uninterruptible sleep (D) until
+                                  someone opens the FIFO (%-quoted) for writing:
+                                  posix_spawn's vfork waits while the child
+                                  blocks opening it.  -> ok TID of a new thread;
+                                  with "main" the command loop itself waits,
+                                  after replying ok
   exit [CODE]
 
 The target never imports migrated: it is the process under test.
@@ -322,6 +328,43 @@ class _Child:
     def cmd_tids(self):
         return " ".join(sorted(os.listdir("/proc/self/task"), key=int))
 
+    def cmd_dwait(self, fifo, where=""):
+        path = urllib.parse.unquote(fifo)
+
+        def wait_in_kernel():
+            # The child opens the FIFO before exec; until then the parent
+            # thread sleeps in the kernel's vfork wait (state D).  Through
+            # ctypes, which lets go of the GIL (os.posix_spawn keeps it, so
+            # no other thread of ours would run meanwhile).
+            libc = self.libc
+            actions = ctypes.create_string_buffer(512)   # posix_spawn_file_actions_t
+            libc.posix_spawn_file_actions_init(actions)
+            libc.posix_spawn_file_actions_addopen(actions, 3, path.encode(), os.O_RDONLY, 0)
+            child = ctypes.c_int()
+            argv = (ctypes.c_char_p * 2)(b"true", None)
+            envp = (ctypes.c_char_p * 1)(None)
+            rc = libc.posix_spawn(ctypes.byref(child), b"/bin/true", actions, None, argv, envp)
+            libc.posix_spawn_file_actions_destroy(actions)
+            if rc == 0:
+                os.waitpid(child.value, 0)
+
+        if where == "main":
+            sys.stdout.write("ok\n")
+            sys.stdout.flush()
+            wait_in_kernel()
+            return None
+        tid = []
+        started = threading.Event()
+
+        def runner():
+            tid.append(threading.get_native_id())
+            started.set()
+            wait_in_kernel()
+
+        threading.Thread(target=runner, daemon=True).start()
+        started.wait()
+        return str(tid[0])
+
     def cmd_exit(self, code="0"):
         sys.stdout.flush()
         os._exit(int(code))
@@ -344,6 +387,8 @@ class _Child:
                     out.write("ok\n")
                     out.flush()
                 reply = fn(*words[1:])
+                if reply is None:
+                    continue        # the command replied itself
                 out.write(f"ok {reply}".rstrip() + "\n")
             except Exception as e:  # report, keep serving
                 out.write(f"err {type(e).__name__}: {e}".replace("\n", " ") + "\n")
@@ -491,6 +536,13 @@ class Target:
     def comm(self, name: str) -> None:
         """Set the main thread's comm (15 bytes max; any characters)."""
         self.cmd("comm", urllib.parse.quote(name))
+
+    def dwait(self, fifo: str, main: bool = False) -> int | None:
+        """A thread of the target in uninterruptible sleep until ``fifo`` is
+        opened for writing (target doc); its TID, or None for the main
+        thread (which then answers no command until released)."""
+        reply = self.cmd("dwait", urllib.parse.quote(fifo), *(["main"] if main else []))
+        return None if main else int(reply)
 
     def tids(self) -> list[int]:
         return [int(t) for t in self.cmd("tids").split()]

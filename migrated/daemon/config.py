@@ -269,6 +269,29 @@ def read_toml(path: str, explicit: bool) -> dict:
     return out
 
 
+def thaw_only_config(args: argparse.Namespace) -> Config:
+    """The settings ``--thaw-journal`` needs when the configuration is
+    broken (an unknown key, a bad value, TOML that does not parse): only
+    the state dir -- the flag, else the file's ``state-dir`` if that one
+    key reads, else the default.  A typo in the config must never keep a
+    process frozen: ExecStopPost runs this after every stop of the unit,
+    and a daemon that cannot start on that config would not replay its
+    journal either."""
+    cfg = Config(thaw_journal=True)
+    state_dir = getattr(args, "state_dir", None)
+    if not state_dir:
+        path = args.config if args.config is not None else DEFAULT_CONFIG
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+            v = data.get("state-dir", data.get("state_dir"))
+            state_dir = v if isinstance(v, str) and v else None
+        except (OSError, tomllib.TOMLDecodeError, AttributeError):
+            state_dir = None
+    cfg.state_dir = state_dir or DEFAULT_STATE_DIR
+    return cfg
+
+
 def load_config(argv: list[str] | None = None) -> Config:
     args = build_arg_parser().parse_args(argv)
     return config_from(args)

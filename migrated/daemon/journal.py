@@ -10,9 +10,16 @@ a process we stopped always has one.  Thawing removes it (after SIGCONT).
 Replay (daemon start, ``migrated --thaw-journal`` from ExecStopPost): for
 each record, open a pidfd first, then read /proc/PID/stat; only if the
 start time (and boot) match the record is it the process we froze -- a
-recycled PID has another start time and is left alone.  If it is stopped
-(state T) it gets SIGCONT through the pidfd, so the signal can never reach
-a process that took the PID over in between.  The record is then removed.
+recycled PID has another start time and is left alone.  That process gets
+SIGCONT through the pidfd (so the signal can never reach a process that
+took the PID over in between) whatever state it shows: T when our stop
+took hold; t when a tracer attached since; D or S with our SIGSTOP still
+pending when the daemon died before the stop completed (a thread in
+uninterruptible sleep stops only when it leaves the kernel) -- SIGCONT
+discards a pending SIGSTOP, while skipping it would let the stop take hold
+later with no record left to undo it.  The record is then removed.  One
+unreadable or malformed record is logged and kept; it never stops the
+replay of the others.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from migrated.kernel import procfs
 JOURNAL_SUBDIR = "frozen"
 # A record is a few hundred bytes; anything bigger is not ours.
 MAX_RECORD_BYTES = 4096
+# PIDs are at most PID_MAX_LIMIT (2**22 on 64-bit kernels).
+MAX_PID = 1 << 22
 
 
 def boot_id() -> str:
@@ -54,7 +63,7 @@ class Record:
 @dataclass
 class ReplayResult:
     thawed: list[int]
-    not_stopped: list[int]      # ours, but already running again
+    not_stopped: list[int]      # ours, already running again (SIGCONT sent anyway)
     gone: list[int]             # exited, or PID recycled, or another boot
     failed: list[int]           # kept for the next replay
 
@@ -122,7 +131,9 @@ class FrozenJournal:
                              frozen_at=float(d.get("frozen_at", 0.0)))
                 if len(raw) > MAX_RECORD_BYTES or name != f"{rec.pid}.json":
                     raise ValueError("not a journal record")
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                if not 0 < rec.pid <= MAX_PID or rec.starttime < 0:
+                    raise ValueError(f"pid {rec.pid} or start time {rec.starttime} out of range")
+            except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
                 self._log("error", "journal_bad_record", file=path, error=str(e))
                 continue
             out.append(rec)
@@ -131,7 +142,12 @@ class FrozenJournal:
     def replay(self) -> ReplayResult:
         res = ReplayResult([], [], [], [])
         for rec in self.records():
-            outcome = self._replay_one(rec)
+            try:
+                outcome = self._replay_one(rec)
+            except Exception as e:  # noqa: BLE001 -- one record never stops the rest
+                self._log("error", "journal_thaw_failed", rec.mid or None, pid=rec.pid,
+                          error=f"{type(e).__name__}: {e}")
+                outcome = "failed"
             getattr(res, outcome).append(rec.pid)
             if outcome != "failed":
                 self.on_thaw(rec.pid)
@@ -161,9 +177,9 @@ class FrozenJournal:
                           reason="PID now belongs to another process (start time differs); left alone",
                           journal_starttime=rec.starttime, starttime=st.starttime)
                 return "gone"
-            if st.state != "T":
-                self._log("info", "journal_not_stopped", mid, pid=rec.pid, state=st.state)
-                return "not_stopped"
+            stopping = st.state in "Tt" or _sigstop_pending(rec.pid)
+            # SIGCONT whatever the state (module doc): harmless to a process
+            # that runs, and it cancels a SIGSTOP still pending.
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGCONT)
             except ProcessLookupError:
@@ -171,7 +187,10 @@ class FrozenJournal:
             except OSError as e:
                 self._log("error", "journal_thaw_failed", mid, pid=rec.pid, error=e.strerror)
                 return "failed"
-            self._log("warning", "journal_thawed", mid, pid=rec.pid,
+            if not stopping:
+                self._log("info", "journal_not_stopped", mid, pid=rec.pid, state=st.state)
+                return "not_stopped"
+            self._log("warning", "journal_thawed", mid, pid=rec.pid, state=st.state,
                       frozen_s=round(time.time() - rec.frozen_at, 3) if rec.frozen_at else None)
             return "thawed"
         finally:
@@ -180,6 +199,22 @@ class FrozenJournal:
     def _log(self, level: str, event: str, mid: str | None = None, **fields) -> None:
         if self.log is not None:
             self.log.line(event, mid, level, **fields)
+
+
+def _sigstop_pending(pid: int) -> bool:
+    """A SIGSTOP sent to ``pid`` has not taken hold yet."""
+    try:
+        status = procfs.read_status(pid)
+    except MigratedError:
+        return False
+    bit = 1 << (signal.SIGSTOP - 1)
+    for key in ("ShdPnd", "SigPnd"):
+        try:
+            if int(status.get(key, "0"), 16) & bit:
+                return True
+        except ValueError:
+            pass
+    return False
 
 
 def _unlink_quiet(path: str) -> None:

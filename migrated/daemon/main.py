@@ -21,7 +21,8 @@ import signal
 import sys
 import time
 
-from migrated.daemon.config import Config, ConfigError, build_arg_parser, config_from
+from migrated.daemon.config import (Config, ConfigError, build_arg_parser, config_from,
+                                     thaw_only_config)
 from migrated.daemon.journal import FrozenJournal
 from migrated.daemon.log import EventLog
 from migrated.daemon.sdnotify import Notifier
@@ -220,6 +221,10 @@ def thaw_journal(cfg: Config, log: EventLog) -> int:
         log.error("thaw_refused", error=str(e),
                   reason="its frozen processes belong to running migrations")
         return 1
+    except OSError as e:
+        log.error("thaw_failed", error=f"cannot lock the state dir {cfg.state_dir}: "
+                  f"{e.strerror or e}", reason="check it exists and is writable")
+        return 1
     try:
         res = FrozenJournal(cfg.state_dir, log).replay()
         log.info("journal_replayed", **{k: len(v) for k, v in res.as_dict().items()},
@@ -243,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from(args)
     except ConfigError as e:
-        print(f"migrated: {e}", file=sys.stderr)
-        return 2
+        if not args.thaw_journal:
+            print(f"migrated: {e}", file=sys.stderr)
+            return 2
+        # Thawing must not depend on a config that is otherwise valid.
+        cfg = thaw_only_config(args)
+        print(f"migrated: {e}; --thaw-journal goes on with the state dir "
+              f"{cfg.state_dir} so that no process stays frozen", file=sys.stderr)
     log = EventLog(cfg.log_format, node=cfg.node)
     if cfg.thaw_journal:
         return thaw_journal(cfg, log)

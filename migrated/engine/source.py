@@ -488,6 +488,8 @@ class SourceMigration:
             self._freeze()
 
         # -- frozen: the final delta --------------------------------------------------
+        # From here on no thread of the target may run (_check_still_frozen).
+        self.freezer.mark_quiescent()
         t_final = time.perf_counter()
         layout = self._read_layout()
         final_rate = 0.0
@@ -514,6 +516,7 @@ class SourceMigration:
         self._send_round(rnd, layout, dirty, dropped, pause_ms=pause,
                          dirty_rate=final_rate, t_collect=t_final, final=True,
                          expected_ms=self.policy.expected_downtime_ms, wait_ms=wait_ms)
+        self._check_still_frozen("while its final delta was read")
         self.channel.send_event(ev.FinalEnd(rnd, self.pages_sent))
         self.channel.send_event(ev.CommitRequest(self._held.total_pages()))
         t_commit = time.perf_counter()
@@ -523,6 +526,7 @@ class SourceMigration:
         # destination; ask it to publish and wait for the confirmation.
         # Until Released the target stays frozen (freeze_ms counts it).
         self._check_abort(False)
+        self._check_still_frozen("while the destination committed its image")
         if self.on_release is not None:
             # Durably noted first (the daemon's in-doubt record): if we fail
             # or die after this, the image gets withdrawn (SPEC.md 9.2).
@@ -759,8 +763,23 @@ class SourceMigration:
     def _freeze(self) -> None:
         assert self.freezer is not None
         self._check_abort(False)
+        # Just before the freeze, outside its time: nothing else shares the
+        # address space that SIGSTOP would not stop.
+        self.freezer.check_alone()
         self._frozen_at = time.perf_counter()
         self._freeze_wait_ms = self.freezer.freeze(FREEZE_TIMEOUT_S)
+
+    def _check_still_frozen(self, when: str) -> None:
+        """Fail if the target runs again behind our back (a SIGCONT from a
+        shell's job control, a supervisor, an operator): its memory may
+        have changed after the final collection, so the image would not be
+        exact, and once published two copies would run."""
+        if not self.freezer.still_frozen():
+            raise MigrationAborted(
+                "failed", "internal",
+                f"PID {self.pid} was resumed by another process (SIGCONT) {when}: the "
+                "image would not match its memory, so nothing is published; find what "
+                "sends it SIGCONT (job control, a supervisor) and retry")
 
     def _apply_then(self) -> None:
         fz = self.freezer

@@ -2,9 +2,27 @@
 
 Signals go through a pidfd opened at construction, so a recycled PID is
 never hit; the start time read from /proc/PID/stat at the same moment
-guards the /proc reads against recycling too.  A process whose threads
-were all stopped already (state T, or t under a debugger) before we came
-is left exactly as it was: we neither SIGSTOP nor SIGCONT it.
+guards the /proc reads against recycling too.
+
+A process someone else stopped before we came is left exactly as it was:
+we neither SIGSTOP nor SIGCONT it, we only wait until every thread has
+stopped.  "Stopped before we came" means a stop is under way: some thread
+is in job-control stop (T), or a SIGSTOP is pending for the process -- a
+thread in uninterruptible sleep (D: I/O, NFS, FUSE, a vfork) joins the
+group stop only when it leaves the kernel, so "every thread in T" would
+miss a stop that has not finished, and our SIGCONT would undo it.
+
+A process traced by another process (a debugger, strace) is refused
+(TargetTraced): a tracer may swallow or undo our SIGSTOP, and a thread in
+a tracing stop (t) at a syscall looks stopped while the process runs on.
+So is one whose address space another process shares (TargetSharesMemory,
+``check_alone``): SIGSTOP stops a thread group, not an address space.
+
+A freeze must also hold while the final delta is read.  Someone else's
+SIGCONT (job control, a supervisor) may resume the process, and a SIGSTOP
+after it may stop it again before we look: ``mark_quiescent`` notes every
+thread's CPU time (schedstat) once the freeze is complete, and
+``still_frozen`` fails if any thread ran since, appeared or vanished.
 
 Journal hooks: ``on_freeze(pid, starttime)`` runs just before we send
 SIGSTOP (only when we will owe a SIGCONT), ``on_thaw(pid)`` right after we
@@ -16,18 +34,24 @@ to check the PID still names the same process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import select
 import signal
 import time
 from typing import Callable, Iterator
 
-from migrated.errors import FreezeTimeout, NoSuchProcess, ZombieProcess
+from migrated.errors import (FreezeTimeout, NoSuchProcess, TargetSharesMemory, TargetTraced,
+                             ZombieProcess)
 from migrated.kernel import procfs
 
-# Thread states that count as stopped: T (job control stop) and t (stopped
-# by a tracer; SIGSTOP on a traced thread ends in t, not T).
+# Thread states that count as stopped once we sent SIGSTOP: T (job control
+# stop) and t (tracing stop: while our own syscall injection holds a
+# thread, see kernel/uffd.py; other tracers are refused).
 STOPPED_STATES = frozenset("Tt")
+# SIGSTOP's bit in the pending-signal masks of /proc/PID/status.
+_SIGSTOP_BIT = 1 << (signal.SIGSTOP - 1)
 # Poll interval while waiting for threads to stop: start short (a thread
 # usually stops within microseconds), double up to a cap that keeps the
 # /proc re-reads cheap while a thread sits in uninterruptible sleep.
@@ -51,7 +75,9 @@ class Freezer:
         self._check_same("freezer")
         self._frozen_by_us = False
         self._frozen = False
-        self.was_stopped = self._all_stopped()
+        self._check_not_traced("freezer")
+        self.check_alone("freezer")
+        self.was_stopped = self._stop_under_way()
 
     # -- state ---------------------------------------------------------------
 
@@ -68,24 +94,69 @@ class Freezer:
         return bool(r)
 
     def _check_same(self, what: str) -> procfs.Stat:
+        st = self._check_same_any_state(what)
+        if st.state in ("Z", "X"):
+            raise ZombieProcess(self.pid, what)
+        return st
+
+    def _check_same_any_state(self, what: str) -> procfs.Stat:
         if self.exited():
             raise NoSuchProcess(self.pid, what)
         st = procfs.read_stat(self.pid)
         if st.starttime != self.starttime:
             raise NoSuchProcess(self.pid, f"{what} (PID was reused by another process)")
-        if st.state in ("Z", "X"):
-            raise ZombieProcess(self.pid, what)
         return st
 
     def _all_stopped(self) -> bool:
         states = procfs.read_task_states(self.pid)
         return bool(states) and all(s in STOPPED_STATES for s in states.values())
 
+    def _stop_under_way(self) -> bool:
+        """Someone else is stopping or has stopped the process: a thread in
+        job-control stop, or a SIGSTOP pending (module doc)."""
+        states = procfs.read_task_states(self.pid)
+        if any(s == "T" for s in states.values()):
+            return True
+        status = procfs.read_status(self.pid)
+        return bool(_pending_mask(status.get("ShdPnd")) & _SIGSTOP_BIT
+                    or _pending_mask(status.get("SigPnd")) & _SIGSTOP_BIT)
+
+    def _check_not_traced(self, what: str) -> None:
+        """TargetTraced if a process other than ours traces the target."""
+        try:
+            tracer = int(procfs.read_status(self.pid).get("TracerPid", "0"))
+        except ValueError:
+            tracer = 0
+        if tracer and tracer != os.getpid():
+            raise TargetTraced(self.pid, tracer, what)
+
     def verify_frozen(self) -> bool:
         """Re-check that every thread is still stopped (someone may have sent
         SIGCONT behind our back)."""
         self._check_same("checking freeze")
         return self._all_stopped()
+
+    def check_alone(self, what: str = "freeze") -> None:
+        """TargetSharesMemory if another process shares the target's address
+        space (module doc).  One kcmp per process on the system (well under
+        a millisecond per hundred): call it before a freeze, not in it."""
+        others = _sharing_mm(self.pid)
+        if others:
+            raise TargetSharesMemory(self.pid, others, what)
+
+    def mark_quiescent(self) -> None:
+        """Note every thread's CPU time now, frozen (``still_frozen``)."""
+        self._quiet = _thread_cpu(self.pid)
+
+    def still_frozen(self) -> bool:
+        """Every thread stopped now, and -- after ``mark_quiescent`` -- none
+        ran since (a SIGCONT then a SIGSTOP in between would leave them
+        stopped again, with their writes after our final collection)."""
+        self._check_same_any_state("checking freeze")
+        if not self._all_stopped():
+            return False
+        quiet = getattr(self, "_quiet", None)
+        return quiet is None or _thread_cpu(self.pid) == quiet
 
     # -- freeze / thaw -------------------------------------------------------
 
@@ -100,7 +171,8 @@ class Freezer:
         if self._frozen:
             return 0.0
         self._check_same("freeze")
-        self.was_stopped = self._all_stopped()
+        self._check_not_traced("freeze")
+        self.was_stopped = self._stop_under_way()
         if not self.was_stopped:
             if self.on_freeze is not None:
                 # Journal first: a crash after the signal must find the PID
@@ -192,3 +264,70 @@ class Freezer:
         if getattr(self, "pidfd", -1) >= 0:
             with contextlib.suppress(Exception):
                 self.close()
+
+
+def _pending_mask(field: str | None) -> int:
+    """A /proc/PID/status signal mask (hex) as an int; 0 if absent."""
+    try:
+        return int(field or "0", 16)
+    except ValueError:
+        return 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_kcmp = 312          # x86_64
+KCMP_VM = 1
+
+
+def _sharing_mm(pid: int) -> list[int]:
+    """Other processes (thread groups) whose address space is ``pid``'s.
+    Processes we may not compare (EPERM) or that exit meanwhile are
+    skipped; without kcmp (ENOSYS: kernel or seccomp) nothing is found."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == pid:
+            continue
+        other = int(name)
+        r = _libc.syscall(ctypes.c_long(SYS_kcmp), ctypes.c_long(pid), ctypes.c_long(other),
+                          ctypes.c_long(KCMP_VM), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        if r == 0:
+            out.append(other)
+        elif r < 0 and ctypes.get_errno() == errno.ENOSYS:
+            return []
+    return out
+
+
+def _thread_cpu(pid: int) -> dict[int, int]:
+    """{tid: CPU time} for every thread of ``pid``: nanoseconds run from
+    /proc/PID/task/TID/schedstat, or where that is not kept, the count of
+    context switches (a thread that ran has switched at least once)."""
+    out = {}
+    for tid in procfs.list_tasks(pid):
+        base = f"/proc/{pid}/task/{tid}/"
+        try:
+            with open(base + "schedstat", "rb") as f:
+                ran = int(f.read().split()[0])
+            if ran == 0:
+                raise ValueError("schedstat not kept")
+        except FileNotFoundError:
+            continue            # exited between the listing and the read
+        except (OSError, ValueError, IndexError):
+            try:
+                status = procfs.read_status(pid) if tid == pid else _task_status(pid, tid)
+                ran = -(int(status.get("voluntary_ctxt_switches", "0"))
+                        + int(status.get("nonvoluntary_ctxt_switches", "0")))
+            except (OSError, ValueError, NoSuchProcess):
+                continue
+        out[tid] = ran
+    return out
+
+
+def _task_status(pid: int, tid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+        for line in f.read().decode("utf-8", "replace").splitlines():
+            k, sep, v = line.partition(":")
+            if sep:
+                out[k] = v.strip()
+    return out

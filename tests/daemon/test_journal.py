@@ -146,3 +146,78 @@ def test_daemon_start_replays_and_thaw_journal_refuses_while_running(daemons, ch
                         "--state-dir", state, "--thaw-journal"],
                        capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 1 and "another migrated is running" in r.stderr
+
+
+def test_bad_records_never_stop_the_replay(tmp_path, children):
+    """Values no PID can have (infinity, a number past any pid_max) are
+    logged and kept; the records after them are still replayed."""
+    j = FrozenJournal(str(tmp_path))
+    open(os.path.join(j.dir, "1.json"), "w").write('{"pid": Infinity, "starttime": 1}')
+    open(os.path.join(j.dir, "10000000000000000000.json"), "w").write(
+        '{"pid": 10000000000000000000, "starttime": 1}')
+    open(os.path.join(j.dir, "5.json"), "w").write('{"pid": 5, "starttime": -1}')
+    p = children()
+    j.on_freeze(p.pid, read_starttime(p.pid))
+    stop(p.pid)
+    res = j.replay()
+    assert res.thawed == [p.pid]
+    assert wait_state(p.pid, "S")
+    assert sorted(os.listdir(j.dir)) == sorted(["1.json", "10000000000000000000.json", "5.json"])
+
+
+def _release(fifo: str) -> None:
+    """Let a target thread out of its wait in the kernel (Target.dwait)."""
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def _sigstop_pending(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        masks = [int(line.split()[1], 16) for line in f
+                 if line.startswith(("ShdPnd:", "SigPnd:"))]
+    return any(m & (1 << (signal.SIGSTOP - 1)) for m in masks)
+
+
+def test_replay_cancels_a_stop_that_has_not_taken_hold(tmp_path, target):
+    """The daemon sent SIGSTOP to a target whose only thread was in the
+    kernel (D: I/O, a vfork) and died before the stop took hold.  The
+    replay must SIGCONT it although it is not in T yet -- else the stop
+    takes hold later with no record left to undo it."""
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    target.dwait(fifo, main=True)
+    assert wait_state(target.pid, "D")
+    state = str(tmp_path / "state")
+    FrozenJournal(state).on_freeze(target.pid, read_starttime(target.pid), "crashed")
+    os.kill(target.pid, signal.SIGSTOP)          # ... and the daemon died
+    assert _sigstop_pending(target.pid) and proc_state(target.pid) == "D"
+    res = FrozenJournal(state).replay()
+    assert res.thawed == [target.pid] and FrozenJournal(state).records() == []
+    _release(fifo)
+    target.cmd("tids", timeout=5)                # it answers: it runs
+    assert proc_state(target.pid) != "T"
+
+
+def test_thaw_journal_does_not_depend_on_a_valid_config(tmp_path, children):
+    """ExecStopPost's `migrated --thaw-journal` with a config the daemon
+    itself would refuse (a typo, TOML that does not parse) still thaws,
+    from --state-dir or else the file's state-dir."""
+    state = str(tmp_path / "state")
+    typo = tmp_path / "typo.toml"
+    typo.write_text(f'state-dir = "{state}"\nmax-migration = 8\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text("state-dir = [\n")
+    for args in (["--config", str(typo)],
+                 ["--config", str(broken), "--state-dir", state]):
+        p = children()
+        FrozenJournal(state).on_freeze(p.pid, read_starttime(p.pid), "cfg")
+        stop(p.pid)
+        r = subprocess.run([PY, "-m", "migrated.daemon.main", *args, "--thaw-journal"],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert "no process stays frozen" in r.stderr and state in r.stderr
+        assert "journal_thawed" in r.stderr
+        assert wait_state(p.pid, "S")
+    # Without --thaw-journal the same config still stops the daemon.
+    r = subprocess.run([PY, "-m", "migrated.daemon.main", "--config", str(typo), "--insecure"],
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 2 and "unknown key 'max-migration'" in r.stderr

@@ -238,6 +238,34 @@ def test_cancel_while_frozen_thaws(store):
         assert store.list() == [] and _no_partials(store)
 
 
+@pytest.mark.parametrize("then,restop", [("stop", False), ("resume", False), ("stop", True)])
+def test_a_sigcont_from_someone_else_during_the_final_delta_fails_cleanly(store, then, restop):
+    """Someone resumes the frozen target while its final delta is read (a
+    shell's job control, a supervisor) -- and maybe stops it again before
+    we look: its memory may have moved on after the final collection, so
+    nothing may be published."""
+    with workload(mib=8, rate=2000) as w:
+        def on_event(sm, e):
+            if e["event"] == "round" and e.get("final"):
+                assert _state(w.pid) == "T"
+                os.kill(w.pid, signal.SIGCONT)        # not us
+                if restop:
+                    time.sleep(0.05)                  # it writes meanwhile
+                    os.kill(w.pid, signal.SIGSTOP)
+                    deadline = time.monotonic() + 5
+                    while _state(w.pid) != "T" and time.monotonic() < deadline:
+                        time.sleep(0.001)
+        out = migrate(w.pid, store, SendOptions(then=then), on_event=on_event)
+        assert out.source["status"] == "failed", out.source
+        assert (f"PID {w.pid} was resumed by another process (SIGCONT) while its final "
+                "delta was read") in out.source["error"]
+        assert out.dest["status"] == "failed"
+        assert store.list() == [] and _no_partials(store)
+        # We froze it, so the failure thaws it (whoever stopped it since
+        # cannot be told from us).
+        assert _state(w.pid) != "T"
+
+
 def test_quota_refused_before_any_page(tmp_path):
     store = ImageStore(str(tmp_path / "q"), quota_bytes=4 * MIB)
     with workload(mib=16, rate=0) as w:

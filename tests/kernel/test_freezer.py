@@ -2,12 +2,15 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from migrated.errors import FreezeTimeout, NoSuchProcess, ZombieProcess
-from migrated.kernel import procfs
+from migrated.errors import (FreezeTimeout, NoSuchProcess, TargetSharesMemory, TargetTraced,
+                             ZombieProcess)
+from migrated.kernel import freezer, procfs
 from migrated.kernel.freezer import Freezer
 from migrated.kernel.reader import MemReader
 
@@ -217,3 +220,129 @@ def test_timeout_when_threads_cannot_stop(target, tmp_path):
         target.close()
         assert wait_for(lambda: "populated 0" in open(os.path.join(cg, "cgroup.events")).read())
         os.rmdir(cg)
+
+
+def _release(fifo):
+    """Let the target's thread out of its wait in the kernel (Target.dwait)."""
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_stop_by_someone_else_not_yet_complete_is_not_ours(target, tmp_path, monkeypatch):
+    """Someone stopped the target before us, but one thread is in the kernel
+    (D) and joins the stop only when it leaves: the stop is not ours, so
+    neither a timeout nor a thaw may SIGCONT it."""
+    # The D state here is a vfork's, whose child shares the address space
+    # (test_a_process_sharing_the_address_space_is_refused); a thread in D
+    # on a disk or NFS has no such child.  Only the stop is under test.
+    monkeypatch.setattr(freezer, "_sharing_mm", lambda pid: [])
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    tid = target.dwait(fifo)
+    assert wait_for(lambda: states(target.pid).get(tid) == "D")
+    os.kill(target.pid, signal.SIGSTOP)            # not us
+    try:
+        assert wait_for(lambda: states(target.pid).get(target.pid) == "T")
+        assert states(target.pid)[tid] == "D"
+        fz = Freezer(target.pid)
+        assert fz.was_stopped
+        with pytest.raises(FreezeTimeout):
+            fz.freeze(timeout=0.2)
+        time.sleep(0.05)
+        assert states(target.pid)[target.pid] == "T"     # no SIGCONT on the timeout
+        _release(fifo)
+        fz.freeze(timeout=5.0)                           # waits for the D thread
+        assert fz.was_stopped and set(states(target.pid).values()) <= {"T"}
+        assert fz.thaw() is False
+        fz.close()
+        time.sleep(0.05)
+        assert set(states(target.pid).values()) <= {"T"}  # still theirs, still stopped
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+
+
+_SEIZE = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:   # PTRACE_SEIZE
+    sys.exit(f"seize: errno {ctypes.get_errno()}")
+print("seized", flush=True)
+time.sleep(600)
+"""
+
+
+def test_target_traced_by_another_process_is_refused(target):
+    """A debugger or strace may swallow our SIGSTOP, and its tracing stops
+    look like a freeze: such a target is neither frozen nor taken as
+    stopped, at the start and at the freeze."""
+    fz = Freezer(target.pid)                     # not traced yet
+    journal = []
+    fz.on_freeze = lambda pid, st: journal.append(pid)
+    tracer = subprocess.Popen([sys.executable, "-c", _SEIZE, str(target.pid)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "seized"
+        with pytest.raises(TargetTraced, match=rf"process {target.pid} is traced by "
+                                               rf"process {tracer.pid}.*detach the tracer"):
+            Freezer(target.pid)
+        with pytest.raises(TargetTraced):
+            fz.freeze()
+        assert journal == [] and not fz.is_frozen
+        assert all_running(target.pid)
+        fz.close()
+    finally:
+        tracer.kill()
+        tracer.wait()
+    target.tids()
+
+
+def test_still_frozen_sees_a_sigcont_behind_our_back(target):
+    target.threads(2)
+    fz = Freezer(target.pid)
+    fz.freeze()
+    assert fz.still_frozen()
+    os.kill(target.pid, signal.SIGCONT)          # someone else
+    assert wait_for(lambda: all_running(target.pid))
+    assert not fz.still_frozen()
+    fz.close()
+
+
+def test_a_process_sharing_the_address_space_is_refused(target, tmp_path):
+    """SIGSTOP stops a thread group, not an address space: a vfork child
+    that has not exec'd yet (or a clone(CLONE_VM) child) writes on while
+    the target is frozen.  Refused at the start and just before a freeze."""
+    fz = Freezer(target.pid)
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    target.dwait(fifo)
+
+    def children():
+        return [int(c) for t in states(target.pid)
+                for c in open(f"/proc/{target.pid}/task/{t}/children").read().split()]
+
+    assert wait_for(children)
+    with pytest.raises(TargetSharesMemory, match=rf"process {target.pid} shares its "
+                                                 rf"memory with process\(es\) {children()[0]}"):
+        Freezer(target.pid)
+    with pytest.raises(TargetSharesMemory):
+        fz.check_alone()
+    _release(fifo)
+    assert wait_for(lambda: not freezer._sharing_mm(target.pid))
+    fz.check_alone()
+    fz.close()
+
+
+def test_still_frozen_sees_a_thread_that_ran_and_stopped_again(target):
+    """SIGCONT then SIGSTOP by someone else between our checks: every thread
+    is stopped again, but they ran (and may have written)."""
+    target.threads(2)
+    fz = Freezer(target.pid)
+    fz.freeze()
+    fz.mark_quiescent()
+    assert fz.still_frozen()
+    os.kill(target.pid, signal.SIGCONT)
+    time.sleep(0.05)
+    os.kill(target.pid, signal.SIGSTOP)
+    assert wait_for(lambda: set(states(target.pid).values()) == {"T"})
+    assert not fz.still_frozen()
+    fz.close()
