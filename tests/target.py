@@ -541,6 +541,7 @@ class Target:
         """A thread of the target in uninterruptible sleep until ``fifo`` is
         opened for writing (target doc); its TID, or None for the main
         thread (which then answers no command until released)."""
+        self._fifos = [*getattr(self, "_fifos", ()), fifo]
         reply = self.cmd("dwait", urllib.parse.quote(fifo), *(["main"] if main else []))
         return None if main else int(reply)
 
@@ -574,7 +575,13 @@ class Target:
         return self.proc.wait(10)
 
     def close(self) -> None:
-        """Kill and reap the child (works even if it is stopped)."""
+        """Kill and reap the child (works even if it is stopped).  A dwait
+        FIFO is opened first: the spawned child blocked on it is a process
+        of its own (with every signal blocked until its exec) and would
+        outlive us otherwise."""
+        for fifo in getattr(self, "_fifos", ()):
+            with _suppress():
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         if self.proc.poll() is None:
             with _suppress():
                 os.kill(self.pid, signal.SIGKILL)
