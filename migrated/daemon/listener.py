@@ -11,7 +11,9 @@ threads, file descriptors or memory: at most ``MAX_PENDING_HANDSHAKES``
 connections may be in their handshake at once (and
 ``MAX_PENDING_PER_ADDR`` from one address, so a single host cannot take
 every slot), and at most ``--max-migrations`` admitted sessions.  Excess
-connections are closed at once with a log line.
+connections are closed at once with a log line.  A connection we refuse
+after its handshake began (busy, silent, not allowed) is told why and
+stays counted as pending until it is closed, at most REFUSE_LINGER_S later.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import errno
 import socket
 import threading
+import time
 
 from migrated.daemon import tls
 from migrated.daemon.manager import Busy
@@ -41,24 +44,40 @@ LISTEN_BACKLOG = 128
 ACCEPT_BACKOFF_S = 0.2
 
 
-# A refused peer gets this long to take our "busy" error before we close.
+# A refused peer gets this long, in all, to take our error before we close:
+# the send and the drain after it share one deadline, so a peer that
+# trickles bytes cannot stretch it (the thread and the socket are ours
+# until then, and the connection still counts as a pending handshake).
 REFUSE_LINGER_S = 1.0
+# What we read and discard from a refused peer before closing anyway: one
+# largest handshake frame.  More is not a peer finishing its Hello.
+REFUSE_DRAIN_BYTES = 256 * 1024
 
 
 def refuse(sock: socket.socket, code: str, message: str) -> None:
-    """Tell an authenticated peer why we refuse it, in protocol terms (an
-    Error frame: "busy", "auth"), so its operator reads why; then close.
-    Best effort."""
+    """Tell a peer why we refuse it, in protocol terms (an Error frame:
+    "busy", "auth", "timeout"), so its operator reads why; then close.
+    Best effort, and bounded: at most REFUSE_LINGER_S in all and
+    REFUSE_DRAIN_BYTES read, whatever the peer does."""
+    deadline = time.monotonic() + REFUSE_LINGER_S
     try:
         from migrated.wire import DestConnection, Error
         data = DestConnection().send(Error(code, message))
         sock.settimeout(REFUSE_LINGER_S)
-        sock.sendall(data)
+        sock.sendall(data)          # (the timeout bounds the whole sendall)
         # Half-close and drain what the peer already sent, so the close does
         # not turn into a reset that destroys our frame in flight.
         socket.socket.shutdown(sock, socket.SHUT_WR)
-        while sock.recv(65536):
-            pass
+        budget = REFUSE_DRAIN_BYTES
+        while budget > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            got = sock.recv(min(65536, budget))
+            if not got:
+                break
+            budget -= len(got)
     except Exception:   # noqa: BLE001 -- the peer sees a closed connection instead
         pass
     finally:
@@ -173,14 +192,18 @@ class PeerListener:
                            f"from this peer: {e}")
                 conn.close()
                 return
-            release()
             try:
                 m = self.manager.admit_receive(peer, who)
             except Busy as e:
+                # Still a pending handshake while we say why (refuse is
+                # bounded): a flood of refused peers meets the same limits
+                # as a flood of slow ones.
                 self.rejected += 1
                 self.log.warning("peer_refused", peer=peer, peer_name=who, reason=str(e))
                 refuse(sock, "busy", str(e))
                 return
+            # Admitted: from here --max-migrations bounds it.
+            release()
             self.log.info("peer_connected", m.id, role="receive", peer=peer, peer_name=who)
             self.manager.run_receive(m, sock)
         except Exception as e:   # noqa: BLE001 -- never let a session kill the thread pool

@@ -35,6 +35,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,7 +43,7 @@ from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, 
                                        TransportError, TransportTimeout, say_goodbye)
 from migrated.errors import (ImageError, ImageWithdrawn, MigratedError, ProtocolError,
                              QuotaExceeded)
-from migrated.image.manifest import check_image_id
+from migrated.image.manifest import MetaTooLarge, check_image_id, clip_cmdline
 from migrated.image.pipeline import PipelinedWriter
 from migrated.wire import events as ev
 from migrated.wire import limits as L
@@ -86,6 +87,19 @@ LIVE_FLUSH_BYTES = 32 * 1024 * 1024
 # file.  Its digest is then taken from the file.  TLS sockets cannot.
 DIRECT_RECEIVE_BYTES = 256 * 1024
 
+# The figures of every round would grow with the round count, which only
+# the peer decides (u32: MAX_ROUND): the summary keeps the first and the
+# last rounds and counts the ones dropped between them.  A real migration
+# has tens of rounds (the source's policy stops at max_rounds, 30 by
+# default) and keeps them all.
+ROUNDS_KEPT_FIRST = 16
+ROUNDS_KEPT_LAST = 112
+# Likewise the "round" progress events (one log line each): every one for
+# the first this many rounds, then at most one per ROUND_EVENT_INTERVAL_S,
+# saying how many rounds it stands for.
+ROUND_EVENTS_ALWAYS = 64
+ROUND_EVENT_INTERVAL_S = 1.0
+
 _FLAG_NAMES = ((ev.MAP_FLAG_DELETED, "deleted"), (ev.MAP_FLAG_HEAP, "heap"),
                (ev.MAP_FLAG_STACK, "stack"))
 
@@ -103,6 +117,30 @@ class DestLimits:
     # Silence tolerated between messages while streaming (the source sends
     # keepalives every KEEPALIVE_INTERVAL_S while it is busy elsewhere).
     idle_timeout_s: float = field(default_factory=lambda: L.IDLE_TIMEOUT_S)
+
+
+class RoundFigures:
+    """The figures of a migration's rounds, bounded (ROUNDS_KEPT_FIRST and
+    ROUNDS_KEPT_LAST): ``kept()`` in round order, ``dropped`` between."""
+
+    def __init__(self, first: int = ROUNDS_KEPT_FIRST, last: int = ROUNDS_KEPT_LAST):
+        self._first_max = first
+        self._first: list[dict] = []
+        self._last: deque = deque(maxlen=last)
+        self.count = 0          # rounds seen
+        self.dropped = 0        # rounds seen but not kept
+
+    def add(self, fig: dict) -> None:
+        self.count += 1
+        if len(self._first) < self._first_max:
+            self._first.append(fig)
+            return
+        if len(self._last) == self._last.maxlen:
+            self.dropped += 1           # the oldest of the last ones leaves
+        self._last.append(fig)
+
+    def kept(self) -> list[dict]:
+        return self._first + list(self._last)
 
 
 class _Abort(MigratedError):
@@ -162,9 +200,15 @@ class DestMigration:
                                               direct_pages=direct),
                                transport, NEED_DATA,
                                lambda: ev.Keepalive(next(seq)))
+        # Page data spliced from the socket must arrive within the idle
+        # timeout of its frame's head, as any frame read whole must.
+        self.channel.frame_timeout = self.limits.idle_timeout_s
         self.migration_id = ""
         self.writer = None
-        self.rounds: list[dict] = []
+        self.rounds = RoundFigures()
+        self._round_event_at = 0.0
+        self._rounds_unreported = 0     # rounds since the last "round" event
+        self._failure: BaseException | None = None     # what ended run(), if anything
         self._cancel = CancelLatch(transport)
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
@@ -180,12 +224,13 @@ class DestMigration:
         t0 = time.perf_counter()
         result: dict[str, Any] = {"status": "failed", "image_id": None, "digest": None,
                                   "migration_id": None, "peer": self.peer,
-                                  "source_node": None, "pid": None, "rounds": self.rounds,
+                                  "source_node": None, "pid": None, "rounds": [],
                                   "write_inline": self.write_inline}
         try:
             image_id, digest = self._receive(result)
             result.update(status="completed", image_id=image_id, digest=digest)
         except BaseException as e:  # noqa: BLE001 -- every failure becomes a summary
+            self._failure = e
             status, code, message = self._classify(e)
             self._abort_writer()
             result.update(status=status, error_code=code,
@@ -200,7 +245,11 @@ class DestMigration:
             self.transport.close()          # first: wakes a keepalive blocked in send
             self.channel.stop_keepalive()
             self._drop_flush_listener()
+            # The exception's traceback holds this frame, and so this
+            # engine: kept, it would be a reference cycle.
+            self._failure = None
         result.update(migration_id=self.migration_id or None,
+                      rounds=self.rounds.kept(), rounds_dropped=self.rounds.dropped,
                       total_ms=round((time.perf_counter() - t0) * 1000.0, 3),
                       bytes_received=self.transport.bytes_received)
         self._emit({"event": "end", **{k: v for k, v in result.items() if k != "rounds"}})
@@ -223,15 +272,24 @@ class DestMigration:
         if not isinstance(start, ev.Start):
             self._unexpected(start)
         result.update(pid=start.pid)
-        meta = {"pid": start.pid, "cmdline": list(start.cmdline), "exe": start.exe,
+        # The command line is informational and may take six JSON characters
+        # per byte: cut to what the image metadata keeps, and say so.
+        cmdline, clipped = clip_cmdline(start.cmdline)
+        meta = {"pid": start.pid, "cmdline": cmdline, "exe": start.exe,
                 "source_node": hello.node, "migration_id": hello.migration_id,
                 "source_peer": self.peer_name,
                 "tracker": start.tracker, "options": dict(start.options)}
+        if clipped:
+            meta["cmdline_truncated"] = True
         try:
             image = self.store.begin(meta, start.estimated_bytes)
             self.writer = image if self.write_inline else PipelinedWriter(image)
         except QuotaExceeded as e:
             raise _Abort("failed", "disk-full" if _is_disk_full(e) else "quota", str(e)) from e
+        except MetaTooLarge as e:
+            raise _Abort("failed", "too-large",
+                         f"the start of PID {start.pid} does not fit this destination's "
+                         f"image metadata: {e} (exe and options too long?)") from e
         quota = lim.quota_bytes
         if quota is None:
             quota = getattr(self.store, "quota_bytes", None)
@@ -270,17 +328,24 @@ class DestMigration:
             elif isinstance(got, ev.Layout):
                 w.set_layout(mapping_record(m) for m in got.mappings)
             elif isinstance(got, ev.RoundEnd):
+                if got.round >= L.MAX_ROUND:
+                    # No message could name the next round: the migration
+                    # could never freeze, so it ends here, clearly.
+                    raise ProtocolError(
+                        "out-of-state", f"round-end of round {got.round}, the last round a "
+                        f"migration may have (MAX_ROUND, SPEC.md 8): the source must "
+                        "freeze in it")
                 fig = {"round": got.round, "pages": got.pages, "bytes": got.bytes,
                        "duration_ms": round(got.duration_ms, 3),
                        "dirty_rate": round(got.dirty_rate, 1),
                        "bandwidth": round(got.bandwidth, 1), "pause_ms": round(got.pause_ms, 3)}
-                self.rounds.append(fig)
+                self.rounds.add(fig)
                 if checkpoint is not None:
                     checkpoint()
                     unflushed = 0
                 if self._backlog:
                     ch.send_event(self._backlog_report())
-                self._emit({"event": "round", **fig})
+                self._emit_round(fig)
             elif isinstance(got, ev.Freeze):
                 self._freeze_at = time.perf_counter()
                 frozen, unflushed = True, 0
@@ -291,6 +356,18 @@ class DestMigration:
                 return self._commit(got)
             else:
                 self._unexpected(got)
+
+    def _emit_round(self, fig: dict) -> None:
+        """The "round" event, throttled past ROUND_EVENTS_ALWAYS rounds (the
+        peer decides how many rounds come, and each event is a log line)."""
+        now = time.monotonic()
+        if self.rounds.count > ROUND_EVENTS_ALWAYS and \
+                now - self._round_event_at < ROUND_EVENT_INTERVAL_S:
+            self._rounds_unreported += 1
+            return
+        extra = {"rounds_unreported": self._rounds_unreported} if self._rounds_unreported else {}
+        self._round_event_at, self._rounds_unreported = now, 0
+        self._emit({"event": "round", **fig, **extra})
 
     def _backlog_report(self) -> ev.Backlog:
         """Page bytes received (the connection counts them, queued writes
@@ -468,9 +545,15 @@ class DestMigration:
                 raise _Abort("cancelled", "cancelled", self._cancel.reason)
             left = deadline - time.monotonic()
             if left <= 0:
+                self._check_writer()
                 raise TransportTimeout(self.peer, f"{self.peer} sent no {what} within "
                                                   f"{timeout:g} s")
-            got = self.channel.next_event(left)
+            try:
+                got = self.channel.next_event(left)
+            except TransportTimeout:
+                self._check_writer()        # the cause, if the writer failed meanwhile
+                raise
+            self._check_writer()
             if isinstance(got, ev.Keepalive):
                 if not fixed:
                     deadline = time.monotonic() + timeout
@@ -478,6 +561,15 @@ class DestMigration:
             if want is None or isinstance(got, want):
                 return got
             self._unexpected(got)
+
+    def _check_writer(self) -> None:
+        """Raise the error the writer's thread hit, if any.  Checked on every
+        message, keepalives included: otherwise a source that follows the
+        failed batch with keepalives alone would hold the session (and its
+        --max-migrations slot) and never learn why it failed."""
+        raise_pending = getattr(self.writer, "raise_pending", None)
+        if raise_pending is not None:
+            raise_pending()
 
     def _unexpected(self, got) -> None:
         if isinstance(got, ev.Error):
@@ -501,6 +593,8 @@ class DestMigration:
             return "cancelled", "cancelled", self._cancel.reason
         if isinstance(e, QuotaExceeded):
             return "failed", "disk-full" if _is_disk_full(e) else "quota", str(e)
+        if isinstance(e, MetaTooLarge):
+            return "failed", "too-large", str(e)
         if isinstance(e, ImageError):
             code = "bad-pages" if type(e).__name__ == "LayoutViolation" else "internal"
             return "failed", code, str(e)
@@ -534,8 +628,12 @@ class DestMigration:
         if set_listener is not None:
             try:
                 set_listener(None)
-            except Exception:  # noqa: BLE001 -- only a cycle left to the collector
-                log.exception("dropping the flush listener")
+            except Exception as e:  # noqa: BLE001 -- only a cycle left to the collector
+                # A failed writer's thread raises its error again here: that
+                # one was reported already; so break the cycle on our side.
+                if e is not self._failure:
+                    log.exception("dropping the flush listener")
+                self.writer = None
 
     def _abort_writer(self) -> None:
         if self.writer is not None:

@@ -426,11 +426,15 @@ class BlockingTransport:
         self.bytes_received += n
         return n
 
-    def splice_into(self, fd: int, offset: int, nbytes: int) -> None:
+    def splice_into(self, fd: int, offset: int, nbytes: int,
+                    deadline: float | None = None) -> None:
         """Move the next ``nbytes`` of the stream into file ``fd`` at
         ``offset`` (see module doc), or raise.  Errors of the socket are
-        TransportErrors (a silent peer: TransportTimeout after the timeout);
-        errors of the file stay OSError (ENOSPC, EIO), as from a write."""
+        TransportErrors (a silent peer: TransportTimeout after the timeout;
+        bytes not all there by ``deadline``, a time.monotonic() value:
+        TransportTimeout too -- without it a peer sending a byte now and
+        then would hold us for as long as it likes); errors of the file
+        stay OSError (ENOSPC, EIO), as from a write."""
         self._check_open("receive")
         with self._lock:
             if self._closed:
@@ -440,27 +444,39 @@ class BlockingTransport:
             # its descriptors must not be reused under a splice.
             self._splicing = True
         try:
-            self._splice_into(fd, offset, nbytes)
+            self._splice_into(fd, offset, nbytes, deadline)
         finally:
             with self._lock:
                 self._splicing = False
                 if self._closed:
                     self._drop_pipe()
 
-    def _splice_into(self, fd: int, offset: int, nbytes: int) -> None:
+    def _splice_into(self, fd: int, offset: int, nbytes: int,
+                     deadline: float | None) -> None:
         if self._pipe is None:
             self._pipe = self._new_pipe()
         rd, wr = self._pipe
         left = nbytes
+        t0 = time.monotonic()
         while left:
+            wait = self.timeout
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TransportTimeout(
+                        self.peer, f"{self.peer} sent only {nbytes - left} of {nbytes} bytes "
+                        f"of page data in {time.monotonic() - t0:.1f} s, past the batch's "
+                        "deadline: the peer is trickling, or the link is too slow for "
+                        "the peer timeout (raise --peer-timeout)")
             try:
                 # fileno() each time: -1 once closed from another thread
                 # (EBADF below), never a stale number reused by a new file.
                 k = os.splice(self.sock.fileno(), wr, min(left, SPLICE_PIPE_BYTES),
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                # The socket is non-blocking under its timeout: wait for it.
-                if not self.wait_readable(self.timeout):
+                # The socket is non-blocking under its timeout: wait for it
+                # (past the deadline, the check above says what happened).
+                if not self.wait_readable(wait) and wait >= self.timeout:
                     self._receive_failed(TimeoutError())
                 continue
             except OSError as e:
@@ -615,6 +631,11 @@ class PeerClosed(TransportError):
     """The peer closed the connection in the middle of the protocol."""
 
 
+# Bytes/s below which page data spliced from a peer no longer counts as
+# arriving (Channel.next_event's deadline for a deferred batch): 1 Mbit/s.
+MIN_LINK_RATE = 128 * 1024
+
+
 class Channel:
     """A sans-IO connection driven over a BlockingTransport.
 
@@ -645,6 +666,11 @@ class Channel:
         self._ka_error: BaseException | None = None
         self._eof = False
         self.direct_bytes = 0     # page data moved socket -> file (_fill_deferred)
+        # A deferred batch's data must be in within this long after its
+        # head (None: the transport's timeout), as a frame read whole must
+        # within next_event's timeout; the deadline of the one under way.
+        self.frame_timeout: float | None = None
+        self._deferred_deadline: float | None = None
 
     # -- sending ----------------------------------------------------------------
 
@@ -669,6 +695,12 @@ class Channel:
                 ev = self.conn.next_event()
             if ev is not self.need_data:
                 if type(ev) is Pages and type(ev.data) is DeferredData:
+                    # The idle timeout, plus the batch's time at the slowest
+                    # rate we still call a link (a 4 MiB batch over 1 Mbit/s
+                    # takes 32 s): a slow link is not a trickling peer.
+                    self._deferred_deadline = time.monotonic() + (
+                        self.transport.timeout if self.frame_timeout is None
+                        else self.frame_timeout) + ev.data.nbytes / MIN_LINK_RATE
                     ev.data.bind(self._fill_deferred)
                 return ev
             if self._eof:
@@ -691,7 +723,7 @@ class Channel:
                 off, a = off + k - a, k
             if a < b:
                 try:
-                    self.transport.splice_into(fd, off, b - a)
+                    self.transport.splice_into(fd, off, b - a, self._deferred_deadline)
                 except PeerClosed as e:
                     # As the connection says of any frame cut short (the
                     # peer may still read our Error).

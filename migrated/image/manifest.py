@@ -48,8 +48,17 @@ MAX_FLAGS = 64           # VmFlags has ~30 two-letter names today
 MAX_FLAG_CHARS = 16
 
 # The source's description of the process (pid, cmdline, exe, timings...)
-# is metadata only; 64 KiB of JSON is ample and keeps it bounded.
-MAX_META_BYTES = 64 * 1024
+# is metadata only, but every Start the wire protocol accepts must fit.
+# In JSON a string can take six characters per byte ("\u0001", or
+# "\udcff" for a byte that is not UTF-8): exe (4096 bytes) and the options
+# (32 x 255 bytes) alone may then take some 76 KiB, and the command line
+# (128 KiB on the wire) is cut to MAX_META_CMDLINE_CHARS (clip_cmdline).
+MAX_META_BYTES = 256 * 1024
+# JSON characters of the command line kept in the metadata.  The command
+# line is informational (SPEC.md 5, start): a longer one is cut, at an
+# argument boundary where one is left, and the metadata says so
+# ("cmdline_truncated": true).
+MAX_META_CMDLINE_CHARS = 128 * 1024
 
 KINDS = frozenset({"anon", "file", "shared-anon", "shared-file", "vdso", "skip"})
 MIGRATABLE_KINDS = frozenset({"anon", "file", "shared-anon", "vdso"})
@@ -165,6 +174,43 @@ def migratable_runs(layout: list[dict]) -> PageRuns:
     return PageRuns.from_pairs(keep) if keep else PageRuns.empty()
 
 
+class MetaTooLarge(ImageError):
+    """The metadata does not fit MAX_META_BYTES (a peer's Start answers
+    this with "too-large", not as an internal error)."""
+
+
+def clip_cmdline(args: Iterable[str], limit: int = MAX_META_CMDLINE_CHARS
+                 ) -> tuple[list[str], bool]:
+    """``args`` cut so that their JSON list takes at most ``limit``
+    characters (as check_meta measures it); and whether anything was cut.
+    Whole arguments are dropped from the end; only a first argument that
+    alone is too long is cut inside."""
+    out: list[str] = []
+    used = 2                                    # "[" and "]"
+    for arg in args:
+        sep = 2 if out else 0                   # ", "
+        size = len(json.dumps(arg))
+        if used + sep + size <= limit:
+            out.append(arg)
+            used += sep + size
+            continue
+        if not out:
+            # Longest prefix whose JSON fits (escapes make the size of a
+            # prefix uneven, so search; a few encodes of <= 128 Ki chars).
+            room = limit - used
+            lo, hi = 0, len(arg)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if len(json.dumps(arg[:mid])) <= room:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo:
+                out.append(arg[:lo])
+        return out, True
+    return out, False
+
+
 def check_meta(meta: Any) -> dict:
     """Source-supplied metadata: JSON-able, bounded, typed where we use it."""
     if not isinstance(meta, dict):
@@ -174,8 +220,8 @@ def check_meta(meta: Any) -> dict:
     except (TypeError, ValueError) as exc:
         raise ImageError(f"image metadata is not plain JSON data: {exc}") from None
     if len(blob) > MAX_META_BYTES:
-        raise ImageError(f"image metadata is {len(blob)} bytes, more than the "
-                         f"{MAX_META_BYTES} allowed")
+        raise MetaTooLarge(f"image metadata is {len(blob)} bytes of JSON, more than the "
+                           f"{MAX_META_BYTES} allowed")
     meta = json.loads(blob)
     typed = {"pid": int, "exe": str, "source_node": str, "migration_id": str}
     for key, typ in typed.items():

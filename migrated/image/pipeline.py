@@ -18,6 +18,9 @@ Page data still in the socket (an object with ``fill_into``, see
 queue is empty: its bytes must leave the socket before the next message
 can be read, and after every earlier change to the image.
 
+A layout change is likewise applied in the caller's thread once the queue
+is empty, never queued (it may be tens of MiB as records).
+
 Memory stays bounded: at most ``MAX_QUEUED`` calls wait, each holding at
 most one protocol batch (4 MiB).  The first error in the worker is kept and
 raised, with its own type, from the next call in the caller's thread; later
@@ -89,6 +92,12 @@ class PipelinedWriter:
         if self._error is not None:
             raise self._error
 
+    def raise_pending(self) -> None:
+        """Raise the worker's error now, if it hit one, without waiting for
+        the queue: the caller need not make another writer call to learn
+        that the image already failed (a peer sending only keepalives)."""
+        self._raise_pending()
+
     def drain(self) -> None:
         """Wait until every queued call ran; raise the first error."""
         self._q.join()
@@ -115,7 +124,15 @@ class PipelinedWriter:
                 buf[:view.nbytes] = view
                 args = (runs, memoryview(buf)[:view.nbytes], buf)
         elif name == "set_layout":
-            args = (list(args[0]),)      # a generator must not outlive the call
+            # Applied here once the queue is empty, never queued: a layout
+            # may be 65536 mappings (some 60 MiB as records), and copies of
+            # a few queued behind slow writes took ~300 MiB per session.
+            # Layouts are rare (a round whose mappings changed), so the
+            # overlap lost is nothing; the caller's iterable is consumed
+            # before the call returns, as the plain writer does.
+            self.drain()
+            self._w.set_layout(*args, **kwargs)
+            return
         self._q.put((name, args, kwargs))
 
     def _recycle(self, buf) -> None:

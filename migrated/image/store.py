@@ -74,6 +74,24 @@ MAX_READ_BYTES = 256 * 1024 * 1024
 # Withdrawn migration ids remembered (SPEC.md 9.2); far more than can be in flight.
 MAX_WITHDRAWN_KEPT = 4096
 
+# Chunks (2 MiB of address space each with 4 KiB pages) one image may
+# describe: chunks holding data or zero pages.  Zero pages carry no bytes,
+# so neither the peer's quota nor the store's sees them, yet each chunk
+# they touch costs the writer a slot of bookkeeping (three 512-byte
+# bitmap rows and a table entry: ~1.6 KiB).  Without a bound a 60-byte
+# zeros message over a mapping as large as user space (2^56 bytes) made
+# the daemon take gigabytes.  2^17 chunks are 256 GiB of address space
+# with data or zero pages, more than any process we migrate; the writer's
+# bookkeeping then stays near 210 MiB.  An image that would describe more
+# is refused (QuotaExceeded: code "quota" on the wire).  ImageStore's
+# ``max_image_chunks`` overrides it (tests use a small one).
+MAX_IMAGE_CHUNKS = 1 << 17
+
+# Zero, drop and layout changes build page masks of at most this many
+# chunks at once (1024 x 513 bytes: 0.5 MiB, a few such temporaries),
+# whatever the runs name.
+_MASK_BLOCK_CHUNKS = 1024
+
 # Threads digesting the chunks left for commit (pread and xxh3 both release
 # the GIL).  Two: the source is idle waiting for our answer and the
 # machines we measure on have two cores; more would only contend.
@@ -154,6 +172,58 @@ def _page_index(seg_fp: np.ndarray, seg_data: np.ndarray, seg_n: np.ndarray) -> 
     return np.repeat(seg_fp - seg_data, seg_n) + np.arange(int(seg_n.sum()))
 
 
+def _page_bounds(runs: PageRuns) -> tuple[np.ndarray, np.ndarray]:
+    """First and end page number of each run (int64)."""
+    pn = (runs.starts >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    return pn, pn + runs.counts.astype(np.int64)
+
+
+def _distinct_chunks(pn: np.ndarray, end: np.ndarray) -> int:
+    """Chunks that page ranges [pn, end) (sorted, disjoint) touch, counted
+    per range: a chunk shared by neighbours is counted once."""
+    first, last = pn // CHUNK_PAGES, (end - 1) // CHUNK_PAGES
+    return int((last - first + 1).sum()) - int(np.count_nonzero(first[1:] == last[:-1]))
+
+
+def _chunk_pieces(pn: np.ndarray, end: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut page ranges [pn, end) at chunk boundaries: (chunk number, first
+    page in the chunk, end page in the chunk) of each piece, in address
+    order.  One entry per piece, so the caller bounds the chunks first
+    (_distinct_chunks)."""
+    first = pn // CHUNK_PAGES
+    pieces = (end - 1) // CHUNK_PAGES - first + 1
+    run = np.repeat(np.arange(pn.size), pieces)
+    chunk = first[run] + (np.arange(run.size) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+    base = chunk * CHUNK_PAGES
+    return (chunk, np.maximum(pn[run], base) - base,
+            np.minimum(end[run], base + CHUNK_PAGES) - base)
+
+
+def _piece_masks(slots: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Yield (slots, page masks) for pieces (slot, first page, end page) in
+    address order (a slot's pieces are neighbours): each slot once, with a
+    (n, CHUNK_PAGES) mask of its pages, at most _MASK_BLOCK_CHUNKS rows at
+    a time."""
+    if slots.size == 0:
+        return
+    head = np.empty(slots.size, bool)
+    head[0] = True
+    np.not_equal(slots[1:], slots[:-1], out=head[1:])
+    row = np.cumsum(head) - 1
+    uniq = slots[head]
+    width = CHUNK_PAGES + 1
+    for r0 in range(0, uniq.size, _MASK_BLOCK_CHUNKS):
+        r1 = min(uniq.size, r0 + _MASK_BLOCK_CHUNKS)
+        p0, p1 = np.searchsorted(row, [r0, r1])
+        at = (row[p0:p1] - r0) * width
+        delta = np.zeros((r1 - r0) * width, np.int8)
+        np.add.at(delta, at + lo[p0:p1], 1)
+        np.add.at(delta, at + hi[p0:p1], -1)
+        masks = np.cumsum(delta.reshape(r1 - r0, width), axis=1, dtype=np.int8)
+        yield uniq[r0:r1], masks[:, :CHUNK_PAGES] > 0
+
+
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     """Write all of ``view`` at ``offset``, at most STORE_WRITE_BYTES per
     call (a short write is resumed)."""
@@ -193,18 +263,20 @@ class ImageStore:
 
     ``quota_bytes`` caps the page data held by the store (complete images
     plus every open writer); ``min_free_bytes`` is kept free on the
-    filesystem regardless.  One instance is meant to serve the whole daemon
-    (writers in several threads share its accounting).
+    filesystem regardless; ``max_image_chunks`` caps the chunks one image
+    may describe (MAX_IMAGE_CHUNKS).  One instance is meant to serve the
+    whole daemon (writers in several threads share its accounting).
     """
 
     def __init__(self, state_dir: str, quota_bytes: int | None = None,
                  min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, *,
-                 create: bool = True):
+                 create: bool = True, max_image_chunks: int = MAX_IMAGE_CHUNKS):
         self.state_dir = os.path.abspath(state_dir)
         self.images_dir = os.path.join(self.state_dir, "images")
         self.partial_dir = os.path.join(self.state_dir, "partial")
         self.quota_bytes = quota_bytes
         self.min_free_bytes = int(min_free_bytes)
+        self.max_image_chunks = int(max_image_chunks)
         self._lock = threading.Lock()
         self._writers: set[ImageWriter] = set()
         self._committed: int | None = None   # bytes of complete images
@@ -667,14 +739,23 @@ class _FlushState:
     ``flushed`` = page bytes known durable (written before the start of
     the last completed flush), ``rate`` = bytes/s the flushes achieved
     (0.0: none measured yet), ``listener`` = called in the flusher's
-    thread after each flush."""
+    thread after each flush, ``error`` = the first error a background
+    flush reported.
 
-    __slots__ = ("flushed", "rate", "listener")
+    That error is kept for prepare() to raise: Linux reports a failed
+    write-back once per open file description, so once a flush has been
+    told, nothing promises that the commit's own fsync hears of it again
+    (older kernels, some filesystems).  The pages it lost are gone from
+    disk while the page cache still serves them: commit would digest,
+    verify and publish an image whose data is not on disk."""
+
+    __slots__ = ("flushed", "rate", "listener", "error")
 
     def __init__(self) -> None:
         self.flushed = 0
         self.rate = 0.0
         self.listener: Callable[[], None] | None = None
+        self.error: OSError | None = None
 
     def done(self, mark: int, seconds: float) -> None:
         carried = mark - self.flushed
@@ -691,12 +772,23 @@ class _Flusher:
     data of the rounds received so far goes to disk while the source is
     still running, so the fsync inside commit only has the last rounds
     left.  Kicks while a flush runs ask for one more; it never blocks the
-    caller.  Uses its own duplicate descriptor and closes it itself.
-    ``written()`` gives the page bytes written so far: what a flush that
-    starts now makes durable (recorded in ``state``)."""
+    caller.  ``written()`` gives the page bytes written so far: what a
+    flush that starts now makes durable (recorded in ``state``).
 
-    def __init__(self, fd: int, state: _FlushState, written: Callable[[], int]):
-        self._fd = os.dup(fd)
+    It flushes through a file description of its own (the page file opened
+    again, not a dup), which it closes itself: a write-back error is then
+    reported to it without being consumed for the writer's descriptor, so
+    the commit's fsync still sees it.  And whatever error a flush gets is
+    recorded in ``state.error`` for the commit to raise (see _FlushState);
+    after one, no more flushes are made (the image is lost anyway)."""
+
+    def __init__(self, fd: int, state: _FlushState, written: Callable[[], int],
+                 what: str = "a page file"):
+        self._what = what
+        try:
+            self._fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = os.dup(fd)   # no /proc: the recorded error still counts
         self._kick = threading.Event()
         self._stop = False
         self.sync_s = 0.0
@@ -716,12 +808,19 @@ class _Flusher:
                 self._kick.clear()
                 if self._stop:
                     return
+                if self._state.error is not None:
+                    continue
                 mark = self._written()
                 t0 = time.perf_counter()
                 try:
                     os.fdatasync(self._fd)
-                except OSError:
-                    continue   # commit's own fsync reports real trouble
+                except OSError as exc:
+                    # Never dropped: these pages may be lost on disk, and
+                    # the commit's fsync may not be told again.
+                    self._state.error = exc
+                    log.error("background flush of %s failed: %s; it will not be "
+                              "committed", self._what, exc)
+                    continue
                 dt = time.perf_counter() - t0
                 self.sync_s += dt
                 self.flushes += 1
@@ -738,6 +837,11 @@ class _Flusher:
     def stop(self) -> None:
         self._stop = True
         self._kick.set()
+
+    def join(self) -> None:
+        """Wait for the thread to end (after stop()): a flush in flight
+        then has recorded its outcome."""
+        self._thread.join()
 
 
 class _Checkpointer:
@@ -908,30 +1012,72 @@ class ImageWriter:
                               f"{os.strerror(exc.errno or 0)} ({exc})")
         return ImageError(f"image {self.image_id}: {what} failed: {exc}")
 
+    def _describe(self) -> str:
+        mid = (self.meta or {}).get("migration_id")
+        return f"image {self.image_id}" + (f" (migration {mid})" if mid else "")
+
+    def _check_flushed(self) -> None:
+        """Raise what a background flush failed with (see _FlushState): the
+        image must not be committed, whatever the commit's own fsync says."""
+        exc = self._flush_state.error
+        if exc is None:
+            return
+        self._state = "failed"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{self._describe()}: the disk filled up in {self.store.state_dir} "
+                           "while page data was written back to it, so some of it may be "
+                           "lost; the partial image will be removed -- free space and "
+                           "migrate again")
+        raise ImageError(f"{self._describe()}: writing page data back to disk failed "
+                         f"({os.strerror(exc.errno or 0)}: {exc}), so some of it may be "
+                         f"lost; the partial image will be removed -- check the disk "
+                         f"under {self.store.state_dir} (dmesg) and migrate again")
+
     @property
     def slots(self) -> int:
         return len(self._slot_of)
 
-    def _slots_for(self, chunks: np.ndarray, allocate: bool = True) -> np.ndarray:
+    def _slots_for(self, chunks: np.ndarray, what: str = "page data") -> np.ndarray:
         """Slot of each chunk number: new chunks get the next slots in the
-        order they come, or -1 when not allocating.  Runs are in address
-        order, so equal chunk numbers are neighbours: each stretch of them
-        is looked up once (a chunk seen again later just finds its slot)."""
+        order they come -- once it is known they all fit the image's chunk
+        bound (else nothing is allocated).  Runs are in address order, so
+        equal chunk numbers are neighbours: each stretch of them is looked
+        up once (a chunk seen again later just finds its slot)."""
         first = np.empty(chunks.size, bool)
         first[:1] = True
         np.not_equal(chunks[1:], chunks[:-1], out=first[1:])
         uniq, inv = chunks[first], np.cumsum(first) - 1
-        out = np.empty(uniq.size, np.int64)
-        for i, c in enumerate(uniq.tolist()):
-            s = self._slot_of.get(c)
-            if s is None:
-                s = self._new_slot(c) if allocate else -1
-            out[i] = s
-        return out[inv]
+        slot_of = self._slot_of
+        wanted = uniq.tolist()
+        got = [slot_of.get(c) for c in wanted]
+        new = {c for c, s in zip(wanted, got) if s is None}
+        if new:
+            self._check_chunks(self.slots + len(new), what)
+            for i, c in enumerate(wanted):
+                if got[i] is None:
+                    got[i] = slot_of.get(c)
+                    if got[i] is None:
+                        got[i] = self._new_slot(c)
+        return np.array(got, np.int64)[inv]
+
+    def _check_chunks(self, chunks: int, what: str) -> None:
+        """Refuse (QuotaExceeded, the image fails) if the image would
+        describe more than the store's max_image_chunks chunks."""
+        limit = self.store.max_image_chunks
+        if chunks <= limit:
+            return
+        self._state = "failed"
+        raise QuotaExceeded(
+            f"{self._describe()}: {what} would make the image describe {chunks} chunks "
+            f"of {CHUNK_BYTES >> 20} MiB ({chunks * CHUNK_BYTES >> 30} GiB of address space "
+            f"with data or zero pages), more than the {limit} one image may hold; "
+            "refusing it -- the partial image will be removed (a process this large "
+            "cannot be migrated to this node)")
 
     def _new_slot(self, chunk: int) -> int:
         """The next slot of the page file, given to ``chunk``."""
         s = len(self._slot_of)
+        self._check_chunks(s + 1, "page data")
         if s >= self._data.shape[0]:
             self._grow()
         self._slot_of[chunk] = s
@@ -952,18 +1098,29 @@ class ImageWriter:
             new[:old.size] = old
             setattr(self, name, new)
 
-    def _file_pages(self, runs: PageRuns, allocate: bool) -> np.ndarray:
-        """File page index (slot*512 + page in chunk) of every page of runs,
-        in run order; -1 for pages of chunks without a slot when not
-        allocating.  Vectorised over pages."""
-        if allocate:
-            seg_fp, seg_data, seg_n, _ = self._segments(runs)
-            return _page_index(seg_fp, seg_data, seg_n)
-        pn = (runs.page_addresses() >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-        slots = self._slots_for(pn // CHUNK_PAGES, allocate=False)
-        fp = slots * CHUNK_PAGES + pn % CHUNK_PAGES
-        fp[slots < 0] = -1
-        return fp
+    def _held_pieces(self, runs: PageRuns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pieces of ``runs`` that fall in chunks this image holds:
+        (slot, first page in the chunk, end page in the chunk), in address
+        order.  Found per run by binary search among the held chunks, so
+        the cost follows the runs and the chunks held, never the pages the
+        runs name (a drop of 2^44 pages is as cheap as one of a page)."""
+        n = self.slots
+        pn, end = _page_bounds(runs)
+        if n == 0 or pn.size == 0:
+            e = np.empty(0, np.int64)
+            return e, e, e
+        by_chunk = np.argsort(self._chunk_of[:n], kind="stable")
+        held = self._chunk_of[:n][by_chunk]
+        a = np.searchsorted(held, pn // CHUNK_PAGES, side="left")
+        b = np.searchsorted(held, (end - 1) // CHUNK_PAGES, side="right")
+        # Runs are disjoint: a held chunk meets at most the runs inside it
+        # plus two crossing its edges, so pieces <= runs + 2 x chunks held.
+        cnt = b - a
+        run = np.repeat(np.arange(pn.size), cnt)
+        idx = a[run] + (np.arange(run.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+        base = held[idx] * CHUNK_PAGES
+        return (by_chunk[idx].astype(np.int64), np.maximum(pn[run], base) - base,
+                np.minimum(end[run], base + CHUNK_PAGES) - base)
 
     def _segments(self, runs: PageRuns) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Where the pages of ``runs`` go in the page file, allocating slots:
@@ -1043,18 +1200,17 @@ class ImageWriter:
                 f"outside the migratable mappings of the declared layout "
                 f"(first at {a:#x}, {n} pages)")
 
-    def _release(self, fp: np.ndarray) -> None:
-        """Forget data/zero state of file pages and free their blocks."""
-        fp = fp[fp >= 0]
-        if fp.size == 0:
+    def _release(self, slots: np.ndarray, masks: np.ndarray) -> None:
+        """Forget the data/zero state of the masked pages of ``slots`` (each
+        slot once, a (n, CHUNK_PAGES) mask) and free their blocks."""
+        self._dirty[slots] = True
+        keep = ~masks
+        self._data[slots] &= keep
+        self._zero[slots] &= keep
+        rows, cols = np.nonzero(self._alloc[slots] & masks)
+        if rows.size == 0:
             return
-        self._dirty[fp // CHUNK_PAGES] = True
-        self._data.flat[fp] = False
-        self._zero.flat[fp] = False
-        alloc = fp[self._alloc.flat[fp]]
-        if alloc.size == 0:
-            return
-        alloc = np.unique(alloc)
+        alloc = np.sort(slots[rows] * CHUNK_PAGES + cols)
         brk = np.flatnonzero(np.diff(alloc) != 1) + 1
         firsts = alloc[np.concatenate(([0], brk))]
         lens = np.diff(np.concatenate(([0], brk, [alloc.size])))
@@ -1063,6 +1219,15 @@ class ImageWriter:
                 return  # no hole punching here: blocks stay allocated, charged
         self._alloc.flat[alloc] = False
         self._alloc_pages -= int(alloc.size)
+
+    def _forget(self, runs: PageRuns) -> None:
+        """Release what the image holds of ``runs`` (chunks where it holds
+        none of those pages are left as they are: their digests stay good)."""
+        for slots, masks in _piece_masks(*self._held_pieces(runs)):
+            masks &= self._data[slots] | self._zero[slots] | self._alloc[slots]
+            hit = masks.any(axis=1)
+            if hit.any():
+                self._release(slots[hit], masks[hit])
 
     # -- API --------------------------------------------------------------
 
@@ -1076,14 +1241,7 @@ class ImageWriter:
         self._layout, self._layout_runs = layout, new_runs
         gone = old_runs.subtract(new_runs)
         if gone and self._slot_of:
-            self._release(self._file_pages(self._held_in(gone), allocate=False))
-
-    def _held_in(self, area: PageRuns) -> PageRuns:
-        """Pages with data or zero state inside ``area`` (by chunk rows)."""
-        n = self.slots
-        held = mf.rows_to_runs(self._chunk_of[:n].astype(np.uint64) << np.uint64(CHUNK_SHIFT),
-                               self._data[:n] | self._zero[:n])
-        return held.intersect(area)
+            self._forget(gone)
 
     def write_pages(self, runs: PageRuns, data) -> None:
         """Store the pages of ``runs``; ``data`` is their bytes concatenated
@@ -1171,9 +1329,17 @@ class ImageWriter:
         self._check_runs(runs, "zero pages")
         if not runs:
             return
-        fp = self._file_pages(runs, allocate=True)
-        self._release(fp)
-        self._zero.flat[fp] = True
+        # Zero pages cost no quota, so the chunks they would add are
+        # bounded here, counted per run before anything is allocated; the
+        # work is then per chunk piece (at most max_image_chunks of them
+        # plus two per run), never per page.
+        pn, end = _page_bounds(runs)
+        self._check_chunks(_distinct_chunks(pn, end), "zero pages")
+        chunks, lo, hi = _chunk_pieces(pn, end)
+        slots = self._slots_for(chunks, "zero pages")
+        for uslots, masks in _piece_masks(slots, lo, hi):
+            self._release(uslots, masks)
+            self._zero[uslots] |= masks
 
     def drop(self, runs: PageRuns) -> None:
         """Pages no longer present in the process."""
@@ -1181,7 +1347,7 @@ class ImageWriter:
         if not isinstance(runs, PageRuns):
             raise ImageError(f"drop: expected PageRuns, got {type(runs).__name__}")
         if runs and self._slot_of:
-            self._release(self._file_pages(runs, allocate=False))
+            self._forget(runs)
 
     def totals(self) -> dict:
         n = self.slots
@@ -1206,6 +1372,7 @@ class ImageWriter:
         (writes, zeros, drops and layout changes mark the chunk), so commit
         always hashes the bytes that are on disk."""
         self._check_open()
+        self._check_flushed()     # fail now rather than at commit
         n = self.slots
         dirty = self._dirty[:n]
         if settled_only and self._last_slots is not None:
@@ -1228,12 +1395,15 @@ class ImageWriter:
         """Start flushing the page data written so far to disk in a
         background thread (fdatasync); returns at once.  Writing back while
         pages still arrive spreads the disk work over the migration instead
-        of leaving it to the fsync inside commit."""
+        of leaving it to the fsync inside commit.  Raises what an earlier
+        background flush failed with: the image is lost, say so now."""
         self._check_open()
+        self._check_flushed()
         if self._flusher is None:
             me = weakref.ref(self)     # the thread must not keep a forgotten writer alive
             self._flusher = _Flusher(self._fd, self._flush_state,
-                                     lambda: getattr(me(), "bytes_received", 0))
+                                     lambda: getattr(me(), "bytes_received", 0),
+                                     self._describe())
         self._flusher.kick()
 
     @property
@@ -1338,6 +1508,9 @@ class ImageWriter:
             finally:
                 syncer.join()     # never leave it running on a descriptor we close
             syncer.result()
+            if fl is not None:
+                fl.join()         # a flush still in flight records its outcome
+            self._check_flushed()
             t_sync = time.perf_counter()
             file_bytes = os.fstat(self._fd).st_blocks * 512
             man = {

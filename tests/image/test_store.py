@@ -355,7 +355,7 @@ def test_pages_outside_layout_rejected(store):
 
 def test_bad_meta_rejected(store):
     for meta in [{"pid": "1"}, {"cmdline": "a b"}, {"x": float("nan")},
-                 {"x": object()}, {"blob": "x" * 100_000}, [1, 2]]:
+                 {"x": object()}, {"blob": "x" * (256 * 1024)}, [1, 2]]:   # MAX_META_BYTES
         with pytest.raises(ImageError):
             store.begin(meta, 0)
     with pytest.raises(ImageError):
