@@ -401,8 +401,17 @@ class DigestTracker(Tracker):
     kernel has it), reads them all with MemReader and digests them in bulk
     (page_digests).  dirty = present pages never sent or whose digest
     differs from the digest of the data sent; dropped = pages sent before
-    that are no longer present (or could not be read: their mapping
-    vanished mid-read; if it still exists next round they are resent).
+    that are no longer present.
+
+    A page whose read fails is asked about again (``_still_present``): if
+    its mapping vanished mid-read it is gone and dropped like any other.
+    If it is still there -- mprotect to write-only, say: mapped, holding
+    data, but not readable with process_vm_readv -- its content cannot be
+    checked, so it keeps its stored digest and is reported dirty every
+    round.  The engine then fails to read it, carries it, and its frozen
+    final round aborts with a clear error instead of publishing an image
+    without those pages (treating them as dropped did exactly that).
+
     No freeze: a write racing with the read is seen now or next round
     (the stored digest is of the *sent* bytes), and the caller's final
     frozen collect is exact.
@@ -426,6 +435,29 @@ class DigestTracker(Tracker):
         for m in _migratable(layout):
             parts.append(self._pm.present_runs_scan(m) if use_scan else self._pm.present_runs(m))
         return PageRuns.concat(parts)
+
+    def _still_present(self, layout: Layout, failed: PageRuns) -> PageRuns:
+        """Those of ``failed`` (pages whose read just failed) that pagemap
+        still shows present or swapped: unreadable, not gone.  One scan per
+        mapping that had failures, over the span of its failed pages."""
+        use_scan = self._pm.has_scan
+        ends = failed.starts + failed.counts * _PAGE
+        parts = []
+        for m in _migratable(layout):
+            # failed runs overlapping m, found by bisection (runs are sorted)
+            i = int(np.searchsorted(ends, _U64(m.start), side="right"))
+            j = int(np.searchsorted(failed.starts, _U64(m.end), side="left"))
+            if i >= j:
+                continue
+            lo = max(m.start, int(failed.starts[i]))
+            hi = min(m.end, int(ends[j - 1]))
+            # Shared memory pages carry the file bit: exclude page-cache
+            # pages only where the mapping is a private file mapping.
+            drop_file = m.kind == "file"
+            got = (self._pm.present_runs_scan(lo, hi, exclude_file_pages=drop_file) if use_scan
+                   else self._pm.present_runs(lo, hi, exclude_file_pages=drop_file))
+            parts.append(got.intersect(failed))
+        return PageRuns.concat(parts) if parts else PageRuns.empty()
 
     def start(self, layout: Layout) -> Collected:
         t0 = time.perf_counter()
@@ -454,10 +486,17 @@ class DigestTracker(Tracker):
                 changed = ~found | (old != digs).any(axis=1)
                 dirty_parts.append(addrs[changed])
                 self.bytes_read += len(chunk.data)
-        readable = present.subtract(PageRuns.concat(failed_parts)) if failed_parts else present
-        dropped = self._store.keep_only(readable)
+            unreadable = PageRuns.empty()
+            keep = present
+            if failed_parts:
+                failed = PageRuns.concat(failed_parts)
+                unreadable = self._still_present(layout, failed)
+                keep = present.subtract(failed.subtract(unreadable))
+        dropped = self._store.keep_only(keep)
         dirty = (runs_from_addrs(np.concatenate(dirty_parts)) if dirty_parts
                  else PageRuns.empty())
+        if unreadable:
+            dirty = dirty.union(unreadable)
         self.rounds += 1
         return Collected(dirty, dropped, 0.0, (time.perf_counter() - t0) * 1000.0)
 
