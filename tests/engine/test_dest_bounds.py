@@ -193,48 +193,41 @@ def test_a_source_trickling_inside_a_spliced_batch_is_cut_after_the_idle_timeout
     assert s["status"] == "failed" and s["error_code"] == "timeout"
 
 
+def _one_batch_in_pieces(store, mid: str, pieces: int, gap_s: float) -> float:
+    """Send one 4 MiB batch (spliced from the socket) in ``pieces`` with
+    ``gap_s`` between them, then its round's end; check the destination
+    took all of it.  Returns how long the batch took to send."""
+    run = DestRun(store)
+    p = run.peer()
+    p.handshake(mid=mid)
+    p.send(anon_layout(0, 1024))
+    frame = p.conn.send(pages(0, BASE, 1024))
+    step = len(frame) // pieces + 1
+    t0 = time.monotonic()
+    for k in range(0, len(frame), step):
+        p.send_raw(frame[k:k + step])
+        time.sleep(gap_s)
+    took = time.monotonic() - t0
+    p.send(RoundEnd(0, 1024, len(frame), 0.0, 0.0, 0.0, 0.0))
+    deadline = time.monotonic() + 10
+    while run.dm.channel.conn.round < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert run.dm.channel.conn.round == 1 and run.dm.channel.direct_bytes == 1024 * PAGE_SIZE
+    p.send_raw(p.conn.send(Error("internal", "test over")))
+    run.wait()
+    return took
+
+
 def test_a_batch_on_a_slow_link_is_not_cut(store, monkeypatch):
     """Slower than the idle timeout allows for the whole batch, but faster
     than MIN_LINK_RATE: a slow link, not a trickling peer."""
     monkeypatch.setattr(T, "MIN_LINK_RATE", 1 << 20)     # 4 MiB: +4 s
-    run = DestRun(store)
-    p = run.peer()
-    p.handshake(mid="bounds-slow-link")
-    p.send(anon_layout(0, 1024))
-    frame = p.conn.send(pages(0, BASE, 1024))
-    step = len(frame) // 16 + 1
-    t0 = time.monotonic()
-    for k in range(0, len(frame), step):     # ~3.2 s in all: past IDLE_S
-        p.send_raw(frame[k:k + step])
-        time.sleep(0.2)
-    assert time.monotonic() - t0 > IDLE_S
-    p.send(RoundEnd(0, 1024, len(frame), 0.0, 0.0, 0.0, 0.0))
-    deadline = time.monotonic() + 10
-    while run.dm.channel.conn.round < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert run.dm.channel.conn.round == 1 and run.dm.channel.direct_bytes == 1024 * PAGE_SIZE
-    p.send_raw(p.conn.send(Error("internal", "test over")))
-    run.wait()
+    assert _one_batch_in_pieces(store, "bounds-slow-link", 16, 0.2) > IDLE_S
 
 
 def test_a_big_batch_that_arrives_in_time_is_still_spliced(store):
-    run = DestRun(store)
-    p = run.peer()
-    p.handshake(mid="bounds-splice-ok")
-    p.send(anon_layout(0, 1024))
-    frame = p.conn.send(pages(0, BASE, 1024))
     # slowly, but within the idle timeout: 8 pieces over ~1 s
-    step = len(frame) // 8 + 1
-    for k in range(0, len(frame), step):
-        p.send_raw(frame[k:k + step])
-        time.sleep(0.12)
-    p.send(RoundEnd(0, 1024, len(frame), 0.0, 0.0, 0.0, 0.0))
-    deadline = time.monotonic() + 10
-    while run.dm.channel.conn.round < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert run.dm.channel.conn.round == 1 and run.dm.channel.direct_bytes == 1024 * PAGE_SIZE
-    p.send_raw(p.conn.send(Error("internal", "test over")))
-    run.wait()
+    _one_batch_in_pieces(store, "bounds-splice-ok", 8, 0.12)
 
 
 # -- 4. writer errors are noticed on every message ----------------------------------------
