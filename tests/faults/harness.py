@@ -460,6 +460,13 @@ class FaultBench:
 
         # 2. the target
         self._check_target(res, v, prestopped, t_end)
+        if fault == "kill_dst" and rule.fired.is_set():
+            # The kill runs in the proxy's thread and has reaped the daemon
+            # once the rule has its verdict.  The source can end before that:
+            # a dying process closes its sockets before it becomes a zombie,
+            # so "alive" may still be true for a daemon about to be gone.
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: rule.verdict is not None, 10, "destination killed")
         if fault == "kill_dst" and not dst.alive:
             dst.start()
 
