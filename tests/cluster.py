@@ -72,6 +72,7 @@ class Timeouts:
     connect_s: float = 3.0     # TCP connect to the peer
     keepalive_s: float = 0.5   # keepalive period while busy (<< idle_s)
     commit_s: float = 8.0      # CommitRequest -> Committed
+    control_idle_s: float = 60.0   # a control client silent or not reading
 
 
 FAST_TIMEOUTS = Timeouts()
@@ -85,6 +86,7 @@ _TIMEOUT_PATCHES: list[tuple[str, str, Callable[[Timeouts], Any]]] = [
     ("migrated.wire.limits", "KEEPALIVE_INTERVAL_S", lambda t: t.keepalive_s),
     ("migrated.wire.limits", "COMMIT_TIMEOUT_S", lambda t: t.commit_s),
     ("migrated.daemon.manager", "IO_TIMEOUT_S", lambda t: t.io_s),
+    ("migrated.daemon.control", "IDLE_TIMEOUT_S", lambda t: t.control_idle_s),
     ("migrated.daemon.tls", "HANDSHAKE_TIMEOUT_S", lambda t: t.handshake_s),
     ("migrated.daemon.tls", "CONNECT_TIMEOUT_S", lambda t: t.connect_s),
     ("migrated.daemon.tls", "TCP_USER_TIMEOUT_MS", lambda t: int(t.io_s * 1000)),

@@ -176,8 +176,10 @@ class ControlServer:
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ValueError("not an object")
-                except ValueError as e:
-                    await _reply(writer, {"error": f"bad request: not a JSON object ({e})"})
+                except (ValueError, RecursionError) as e:
+                    # RecursionError: nesting deeper than the parser goes.
+                    await _reply(writer, {"error": f"bad request: not a JSON object "
+                                                   f"({type(e).__name__}: {e})"})
                     return
                 try:
                     await self._dispatch(req, uid, pid, writer)
@@ -271,5 +273,12 @@ class ControlServer:
 
 
 async def _reply(writer: asyncio.StreamWriter, obj: dict) -> None:
+    """Send one reply line.  A client that does not read its replies gets
+    IDLE_TIMEOUT_S to make room, then is dropped (ConnectionError): else it
+    would hold its slot -- one of MAX_CLIENTS -- for as long as it likes."""
     writer.write(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
-    await writer.drain()
+    try:
+        await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        writer.transport.abort()
+        raise ConnectionResetError("control client stopped reading its replies") from None

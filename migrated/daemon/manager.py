@@ -99,6 +99,13 @@ def validate_send_options(opts: Any) -> dict:
     return out
 
 
+# The keys of a send's summary (migratectl send --json) with their value
+# when the engine never ran; callables make a fresh value each time.
+SEND_SUMMARY_KEYS = (("image_id", None), ("digest", None), ("tracker", None),
+                     ("rounds", list), ("freeze_ms", None), ("total_ms", None),
+                     ("bytes_sent", 0))
+
+
 @dataclass(eq=False)
 class Migration:
     id: str
@@ -496,6 +503,13 @@ class Manager:
         if m.role == "send":
             s.setdefault("pid", m.pid)
             s.setdefault("peer", m.peer)
+            # A send that failed before its engine ran (the peer unreachable,
+            # TLS refused, cancelled while connecting) still answers with
+            # every key `migratectl send --json` documents.
+            for key, empty in SEND_SUMMARY_KEYS:
+                s.setdefault(key, empty() if callable(empty) else empty)
+            if s.get("total_ms") is None:
+                s["total_ms"] = round(max(0.0, time.time() - m.created) * 1000.0, 3)
         with m._lock:
             m.done = True
             # A finished record is kept for `status`/`list`; it must not

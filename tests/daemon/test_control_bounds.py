@@ -1,0 +1,86 @@
+"""The control socket holds nothing for a client that misbehaves: one that
+never reads its replies is dropped, a request nested past the parser's
+depth gets an error reply, and a send that fails before its engine runs
+still answers with every key `migratectl send --json` documents."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from tests.cluster import Cluster, Timeouts
+
+from .conftest import control_request, ctl
+
+CONTROL_IDLE_S = 2.0
+SEND_JSON_KEYS = ("status", "image_id", "tracker", "rounds", "freeze_ms", "total_ms",
+                  "bytes_sent")
+
+
+def _cluster() -> Cluster:
+    return Cluster(tls=False, timeouts=Timeouts(control_idle_s=CONTROL_IDLE_S))
+
+
+def test_clients_that_never_read_their_replies_give_their_slots_back():
+    """64 clients pipeline requests and never read: once their replies fill
+    the socket, each is dropped after the control idle timeout, and the
+    daemon answers others again (before: never, not even root)."""
+    with _cluster() as c:
+        d = c.daemon("n1")
+        hogs = []
+        try:
+            for _ in range(64):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(d.control)
+                s.setblocking(False)
+                try:
+                    s.send(b'{"op":"ping"}\n' * 20000)
+                except BlockingIOError:
+                    pass
+                hogs.append(s)
+            time.sleep(0.5)
+            full = control_request(d.control, {"op": "ping"})
+            assert "too many control connections" in full.get("error", ""), full
+            deadline = time.monotonic() + CONTROL_IDLE_S + 20
+            reply = full
+            while time.monotonic() < deadline:
+                reply = control_request(d.control, {"op": "ping"})
+                if reply.get("result", {}).get("pong"):
+                    break
+                time.sleep(0.2)
+            assert reply.get("result", {}).get("pong"), reply
+        finally:
+            for s in hogs:
+                s.close()
+        assert d.alive
+
+
+def test_a_request_nested_past_the_parser_gets_an_error_reply():
+    with _cluster() as c:
+        d = c.daemon("n1")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(d.control)
+            s.settimeout(10)
+            s.sendall(b"[" * 50000 + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        assert b"bad request" in reply and b"RecursionError" in reply, reply
+        assert control_request(d.control, {"op": "list"}) == {"result": []}
+
+
+def test_send_json_has_every_key_when_the_peer_cannot_be_reached(children):
+    with _cluster() as c:
+        d = c.daemon("n1")
+        target = children()
+        r = ctl(d.control, "send", str(target.pid), "127.0.0.1:1", "--json")
+        assert r.returncode != 0
+        out = json.loads(r.stdout)
+        assert out["status"] == "failed" and "127.0.0.1:1" in out["error"]
+        missing = [k for k in SEND_JSON_KEYS if k not in out]
+        assert not missing, (missing, out)
+        assert out["rounds"] == [] and out["bytes_sent"] == 0 and out["total_ms"] >= 0
