@@ -127,7 +127,26 @@ def summary_lines(s: dict) -> list[str]:
     return out
 
 
+# What `send --json` prints when there is no migration to report on (the
+# daemon refused the request, or could not be reached): the documented keys,
+# empty, beside status "failed" and the error -- scripts parse one shape.
+NO_RESULT = {"image_id": None, "digest": None, "tracker": None, "rounds": [],
+             "freeze_ms": None, "total_ms": None, "bytes_sent": 0}
+
+
 def run(args) -> int:
+    try:
+        return _run(args)
+    except MigratedError as e:
+        if not args.json:
+            raise
+        print(f"migratectl: {e}", file=sys.stderr)
+        print(json.dumps({"status": "failed", "error": str(e), "migration_id": None,
+                          "pid": args.pid, "peer": args.dest, **NO_RESULT}), flush=True)
+        return 1
+
+
+def _run(args) -> int:
     req = build_request(args)
     client = ControlClient(args.control).connect()
     result: dict | None = None

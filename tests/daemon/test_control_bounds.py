@@ -84,3 +84,20 @@ def test_send_json_has_every_key_when_the_peer_cannot_be_reached(children):
         missing = [k for k in SEND_JSON_KEYS if k not in out]
         assert not missing, (missing, out)
         assert out["rounds"] == [] and out["bytes_sent"] == 0 and out["total_ms"] >= 0
+
+
+def test_send_json_prints_the_same_shape_when_the_daemon_refuses_or_is_down(tmp_path):
+    """No migration to report on -- an unknown PID refused by the daemon, or
+    no daemon at all: still one JSON object with the documented keys, and
+    a non-zero exit."""
+    with _cluster() as c:
+        d = c.daemon("n1")
+        cases = [(d.control, "4194311"), (str(tmp_path / "nobody.sock"), "1")]
+        for control, pid in cases:
+            r = ctl(control, "send", pid, "127.0.0.1:1", "--json")
+            assert r.returncode == 1, r
+            out = json.loads(r.stdout)
+            assert out["status"] == "failed" and out["error"], out
+            assert out["error"] in r.stderr
+            missing = [k for k in SEND_JSON_KEYS if k not in out]
+            assert not missing, (missing, out)
