@@ -103,6 +103,14 @@ FIRST_READ_BYTES = 512 * 1024
 # longer means something is wrong with the target: fail and thaw.
 FREEZE_TIMEOUT_S = 5.0
 
+# Past a wait's deadline, how long we still read what the peer already
+# sent in search of the answer (SourceMigration._wait).
+PAST_DEADLINE_DRAIN_S = 1.0
+
+# Messages that need no answer read per check between read buffers
+# (SourceMigration._check_abort).
+NOTED_PER_CHECK = 256
+
 # How long we try to tell the peer why we stop before closing anyway.
 GOODBYE_TIMEOUT_S = 2.0
 
@@ -686,9 +694,15 @@ class SourceMigration:
         the destination (an error ends the migration)."""
         self._check_stop(live)
         got = self.channel.poll_event()
-        while got is not self.channel.need_data and self._noted(got):
+        # At most NOTED_PER_CHECK messages that need no answer (keepalives,
+        # backlog reports) per check: the rest wait for the next buffer.
+        # Unbounded, a peer flooding keepalives held us here -- sending
+        # nothing, past the timeout, or with the target frozen.
+        for _ in range(NOTED_PER_CHECK):
+            if got is self.channel.need_data or not self._noted(got):
+                break
             got = self.channel.poll_event()
-        if got is not self.channel.need_data:
+        if got is not self.channel.need_data and not self._noted(got):
             self._unexpected(got, "while sending pages")
 
     def _check_stop(self, live: bool) -> None:
@@ -815,13 +829,17 @@ class SourceMigration:
             if left <= 0:
                 # Past the deadline (we may have been stopped): take what is
                 # already here before giving up -- an answer that arrived
-                # while we could not read it still counts.
+                # while we could not read it still counts.  For a grace of
+                # PAST_DEADLINE_DRAIN_S at most: a peer that floods
+                # keepalives would otherwise never let the socket run dry,
+                # and keep a frozen target frozen for as long as it likes.
                 got = self.channel.poll_event()
                 if isinstance(got, want):
                     return got
                 if got is not self.channel.need_data and not self._noted(got):
                     self._unexpected(got, f"while waiting for {what}")
-                if got is self.channel.need_data:
+                if got is self.channel.need_data \
+                        or time.monotonic() > deadline + PAST_DEADLINE_DRAIN_S:
                     raise TransportTimeout(self.peer, f"{self.peer} did not send {what} "
                                                       f"within {timeout:g} s")
                 continue

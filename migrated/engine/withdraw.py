@@ -15,8 +15,9 @@ and now never will be).  Either way there is one copy again: the source's.
 from __future__ import annotations
 
 import itertools
+import time
 
-from migrated.engine.transport import BlockingTransport, Channel
+from migrated.engine.transport import BlockingTransport, Channel, TransportTimeout
 from migrated.errors import MigratedError
 from migrated.wire import events as ev
 from migrated.wire import limits as L
@@ -48,8 +49,16 @@ def request_withdraw(transport: BlockingTransport, *, node: str, migration_id: s
 
 
 def _expect(ch: Channel, want: type, timeout: float, peer: str):
+    """The answer ``want`` within ``timeout`` in all: keepalives do not
+    restart it (one every few seconds would keep us waiting for ever, and
+    the in-doubt image would never be withdrawn)."""
+    deadline = time.monotonic() + timeout
     while True:
-        got = ch.next_event(timeout)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransportTimeout(peer, f"{peer} did not answer the withdrawal "
+                                         f"({want.__name__}) within {timeout:g} s")
+        got = ch.next_event(left)
         if isinstance(got, ev.Keepalive):
             continue
         if isinstance(got, want):
