@@ -12,8 +12,9 @@ class MigratedError(Exception):
 # -- kernel layer ---------------------------------------------------------
 
 class ProcessError(MigratedError):
-    def __init__(self, pid: int, message: str):
-        super().__init__(message)
+    def __init__(self, pid: int, message: str, what: str = ""):
+        # ``what``: the step that met the error, said first.
+        super().__init__(f"{what}: {message}" if what else message)
         self.pid = pid
 
 
@@ -21,18 +22,13 @@ class NoSuchProcess(ProcessError):
     """The target exited (or never existed)."""
 
     def __init__(self, pid: int, what: str = ""):
-        msg = f"process {pid} does not exist (it exited?)"
-        if what:
-            msg = f"{what}: {msg}"
-        super().__init__(pid, msg)
+        super().__init__(pid, f"process {pid} does not exist (it exited?)", what)
 
 
 class ZombieProcess(ProcessError):
     def __init__(self, pid: int, what: str = ""):
-        msg = f"process {pid} is a zombie: it has no memory left to migrate"
-        if what:
-            msg = f"{what}: {msg}"
-        super().__init__(pid, msg)
+        super().__init__(pid, f"process {pid} is a zombie: it has no memory left to migrate",
+                         what)
 
 
 class AccessDenied(ProcessError):
@@ -57,9 +53,7 @@ class TargetTraced(ProcessError):
                "a freeze of it cannot be trusted -- the tracer may swallow or undo "
                "SIGSTOP, and a tracing stop looks like a freeze; detach the tracer "
                "and retry")
-        if what:
-            msg = f"{what}: {msg}"
-        super().__init__(pid, msg)
+        super().__init__(pid, msg, what)
         self.tracer = tracer
 
 
@@ -75,9 +69,7 @@ class TargetSharesMemory(ProcessError):
                "CLONE_VM, or a vfork child that has not exec'd yet): stopping it does not "
                "stop them, so the image could miss their writes; retry once they are "
                "gone, or migrate a process that does not share its address space")
-        if what:
-            msg = f"{what}: {msg}"
-        super().__init__(pid, msg)
+        super().__init__(pid, msg, what)
         self.others = others
 
 

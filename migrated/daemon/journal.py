@@ -177,7 +177,10 @@ class FrozenJournal:
                           reason="PID now belongs to another process (start time differs); left alone",
                           journal_starttime=rec.starttime, starttime=st.starttime)
                 return "gone"
-            stopping = st.state in "Tt" or _sigstop_pending(rec.pid)
+            try:
+                stopping = st.state in "Tt" or procfs.sigstop_pending(rec.pid)
+            except NoSuchProcess:
+                stopping = False    # exiting: the signal below says "gone"
             # SIGCONT whatever the state (module doc): harmless to a process
             # that runs, and it cancels a SIGSTOP still pending.
             try:
@@ -199,22 +202,6 @@ class FrozenJournal:
     def _log(self, level: str, event: str, mid: str | None = None, **fields) -> None:
         if self.log is not None:
             self.log.line(event, mid, level, **fields)
-
-
-def _sigstop_pending(pid: int) -> bool:
-    """A SIGSTOP sent to ``pid`` has not taken hold yet."""
-    try:
-        status = procfs.read_status(pid)
-    except MigratedError:
-        return False
-    bit = 1 << (signal.SIGSTOP - 1)
-    for key in ("ShdPnd", "SigPnd"):
-        try:
-            if int(status.get(key, "0"), 16) & bit:
-                return True
-        except ValueError:
-            pass
-    return False
 
 
 def _unlink_quiet(path: str) -> None:

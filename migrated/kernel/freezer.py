@@ -45,13 +45,12 @@ from typing import Callable, Iterator
 from migrated.errors import (FreezeTimeout, NoSuchProcess, TargetSharesMemory, TargetTraced,
                              ZombieProcess)
 from migrated.kernel import procfs
+from migrated.kernel.ptrace_inject import tracer_pid
 
 # Thread states that count as stopped once we sent SIGSTOP: T (job control
 # stop) and t (tracing stop: while our own syscall injection holds a
 # thread, see kernel/uffd.py; other tracers are refused).
 STOPPED_STATES = frozenset("Tt")
-# SIGSTOP's bit in the pending-signal masks of /proc/PID/status.
-_SIGSTOP_BIT = 1 << (signal.SIGSTOP - 1)
 # Poll interval while waiting for threads to stop: start short (a thread
 # usually stops within microseconds), double up to a cap that keeps the
 # /proc re-reads cheap while a thread sits in uninterruptible sleep.
@@ -75,6 +74,7 @@ class Freezer:
         self._check_same("freezer")
         self._frozen_by_us = False
         self._frozen = False
+        self._quiet: dict[int, int] | None = None    # mark_quiescent
         self._check_not_traced("freezer")
         self.check_alone("freezer")
         self.was_stopped = self._stop_under_way()
@@ -115,18 +115,11 @@ class Freezer:
         """Someone else is stopping or has stopped the process: a thread in
         job-control stop, or a SIGSTOP pending (module doc)."""
         states = procfs.read_task_states(self.pid)
-        if any(s == "T" for s in states.values()):
-            return True
-        status = procfs.read_status(self.pid)
-        return bool(_pending_mask(status.get("ShdPnd")) & _SIGSTOP_BIT
-                    or _pending_mask(status.get("SigPnd")) & _SIGSTOP_BIT)
+        return any(s == "T" for s in states.values()) or procfs.sigstop_pending(self.pid)
 
     def _check_not_traced(self, what: str) -> None:
         """TargetTraced if a process other than ours traces the target."""
-        try:
-            tracer = int(procfs.read_status(self.pid).get("TracerPid", "0"))
-        except ValueError:
-            tracer = 0
+        tracer = tracer_pid(self.pid)
         if tracer and tracer != os.getpid():
             raise TargetTraced(self.pid, tracer, what)
 
@@ -155,8 +148,7 @@ class Freezer:
         self._check_same_any_state("checking freeze")
         if not self._all_stopped():
             return False
-        quiet = getattr(self, "_quiet", None)
-        return quiet is None or _thread_cpu(self.pid) == quiet
+        return self._quiet is None or _thread_cpu(self.pid) == self._quiet
 
     # -- freeze / thaw -------------------------------------------------------
 
@@ -266,14 +258,6 @@ class Freezer:
                 self.close()
 
 
-def _pending_mask(field: str | None) -> int:
-    """A /proc/PID/status signal mask (hex) as an int; 0 if absent."""
-    try:
-        return int(field or "0", 16)
-    except ValueError:
-        return 0
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 SYS_kcmp = 312          # x86_64
@@ -304,30 +288,17 @@ def _thread_cpu(pid: int) -> dict[int, int]:
     context switches (a thread that ran has switched at least once)."""
     out = {}
     for tid in procfs.list_tasks(pid):
-        base = f"/proc/{pid}/task/{tid}/"
         try:
-            with open(base + "schedstat", "rb") as f:
-                ran = int(f.read().split()[0])
-            if ran == 0:
-                raise ValueError("schedstat not kept")
-        except FileNotFoundError:
-            continue            # exited between the listing and the read
-        except (OSError, ValueError, IndexError):
             try:
-                status = procfs.read_status(pid) if tid == pid else _task_status(pid, tid)
+                ran = procfs.thread_runtime_ns(pid, tid)
+            except (OSError, NoSuchProcess):
+                ran = 0             # no schedstat here, or the thread is gone:
+                                    # the status read below tells which
+            if ran == 0:
+                status = procfs.read_status(pid, tid)
                 ran = -(int(status.get("voluntary_ctxt_switches", "0"))
                         + int(status.get("nonvoluntary_ctxt_switches", "0")))
-            except (OSError, ValueError, NoSuchProcess):
-                continue
+        except NoSuchProcess:
+            continue            # exited between the listing and the read
         out[tid] = ran
-    return out
-
-
-def _task_status(pid: int, tid: int) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
-        for line in f.read().decode("utf-8", "replace").splitlines():
-            k, sep, v = line.partition(":")
-            if sep:
-                out[k] = v.strip()
     return out

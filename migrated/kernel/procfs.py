@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -140,14 +141,40 @@ def read_exe(pid: int) -> str:
         return ""
 
 
-def read_status(pid: int) -> dict[str, str]:
-    """/proc/PID/status as {key: raw value string}."""
+def read_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    """/proc/PID/status (or /proc/PID/task/TID/status) as {key: raw value
+    string}."""
+    name = f"task/{tid}/status" if tid is not None else "status"
     out: dict[str, str] = {}
-    for line in _read_bytes(pid, "status").decode("utf-8", "replace").splitlines():
+    for line in _read_bytes(pid, name).decode("utf-8", "replace").splitlines():
         k, sep, v = line.partition(":")
         if sep:
             out[k] = v.strip()
     return out
+
+
+def thread_runtime_ns(pid: int, tid: int) -> int:
+    """Nanoseconds thread ``tid`` has run (/proc/PID/task/TID/schedstat;
+    0 where the kernel does not keep it)."""
+    fields = _read_bytes(pid, f"task/{tid}/schedstat").split()
+    try:
+        return int(fields[0])
+    except (IndexError, ValueError):
+        return 0
+
+
+def sigstop_pending(pid: int) -> bool:
+    """A SIGSTOP sent to ``pid`` has not taken hold yet (pending for the
+    process, or for its main thread)."""
+    status = read_status(pid)
+    bit = 1 << (signal.SIGSTOP - 1)
+    for key in ("ShdPnd", "SigPnd"):
+        try:
+            if int(status.get(key) or "0", 16) & bit:
+                return True
+        except ValueError:
+            pass
+    return False
 
 
 def read_uids(pid: int) -> tuple[int, int, int, int]:
