@@ -194,6 +194,12 @@ class PageDigests:
         found, idx = _member(self.addrs, addrs)
         return found, self.digests[idx] if self.addrs.size else np.zeros((addrs.size, 2), _U64)
 
+    def changed(self, addrs: np.ndarray, data) -> np.ndarray:
+        """Those of ``addrs`` whose content (``data``: their pages back to
+        back) differs from the digest recorded, or has none recorded."""
+        found, old = self.lookup(addrs)
+        return addrs[~found | (old != page_digests(data)).any(axis=1)]
+
     def keep_only(self, present: PageRuns) -> PageRuns:
         """Forget pages outside ``present``; return them as runs."""
         inside = addrs_in(self.addrs, present)
@@ -480,11 +486,8 @@ class DigestTracker(Tracker):
                     failed_parts.append(chunk.failed)
                 if not chunk.runs:
                     continue
-                addrs = chunk.runs.page_addresses()
-                digs = page_digests(chunk.data)
-                found, old = self._store.lookup(addrs)
-                changed = ~found | (old != digs).any(axis=1)
-                dirty_parts.append(addrs[changed])
+                dirty_parts.append(self._store.changed(chunk.runs.page_addresses(),
+                                                       chunk.data))
                 self.bytes_read += len(chunk.data)
             unreadable = PageRuns.empty()
             keep = present

@@ -282,6 +282,12 @@ def _gone(pid: int, pidfd: int, what: str) -> None:
         raise NoSuchProcess(pid, f"uffd-wp tracker: {what}")
 
 
+def _shared_runs(layout: Layout) -> PageRuns:
+    """The address ranges of ``layout``'s migrated shared-anon mappings
+    (memfd, MAP_SHARED anonymous, SysV): what the content check covers."""
+    return _runs_of([m for m in layout if m.migrates and m.kind == "shared-anon"])
+
+
 def _runs_of(maps: list[Mapping]) -> PageRuns:
     """The pages of ``maps`` (in address order)."""
     return PageRuns(np.array([m.start for m in maps], _U64),
@@ -562,12 +568,10 @@ class UffdWpTracker(Tracker):
                 failed.append(chunk.failed)
             if not chunk.runs:
                 continue
-            addrs = chunk.runs.page_addresses()
-            found, old = self._sent_digests.lookup(addrs)
-            diff = ~found | (old != page_digests(chunk.data)).any(axis=1)
-            if diff.any():
-                changed.append(addrs[diff])
-            self.content_pages += int(addrs.size)
+            diff = self._sent_digests.changed(chunk.runs.page_addresses(), chunk.data)
+            if diff.size:
+                changed.append(diff)
+            self.content_pages += chunk.runs.total_pages()
         out = runs_from_addrs(np.concatenate(changed)) if changed else PageRuns.empty()
         return out.union(PageRuns.concat(failed)) if failed else out
 
@@ -585,7 +589,7 @@ class UffdWpTracker(Tracker):
             resident, _ = self._round(layout)
         self._known = resident
         self._pending = resident
-        self._shared = _runs_of([m for m in layout if m.migrates and m.kind == "shared-anon"])
+        self._shared = _shared_runs(layout)
         self.rounds = 1
         return Collected(resident, PageRuns.empty(), 0.0, (time.perf_counter() - t0) * 1000.0)
 
@@ -605,7 +609,7 @@ class UffdWpTracker(Tracker):
         # Shared memory: the write bits only see stores through this
         # mapping's page table; compare the content of the rest with what
         # was sent (module docstring, "Shared memory").
-        self._shared = _runs_of([m for m in layout if m.migrates and m.kind == "shared-anon"])
+        self._shared = _shared_runs(layout)
         self.content_ms = 0.0
         self.content_pages = 0
         if self._shared or len(self._sent_digests):
@@ -627,7 +631,9 @@ class UffdWpTracker(Tracker):
         sent are what the next content check compares with."""
         if not runs:
             return
-        if self._shared:
+        # Most buffers hold no shared memory: one run intersection says so,
+        # before any per-page array.
+        if self._shared and runs.intersect(self._shared):
             addrs = runs.page_addresses()
             inside = addrs_in(addrs, self._shared)
             if inside.any():
