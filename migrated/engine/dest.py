@@ -208,7 +208,6 @@ class DestMigration:
         self.rounds = RoundFigures()
         self._round_event_at = 0.0
         self._rounds_unreported = 0     # rounds since the last "round" event
-        self._failure: BaseException | None = None     # what ended run(), if anything
         self._cancel = CancelLatch(transport)
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
@@ -230,7 +229,6 @@ class DestMigration:
             image_id, digest = self._receive(result)
             result.update(status="completed", image_id=image_id, digest=digest)
         except BaseException as e:  # noqa: BLE001 -- every failure becomes a summary
-            self._failure = e
             status, code, message = self._classify(e)
             self._abort_writer()
             result.update(status=status, error_code=code,
@@ -245,9 +243,6 @@ class DestMigration:
             self.transport.close()          # first: wakes a keepalive blocked in send
             self.channel.stop_keepalive()
             self._drop_flush_listener()
-            # The exception's traceback holds this frame, and so this
-            # engine: kept, it would be a reference cycle.
-            self._failure = None
         result.update(migration_id=self.migration_id or None,
                       rounds=self.rounds.kept(), rounds_dropped=self.rounds.dropped,
                       total_ms=round((time.perf_counter() - t0) * 1000.0, 3),
@@ -628,11 +623,8 @@ class DestMigration:
         if set_listener is not None:
             try:
                 set_listener(None)
-            except Exception as e:  # noqa: BLE001 -- only a cycle left to the collector
-                # A failed writer's thread raises its error again here: that
-                # one was reported already; so break the cycle on our side.
-                if e is not self._failure:
-                    log.exception("dropping the flush listener")
+            except Exception:  # noqa: BLE001 -- then break the cycle on our side
+                log.exception("dropping the flush listener")
                 self.writer = None
 
     def _abort_writer(self) -> None:

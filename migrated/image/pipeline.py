@@ -168,6 +168,12 @@ class PipelinedWriter:
         self.close()
         self._w.abort()
 
+    def set_flush_listener(self, listener) -> None:
+        """Straight to the writer: it orders no page work, and dropping the
+        listener is cleanup that must work after the worker failed (the
+        synced path would raise that failure again)."""
+        self._w.set_flush_listener(listener)
+
     def __getattr__(self, name: str):
         attr = getattr(self._w, name)
         if name in _QUEUED:
