@@ -15,6 +15,10 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024
 # Waiting for a plain reply (list, status, cancel).  `send --follow` waits
 # without a timeout: the daemon enforces the migration's own --timeout.
 REPLY_TIMEOUT_S = 30.0
+# After a failed send, how long we look for what the daemon said before it
+# closed (a refusal such as "too many control connections"): it is already
+# in our socket when there is one.
+PARTING_READ_S = 1.0
 
 
 class ControlError(MigratedError):
@@ -62,8 +66,20 @@ class ControlClient:
         try:
             self.sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
         except OSError as e:
-            raise ControlError(f"lost the connection to migrated at {self.path}: "
-                               f"{e.strerror or e}") from None
+            said = self._parting_words()
+            raise ControlError(said or f"lost the connection to migrated at {self.path}: "
+                                       f"{e.strerror or e}") from None
+
+    def _parting_words(self) -> str | None:
+        """The error the daemon sent before closing our connection -- a
+        daemon that refuses a client answers at once and closes, so a
+        request written after that fails with EPIPE -- or None."""
+        try:
+            reply = self.read(timeout=PARTING_READ_S)
+        except ControlError:
+            return None
+        err = reply.get("error")
+        return str(err) if err else None
 
     def read(self, timeout: float | None = -1.0) -> dict:
         """The next reply line as a dict (``timeout`` -1: the client's)."""

@@ -21,6 +21,8 @@ instead -- Error, Cancel, end of stream, silence -- or Release comes later
 than RELEASE_PUBLISH_SHARE x the source's shortest timeout after Committed
 left (the source may have given up and resumed its process by then), the staged
 image is removed: a source that failed never leaves a second copy here.
+A published image whose Released cannot be sent is withdrawn the same way
+(the source cannot have read it, so it keeps its process).
 
 Any failure (protocol violation, quota, disk full, a silent or vanished
 peer, a cancel) aborts the writer -- the partial image is removed -- and,
@@ -478,7 +480,17 @@ class DestMigration:
                          f"publishing image {image_id} ended {late:.1f} s after Committed "
                          f"was sent, past the {window:g} s publish window: the source may "
                          "have given up")
-        self.channel.send_event(ev.Released(image_id))
+        try:
+            self.channel.send_event(ev.Released(image_id))
+        except TransportError as e:
+            # A send that fails leaves at most part of the frame on the
+            # wire: the source cannot have read Released, so it gives up
+            # and thaws its process (SPEC.md 9.1).  The image must not stay
+            # as a second copy; its Withdraw, if one comes, finds it gone.
+            w.withdraw()
+            raise _Abort("failed", "internal",
+                         f"Released for image {image_id} could not be sent ({e}): the "
+                         "source cannot have read it and keeps its process") from e
         publish_ms = (time.perf_counter() - t0) * 1000.0
         self._await_verdict(image_id, t_sent + window / L.RELEASE_PUBLISH_SHARE + window)
         frozen_ms = None if self._freeze_at is None else \

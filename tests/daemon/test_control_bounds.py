@@ -9,6 +9,9 @@ import json
 import socket
 import time
 
+import pytest
+
+from migrated.cli.client import ControlClient, ControlError
 from tests.cluster import Cluster, Timeouts
 
 from .conftest import control_request, ctl
@@ -52,6 +55,33 @@ def test_clients_that_never_read_their_replies_give_their_slots_back():
             assert reply.get("result", {}).get("pong"), reply
         finally:
             for s in hogs:
+                s.close()
+        assert d.alive
+
+
+def test_a_refused_client_reports_the_daemons_reason():
+    """A client past the limit is answered and closed at once; one whose
+    request went out after that close (EPIPE) used to report "lost the
+    connection ... Broken pipe" instead of the daemon's reason."""
+    with _cluster() as c:
+        d = c.daemon("n1")
+        held = []
+        try:
+            for _ in range(64):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(d.control)
+                held.append(s)
+            with ControlClient(d.control, timeout=10.0) as client:
+                # Wait for the refusal and the daemon's close, then write.
+                client.sock.settimeout(10.0)
+                line = client.sock.recv(1 << 16, socket.MSG_PEEK)
+                assert b"too many control connections" in line, line
+                time.sleep(0.5)
+                with pytest.raises(ControlError) as err:
+                    client.request({"op": "list"})
+            assert "too many control connections" in str(err.value), err.value
+        finally:
+            for s in held:
                 s.close()
         assert d.alive
 

@@ -319,6 +319,35 @@ def test_a_publish_stalled_past_the_window_is_withdrawn(store, monkeypatch):
     assert store.list() == [] and os.listdir(store.partial_dir) == []
 
 
+def test_a_released_that_cannot_be_sent_withdraws_the_image(store, monkeypatch):
+    # The link breaks between the publish and Released: the source cannot
+    # have read Released, so it gives up and keeps its process -- the image
+    # must go, and the destination's summary must say it was withdrawn (it
+    # said "the partial image was removed" while the image stayed listed).
+    real = ImageWriter.publish
+    src: ScriptedSource | None = None
+
+    def publish_then_break(self):
+        real(self)
+        src.dm.transport.sock.shutdown(socket.SHUT_WR)   # our next send fails
+
+    monkeypatch.setattr(ImageWriter, "publish", publish_then_break)
+    src = ScriptedSource(store)
+    try:
+        got = src.to_committed()
+        src.send(Release(got.image_id))
+        assert isinstance(src.recv(), ConnectionClosed)   # never Released
+    finally:
+        res = src.finish()
+    assert res["status"] == "failed"
+    assert "Released" in res["error"] and "withdrawn" in res["error"], res["error"]
+    assert "partial image was removed" not in res["error"]
+    assert store.list() == [] and os.listdir(store.images_dir) == []
+    assert os.listdir(store.partial_dir) == []
+    # The source's in-doubt Withdraw, when it comes, finds nothing to remove.
+    assert store.withdraw_migration("mig-3way", got.image_id, source_node="src") == "absent"
+
+
 def test_release_after_the_publish_window_is_not_published(store, monkeypatch):
     # A destination that reads Release too late (it was stalled) may face a
     # source that already gave up: it removes the staged image instead.
