@@ -851,11 +851,20 @@ class _Checkpointer:
     changed since the last checkpoint.  (Flushing is _Flusher's job, in a
     thread of its own, so a long fdatasync never delays a digest.)
 
-    Jobs are handled one at a time in order.  A job is (job id, slots, data
-    masks as they were when it was queued).  A result is stored as
-    ``cache[slot] = (job id, digest, pages)``; the writer trusts it only if
-    that job was the last to snapshot the slot and the slot has not changed
-    since (see ImageWriter._cached_digest).  The worker reads through its
+    Jobs are handled one at a time.  A job is (the job id of each slot,
+    slots, data masks as they were when it was queued).  A result is stored
+    as ``cache[slot] = (job id, digest, pages)``; the writer trusts it only
+    if that job was the last to snapshot the slot and the slot has not
+    changed since (see ImageWriter._cached_digest).
+
+    At most one job waits: a job submitted while another still waits is
+    merged into it, a slot in both keeping the newer snapshot (the older
+    one could never be trusted again).  The peer decides how often
+    checkpoints come (each RoundEnd) and the digests take what reading
+    their chunks takes, so a queue would grow without bound -- a source
+    sending tiny rounds faster than the chunks they touch can be read made
+    the destination hold hundreds of MiB of queued masks.  Merged, what
+    waits is at most one snapshot per chunk of the image.  The worker reads through its
     own duplicate of the page file's descriptor and closes it itself, so the
     writer can close or remove the file at any time without waiting.
     """
@@ -863,7 +872,7 @@ class _Checkpointer:
     def __init__(self, fd: int):
         self._fd = os.dup(fd)
         self._cond = threading.Condition()
-        self._jobs: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # 0 or 1
         self._busy = False         # inside a digest step (touches cache)
         self._cancel = False       # drop queued work, stop between chunks
         self.cache: dict[int, tuple[int, str, int]] = {}
@@ -874,11 +883,26 @@ class _Checkpointer:
         self._thread.start()
 
     def submit(self, job: int, slots: np.ndarray, masks: np.ndarray) -> None:
+        ids = np.full(slots.size, job, np.int64)
         with self._cond:
             if self._cancel:
                 return
-            self._jobs.append((job, slots, masks))
+            if self._jobs:      # one waits already: merge (class doc)
+                old_ids, old_slots, old_masks = self._jobs.pop()
+                older = ~np.isin(old_slots, slots)
+                ids = np.concatenate((old_ids[older], ids))
+                both = np.concatenate((old_slots[older], slots))
+                masks = np.concatenate((old_masks[older], masks))
+                order = np.argsort(both, kind="stable")   # read the file in order
+                ids, slots, masks = ids[order], both[order], masks[order]
+            self._jobs.append((ids, slots, masks))
             self._cond.notify_all()
+
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes of snapshots queued and not yet started."""
+        with self._cond:
+            return sum(s.nbytes + m.nbytes + i.nbytes for i, s, m in self._jobs)
 
     def _loop(self) -> None:
         try:
@@ -891,10 +915,10 @@ class _Checkpointer:
                         self._cond.wait()
                     if self._cancel:
                         return
-                    job, slots, masks = self._jobs.pop(0)
+                    ids, slots, masks = self._jobs.pop()
                     self._busy = True
                 try:
-                    self._digest(job, slots, masks)
+                    self._digest(ids, slots, masks)
                 finally:
                     with self._cond:
                         self._busy = False
@@ -902,10 +926,10 @@ class _Checkpointer:
         finally:
             os.close(self._fd)
 
-    def _digest(self, job: int, slots: np.ndarray, masks: np.ndarray) -> None:
+    def _digest(self, ids: np.ndarray, slots: np.ndarray, masks: np.ndarray) -> None:
         t0 = time.perf_counter()
         try:
-            for slot, mask in zip(slots.tolist(), masks):
+            for job, slot, mask in zip(ids.tolist(), slots.tolist(), masks):
                 if self._cancel:
                     return
                 try:

@@ -27,8 +27,10 @@ from migrated.engine import transport as T
 from migrated.engine.transport import BlockingTransport
 from migrated.image import manifest as mf
 from migrated.image.store import ImageStore
-from migrated.runs import PAGE_SIZE
-from migrated.wire import Accept, Error, Keepalive, RoundEnd, Start, Welcome
+from migrated.runs import PAGE_SIZE, PageRuns
+from migrated.wire import (Accept, CommitRequest, Committed, Error, FinalEnd, Freeze, Keepalive,
+                           Layout, MappingInfo, Pages, Release, Released, RoundEnd, Start,
+                           Welcome)
 from migrated.wire import limits as L
 from migrated.wire.frames import encode
 from tests.hostile.peer import BASE, RawPeer, anon_layout, hello, pages
@@ -342,3 +344,64 @@ def test_metadata_that_still_does_not_fit_is_too_large_not_internal(store, monke
     s = run.wait()
     assert s["error_code"] == "too-large"
     assert not os.listdir(store.partial_dir)
+
+
+def _queued_checkpoint_bytes(run: DestRun) -> int:
+    """Bytes of chunk snapshots waiting in the writer's checkpoint queue."""
+    w = run.dm.writer
+    ck = getattr(getattr(w, "_w", w), "_ckpt", None)
+    if ck is None:
+        return 0
+    with ck._cond:
+        return sum(x.nbytes for job in ck._jobs for x in job if hasattr(x, "nbytes"))
+
+
+def test_checkpoints_faster_than_their_digests_do_not_queue_up(store):
+    """Each RoundEnd queues a background digest of the chunks changed since
+    the last.  A source sending tiny rounds that touch many sparse chunks
+    (each digest reads the chunk's span: 2 MiB for two pages) made the
+    queue -- and the destination's memory -- grow with every round (+580
+    MiB from 20 MiB sent).  Waiting work is merged now, so it stays at one
+    snapshot per chunk, and the digests it leaves still describe the image:
+    rounds alternate between two halves of the chunks and rewrite them, and
+    the committed image verifies."""
+    chunk = 2 << 20
+    nchunk = 1024
+    half = nchunk // 2
+    p = (run := DestRun(store)).peer()
+    p.handshake(mid="bounds-ckpt")
+    p.send(Layout(0, (MappingInfo(BASE, BASE + nchunk * chunk, "rw-p", 0, "", "anon"),)))
+    ends = [(BASE + i * chunk, 1) for i in range(nchunk)] + \
+           [(BASE + (i + 1) * chunk - PAGE_SIZE, 1) for i in range(nchunk)]
+    runs = PageRuns.from_pairs(sorted(ends))
+    for piece in runs.split(L.MAX_BATCH_PAGES):
+        p.send(Pages.build(0, piece, b"\x5a" * (piece.total_pages() * PAGE_SIZE)))
+    p.send(RoundEnd(0, runs.total_pages(), 0, 0.0, 0.0, 0.0, 0.0))
+    sent_pages = runs.total_pages()
+    rounds = 120
+    one_snapshot_each = nchunk * (mf.CHUNK_PAGES + 16)
+    peak = 0
+    for r in range(1, rounds):
+        lo = (r % 2) * half
+        firsts = PageRuns.from_pairs([(BASE + i * chunk, 1) for i in range(lo, lo + half)])
+        blob = p.conn.send(Pages.build(r, firsts, bytes([r]) * (half * PAGE_SIZE)))
+        blob += p.conn.send(RoundEnd(r, half, 0, 0.0, 0.0, 0.0, 0.0))
+        assert p.send_raw(blob)
+        sent_pages += half
+        peak = max(peak, _queued_checkpoint_bytes(run))
+    deadline = time.monotonic() + 60
+    while run.dm.channel.conn.round < rounds and time.monotonic() < deadline:
+        peak = max(peak, _queued_checkpoint_bytes(run))
+        time.sleep(0.01)
+    assert run.dm.channel.conn.round == rounds
+    assert peak <= one_snapshot_each, (peak, one_snapshot_each)
+    p.send(Freeze(rounds))
+    p.send(FinalEnd(rounds, sent_pages))
+    p.send(CommitRequest(runs.total_pages()))
+    committed = p.expect(Committed, timeout=60)
+    p.send_raw(encode(Release(committed.image_id)))   # (our state machine saw no Committed)
+    p.expect(Released, timeout=30)
+    p.half_close()
+    assert run.wait(30)["status"] == "completed"
+    v = store.verify(committed.image_id)
+    assert v.ok, v
