@@ -33,7 +33,7 @@ DEFAULT_NODE_DAYS = 825          # the CA/Browser forum's old ceiling
 # Certificates become valid slightly in the past: clocks of nodes differ.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 # Node names become file names: keep them to a safe alphabet.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class CertError(MigratedError):
@@ -41,7 +41,7 @@ class CertError(MigratedError):
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or name in ("ca",):
+    if not _NAME.fullmatch(name) or name in ("ca",):
         raise CertError(f"bad node name {name!r}: use letters, digits, '.', '_', '-' "
                         "(max 63, not 'ca')")
     return name
@@ -132,7 +132,7 @@ def _san_entry(text: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(text))
     except ValueError:
         pass
-    if not re.match(r"^[A-Za-z0-9*][A-Za-z0-9.*_-]{0,252}$", text):
+    if not re.fullmatch(r"[A-Za-z0-9*][A-Za-z0-9.*_-]{0,252}", text):
         raise CertError(f"bad subjectAltName {text!r}: expected a DNS name or an IP address")
     return x509.DNSName(text)
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 # Values made only of these characters are written bare in kv lines;
 # anything else is quoted with JSON string escaping (so a peer-supplied
 # string can never forge a second key or a second line).
-_BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-,\[\]]+$")
+_BARE = re.compile(r"[A-Za-z0-9_.:/@+\-,\[\]]+")
 # A log line never grows beyond this: an error message from a peer or the
 # kernel is cut, not copied whole into the journal.
 MAX_VALUE_CHARS = 2000
@@ -39,7 +39,7 @@ def _kv_value(v: Any) -> str:
         s = str(v)
     if len(s) > MAX_VALUE_CHARS:
         s = s[:MAX_VALUE_CHARS] + "..."
-    return s if _BARE.match(s) else json.dumps(s)
+    return s if _BARE.fullmatch(s) else json.dumps(s)
 
 
 def format_kv(fields: dict[str, Any]) -> str:

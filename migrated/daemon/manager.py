@@ -42,7 +42,7 @@ TIMEOUT_GRACE_S = 10.0
 # long, not forever (the wire's keepalives are far more frequent).
 IO_TIMEOUT_S = 30.0
 # Migration ids we accept from a peer (they appear in logs and status).
-_MID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Option names and checks for a `send` request (control socket input).
 _THEN = ("stop", "resume", "kill")
 # Rounds are cheap to keep (a dict of 8 numbers) but a runaway --max-rounds
@@ -63,7 +63,7 @@ def new_migration_id() -> str:
 
 
 def valid_mid(text: Any) -> bool:
-    return isinstance(text, str) and bool(_MID_RE.match(text))
+    return isinstance(text, str) and bool(_MID_RE.fullmatch(text))
 
 
 def validate_send_options(opts: Any) -> dict:
@@ -88,7 +88,7 @@ def validate_send_options(opts: Any) -> dict:
                 raise MigratedError(f"{key} must be a positive number, not {val!r}")
             val = float(val)
         elif key == "tracker":
-            if not isinstance(val, str) or not re.match(r"^[a-z0-9-]{1,32}$", val):
+            if not isinstance(val, str) or not re.fullmatch(r"[a-z0-9-]{1,32}", val):
                 raise MigratedError(f"bad tracker name {val!r}")
         elif key == "then":
             if val not in _THEN:

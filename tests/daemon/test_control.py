@@ -122,6 +122,12 @@ def test_bad_requests(daemons):
         d.control, {"op": "send", "pid": os.getpid(), "host": "h", "port": 1,
                     "options": {"rm_rf": True}})["error"]
     assert "no migration" in control_request(d.control, {"op": "status", "id": "nope"})["error"]
+    # A trailing newline is not part of a name ("$" matched before it, and
+    # the tracker name reached the log as a second line).
+    assert "bad tracker name" in control_request(
+        d.control, {"op": "send", "pid": os.getpid(), "host": "h", "port": 1,
+                    "options": {"tracker": "auto\n"}})["error"]
+    assert "no migration" in control_request(d.control, {"op": "status", "id": "nope\n"})["error"]
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(d.control)
         s.sendall(b"not json\n")

@@ -89,6 +89,12 @@ def test_log_kv_and_json():
     assert "event=round mid=abc" in lines[0] and "round=3" in lines[0] and "role=send" in lines[0]
     assert "pause_ms=0.25" in lines[0]
     assert "mid=- " in lines[1] and 'reason="evil\\" key=value\\nnext"' in lines[1]
+    # A value that ends in a newline is quoted too (a bare "^...$" match
+    # let "refused\n" through: one event, two journal lines).
+    buf = io.StringIO()
+    EventLog("kv", buf).error("peer_rejected", peer="1.2.3.4:5", reason="refused\n")
+    assert len(buf.getvalue().splitlines()) == 1, buf.getvalue()
+    assert 'reason="refused\\n"' in buf.getvalue()
     buf = io.StringIO()
     EventLog("json", buf).info("commit", "m1", image_id="img")
     rec = json.loads(buf.getvalue())
