@@ -33,6 +33,12 @@ MAX_REQUEST_BYTES = 64 * 1024
 # Control connections at once: migratectl opens one per command; 64
 # covers scripts polling status while bounding fds and tasks.
 MAX_CLIENTS = 64
+# Of those, one uid other than root may hold at most this many (a member of
+# the --control-group must not be able to lock everyone else out) ...
+MAX_CLIENTS_PER_UID = 16
+# ... and root may open this many more once all are taken, so that it can
+# always see and cancel what runs.
+ROOT_RESERVED_CLIENTS = 8
 # A connection that sends no request for this long is closed (a follower
 # waiting for events is not idle: it sent its request).
 IDLE_TIMEOUT_S = 60.0
@@ -64,6 +70,28 @@ def check_may_act_on(uid: int, pid: int) -> None:
         raise ControlError(f"permission denied: process {pid} belongs to uid {owner} "
                            f"(real/effective/saved/fs uids {'/'.join(map(str, uids))}); "
                            f"uid {uid} may only migrate its own processes")
+
+
+def check_send_target(uid: int, pid: int) -> int:
+    """Raise unless ``pid`` is a process the client ``uid`` may migrate;
+    returns its start time, which the engine checks again when it takes
+    hold of the process: a PID that the process left and another took in
+    between (the connect and the handshake come first) is refused then
+    instead of migrating someone else's process."""
+    from migrated.kernel import procfs
+    before = procfs.read_stat(pid)           # NoSuchProcess if it is gone
+    if before.kernel_thread:
+        raise ControlError(f"PID {pid} is a kernel thread ({before.comm}): it has no user "
+                           "memory to migrate")
+    tgid = procfs.read_status(pid).get("Tgid", str(pid))
+    if tgid.isdigit() and int(tgid) != pid:
+        raise ControlError(f"{pid} is a thread of process {tgid}, not a process: "
+                           f"pass {tgid} to migrate that process")
+    check_may_act_on(uid, pid)
+    if procfs.read_stat(pid).starttime != before.starttime:
+        raise ControlError(f"process {pid} exited while its owner was checked (the PID "
+                           "now names another process); nothing was done")
+    return before.starttime
 
 
 def prepare_socket_path(path: str) -> None:
@@ -130,6 +158,7 @@ class ControlServer:
         self.info = info or (lambda: {})
         self.server: asyncio.base_events.Server | None = None
         self.clients = 0
+        self._per_uid: dict[int, int] = {}     # open connections per client uid
         self._inode: int | None = None
 
     async def start(self) -> None:
@@ -148,18 +177,37 @@ class ControlServer:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _refusal(self, uid: int) -> str | None:
+        """Why a new connection from ``uid`` is not served, or None."""
+        if uid == 0:
+            if self.clients >= MAX_CLIENTS + ROOT_RESERVED_CLIENTS:
+                return (f"too many control connections (limit {MAX_CLIENTS}, "
+                        f"plus {ROOT_RESERVED_CLIENTS} for root)")
+            return None
         if self.clients >= MAX_CLIENTS:
-            await _reply(writer, {"error": f"too many control connections (limit {MAX_CLIENTS})"})
+            return f"too many control connections (limit {MAX_CLIENTS})"
+        if self._per_uid.get(uid, 0) >= MAX_CLIENTS_PER_UID:
+            return (f"too many control connections from uid {uid} (limit "
+                    f"{MAX_CLIENTS_PER_UID} per user); close some and retry")
+        return None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+        except OSError as e:
+            with contextlib.suppress(ConnectionError, BrokenPipeError):
+                await _reply(writer, {"error": f"cannot identify the client: {e.strerror}"})
+            writer.close()
+            return
+        refusal = self._refusal(uid)
+        if refusal is not None:
+            with contextlib.suppress(ConnectionError, BrokenPipeError):
+                await _reply(writer, {"error": refusal})
             writer.close()
             return
         self.clients += 1
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         try:
-            try:
-                pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
-            except OSError as e:
-                await _reply(writer, {"error": f"cannot identify the client: {e.strerror}"})
-                return
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
@@ -189,6 +237,9 @@ class ControlServer:
             pass
         finally:
             self.clients -= 1
+            left = self._per_uid.pop(uid) - 1
+            if left:
+                self._per_uid[uid] = left
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -239,8 +290,9 @@ class ControlServer:
             raise ControlError(f"port must be 1..65535, not {port!r}")
         if pid == os.getpid():
             raise ControlError("refusing to migrate the daemon itself")
-        check_may_act_on(uid, pid)
-        m = self.manager.start_send(pid, host, port, req.get("options") or {}, uid)
+        starttime = check_send_target(uid, pid)
+        options = req.get("options", {})
+        m = self.manager.start_send(pid, host, port, options, uid, starttime=starttime)
         if not req.get("follow"):
             await _reply(writer, {"result": {"id": m.id, "migration_id": m.id,
                                              "state": m.state, "accepted": True}})

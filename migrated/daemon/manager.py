@@ -26,6 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from migrated.engine.transport import MIN_LINK_RATE
 from migrated.errors import MigratedError
 from migrated.threads import Thread
 
@@ -87,6 +88,11 @@ def validate_send_options(opts: Any) -> dict:
                     or val != val or val == float("inf"):
                 raise MigratedError(f"{key} must be a positive number, not {val!r}")
             val = float(val)
+            if key == "max_bandwidth" and val < MIN_LINK_RATE:
+                # The destination allows a batch the idle timeout plus its
+                # time at this rate; any slower and a batch is cut.
+                raise MigratedError(f"max_bandwidth {val:g} bytes/s is below the slowest rate "
+                                    f"a link may run at ({MIN_LINK_RATE // 1024} KiB/s)")
         elif key == "tracker":
             if not isinstance(val, str) or not re.fullmatch(r"[a-z0-9-]{1,32}", val):
                 raise MigratedError(f"bad tracker name {val!r}")
@@ -318,8 +324,11 @@ class Manager:
 
     # -- sending ------------------------------------------------------------------
 
-    def start_send(self, pid: int, host: str, port: int, options: dict, owner_uid: int) -> Migration:
-        """Admit and start a migration of ``pid`` to host:port (on the loop)."""
+    def start_send(self, pid: int, host: str, port: int, options: dict, owner_uid: int, *,
+                   starttime: int | None = None) -> Migration:
+        """Admit and start a migration of ``pid`` to host:port (on the loop).
+        ``starttime``: the process's, when its owner was checked (the
+        engine refuses a PID reused since)."""
         opts = validate_send_options(options)
         mid = new_migration_id()
         m = Migration(id=mid, role="send", owner_uid=owner_uid, pid=pid,
@@ -330,7 +339,7 @@ class Manager:
         timeout = opts.get("timeout_s", _default_timeout())
         assert self.loop is not None
         m._watchdog = self.loop.call_later(timeout + TIMEOUT_GRACE_S, self._timeout, m, timeout)
-        m.thread = Thread(target=self._send_worker, args=(m, host, port, opts),
+        m.thread = Thread(target=self._send_worker, args=(m, host, port, opts, starttime),
                           name=f"send-{mid}", daemon=True)
         m.thread.start()
         return m
@@ -343,7 +352,8 @@ class Manager:
                        reason="the engine did not finish in time; cancelling")
         self.cancel(m.id, f"timed out after {timeout:g} s (--timeout)")
 
-    def _send_worker(self, m: Migration, host: str, port: int, opts: dict) -> None:
+    def _send_worker(self, m: Migration, host: str, port: int, opts: dict,
+                     starttime: int | None = None) -> None:
         def build():
             from migrated.daemon import tls
             from migrated.engine.source import SendOptions, SourceMigration
@@ -356,7 +366,7 @@ class Manager:
             transport = BlockingTransport(sock, timeout=IO_TIMEOUT_S,
                                           max_bandwidth=opts.get("max_bandwidth"),
                                           peer=m.peer)
-            options = SendOptions(**opts, migration_id=m.id, node=self.node)
+            options = SendOptions(**opts, migration_id=m.id, node=self.node, starttime=starttime)
 
             def on_freeze(pid: int, starttime: int) -> None:
                 self.journal.on_freeze(pid, starttime, m.id)

@@ -141,6 +141,9 @@ class SendOptions:
     plateau_rounds: int = 3
     migration_id: str = ""
     node: str = ""
+    # The target's start time when the request was checked (the daemon's
+    # owner check): a PID reused since then is refused, not migrated.
+    starttime: int | None = None
 
 
 class MigrationAborted(MigratedError):
@@ -441,7 +444,8 @@ class SourceMigration:
 
     def _migrate(self) -> tuple[str, str, float]:
         opts = self.options
-        self.freezer = Freezer(self.pid, on_freeze=self.on_freeze, on_thaw=self.on_thaw)
+        self.freezer = Freezer(self.pid, on_freeze=self.on_freeze, on_thaw=self.on_thaw,
+                               starttime=opts.starttime)
         self.tracker = make_tracker(opts.tracker, self.pid, self.freezer)
         self.tracker_name = self.tracker.name
         # Module doc at READ_BUFFER_BYTES.

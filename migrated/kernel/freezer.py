@@ -61,11 +61,18 @@ POLL_MAX_S = 0.005
 class Freezer:
     def __init__(self, pid: int, *,
                  on_freeze: Callable[[int, int], None] | None = None,
-                 on_thaw: Callable[[int], None] | None = None):
+                 on_thaw: Callable[[int], None] | None = None,
+                 starttime: int | None = None):
+        """``starttime``: the start time (/proc/PID/stat field 22) of the
+        process the caller means -- e.g. the one whose owner the daemon
+        checked when the request came: a PID reused since is refused."""
         self.pid = pid
         self.on_freeze = on_freeze
         self.on_thaw = on_thaw
         st = procfs.check_alive(pid, "freezer")
+        if starttime is not None and st.starttime != starttime:
+            raise NoSuchProcess(pid, "freezer (the process the request named exited and its "
+                                     "PID was reused by another process)")
         with procfs.translate(pid, "pidfd_open"):
             self.pidfd = os.pidfd_open(pid)
         self.starttime = st.starttime

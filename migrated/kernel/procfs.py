@@ -57,6 +57,10 @@ def _read_bytes(pid: int, name: str) -> bytes:
 
 # -- /proc/PID/stat ---------------------------------------------------------
 
+# A kernel thread (include/linux/sched.h): no user memory, nothing to migrate.
+PF_KTHREAD = 0x00200000
+
+
 @dataclass(frozen=True)
 class Stat:
     pid: int
@@ -65,6 +69,11 @@ class Stat:
     ppid: int
     starttime: int      # clock ticks since boot (field 22)
     num_threads: int
+    flags: int = 0      # the kernel's PF_* flags (field 9)
+
+    @property
+    def kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
 
 
 def parse_stat(text: str, pid: int = 0) -> Stat:
@@ -77,7 +86,7 @@ def parse_stat(text: str, pid: int = 0) -> Stat:
     # rest[0] is field 3 (state); field N is rest[N - 3].
     return Stat(pid=int(text[:lp]) if not pid else pid, comm=comm,
                 state=rest[0], ppid=int(rest[1]), starttime=int(rest[19]),
-                num_threads=int(rest[17]))
+                num_threads=int(rest[17]), flags=int(rest[6]))
 
 
 def read_stat(pid: int, tid: int | None = None) -> Stat:

@@ -12,11 +12,14 @@ import time
 import pytest
 
 from migrated.cli.client import ControlClient, ControlError
+from migrated.daemon import control
 from tests.cluster import Cluster, Timeouts
 
 from .conftest import control_request, ctl
 
 CONTROL_IDLE_S = 2.0
+# Connections root may hold at once (its reserve included).
+ROOT_LIMIT = control.MAX_CLIENTS + control.ROOT_RESERVED_CLIENTS
 SEND_JSON_KEYS = ("status", "image_id", "tracker", "rounds", "freeze_ms", "total_ms",
                   "bytes_sent")
 
@@ -26,14 +29,15 @@ def _cluster() -> Cluster:
 
 
 def test_clients_that_never_read_their_replies_give_their_slots_back():
-    """64 clients pipeline requests and never read: once their replies fill
+    """Clients that pipeline requests and never read (as many as root may
+    open): once their replies fill
     the socket, each is dropped after the control idle timeout, and the
     daemon answers others again (before: never, not even root)."""
     with _cluster() as c:
         d = c.daemon("n1")
         hogs = []
         try:
-            for _ in range(64):
+            for _ in range(ROOT_LIMIT):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(d.control)
                 s.setblocking(False)
@@ -67,7 +71,7 @@ def test_a_refused_client_reports_the_daemons_reason():
         d = c.daemon("n1")
         held = []
         try:
-            for _ in range(64):
+            for _ in range(ROOT_LIMIT):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(d.control)
                 held.append(s)
