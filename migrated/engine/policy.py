@@ -7,7 +7,10 @@ or to freeze the target for the final delta.
 The model follows QEMU (../shared/ANCHORS.md) and adds what it lacks:
 
 - **Bandwidth** is measured continuously: every round reports the bytes it
-  put on the wire and the seconds it spent sending them; the estimate is
+  put on the wire and the seconds they took to reach the destination (to
+  its answer to the round's end, where it answers: the kernel's buffers
+  and a shaped link's queue hide a small round's transfer from the sender;
+  ``round_drained``); the estimate is
   bytes over time across a moving window of the last
   ``BANDWIDTH_WINDOW_ROUNDS`` rounds (weighted by bytes, so a round of ten
   pages cannot swing it).
@@ -172,6 +175,15 @@ class ConvergencePolicy:
             self._prev_pending = int(pages if pages is not None else nbytes // PAGE_SIZE)
         self._window.append(_Sample(int(nbytes), max(float(send_seconds), MIN_DURATION_S)))
         self._last_round_s = float(round_seconds if round_seconds is not None else send_seconds)
+
+    def round_drained(self, seconds: float) -> None:
+        """The last round reached the destination ``seconds`` after it
+        began (its answer to RoundEnd came): on a link slower than the
+        kernel's buffers that, not the sending time, is what the round's
+        bytes took -- the sample is stretched to it (never shortened)."""
+        if self._window:
+            last = self._window[-1]
+            self._window[-1] = _Sample(last.nbytes, max(last.seconds, float(seconds)))
 
     # -- estimates ------------------------------------------------------------
 

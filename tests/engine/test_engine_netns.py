@@ -67,3 +67,34 @@ def test_a_peer_in_another_namespace_is_another_host():
                 s.close()
         finally:
             ls.close()
+
+
+SLOW_LINK = "8mbit"                   # 1 MB/s: a small round fits the kernel's buffers
+SLOW_LINK_BYTES_PER_S = 8e6 / 8
+
+
+def test_round_figures_are_what_the_link_delivered(tmp_path):
+    """A live round small enough to sit in the socket buffers (and the
+    shaped link's queue) when its last send returns was timed to that send:
+    rounds over a 1 MB/s link were reported at 300-600 MB/s, and the policy
+    froze the target for three times the downtime target.  Timed to the
+    destination's answer to the round's end, every live round's bandwidth
+    is the link's."""
+    state = str(tmp_path / "dest")
+    with netns.TwoHosts(rate=SLOW_LINK) as hosts, workload(mib=4, rate=50) as w:
+        dest = DestProcess(hosts.b, hosts.b_ip, state)
+        try:
+            sock = socket_in(hosts.a, hosts.b_ip, dest.port)
+            res = SourceMigration(w.pid, SendOptions(then="resume", timeout_s=120),
+                                  BlockingTransport(sock, timeout=30),
+                                  on_event=lambda e: None).run()
+            d = dest.result()
+        finally:
+            dest.close()
+        assert res["status"] == "completed", res.get("error")
+        assert d["status"] == "completed", d.get("error")
+        live = [r for r in res["rounds"] if not r["final"]]
+        assert len(live) >= 2, res["rounds"]
+        for r in live:
+            assert r["bandwidth"] < 2 * SLOW_LINK_BYTES_PER_S, (r, res["rounds"])
+            assert r["send_ms"] <= r["duration_ms"]

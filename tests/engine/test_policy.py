@@ -94,6 +94,16 @@ def test_bandwidth_is_a_byte_weighted_moving_window():
     assert p.bandwidth == pytest.approx(10 * MIB)
 
 
+def test_a_round_is_stretched_to_when_it_reached_the_destination():
+    p = make()
+    p.round_sent(10 * MIB, 1.0)
+    p.round_sent(1 * MIB, 0.001)          # sent into the kernel's buffers ...
+    p.round_drained(1.0)                  # ... delivered a second later
+    assert p.bandwidth == pytest.approx(11 * MIB / 2.0)
+    p.round_drained(0.5)                  # never shortened
+    assert p.bandwidth == pytest.approx(11 * MIB / 2.0)
+
+
 def test_hot_writer_stops_at_plateau():
     # Link 10 MiB/s, writer dirties a steady 20 MiB per round: never fits.
     p = make(downtime_ms=300, max_rounds=30, plateau_rounds=3, timeout_s=1e6)
