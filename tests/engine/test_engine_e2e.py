@@ -164,7 +164,17 @@ def test_max_rounds_zero_is_stop_and_copy(store):
         assert s["status"] == "completed", s.get("error")
         assert s["stop_reason"] == "stop-and-copy"
         assert len(s["rounds"]) == 1 and s["rounds"][0]["final"] and s["rounds"][0]["round"] == 0
-        assert not [e for e in out.dest_events if e["event"] == "round"]   # no live round
+        # It estimates nothing (it never measured the link) ...
+        assert s["expected_downtime_ms"] is None
+        assert s["rounds"][0]["expected_downtime_ms"] is None
+        # ... and the freeze's breakdown accounts for the scan of present
+        # pages inside it (no tracker is armed: nothing runs to write).
+        commit = [e for e in out.events if e["event"] == "commit"][0]
+        parts = sum(commit[k] for k in ("stop_ms", "collect_ms", "delta_ms", "commit_ms",
+                                        "release_ms"))
+        assert parts == pytest.approx(s["freeze_ms"], rel=0.05, abs=3.0), (commit, s["freeze_ms"])
+        assert not [e for e in out.dest_events                             # no live round
+                    if e["event"] == "round" and not e.get("final")]
         compare(store, s["image_id"], w.pid)
         _thaw(w.pid)
 
