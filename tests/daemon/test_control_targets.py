@@ -264,3 +264,27 @@ def test_root_has_connections_in_reserve():
         finally:
             for s in held:
                 s.close()
+
+
+def test_a_bandwidth_cap_below_the_slowest_link_rate_is_refused():
+    # A batch must reach the destination within its idle timeout plus its
+    # time at MIN_LINK_RATE; a slower cap could never finish a batch.
+    from migrated.engine.transport import MIN_LINK_RATE
+    with _cluster() as c:
+        d = c.daemon("n1")
+        p = subprocess.Popen(["sleep", "600"])
+        try:
+            for rate, ok in ((MIN_LINK_RATE - 1, False), (MIN_LINK_RATE, True)):
+                reply = control_request(d.control, {"op": "send", "pid": p.pid,
+                                                    "host": "127.0.0.1", "port": 1,
+                                                    "options": {"max_bandwidth": rate}})
+                if ok:
+                    assert "result" in reply, reply
+                else:
+                    assert "below the slowest rate" in reply.get("error", ""), reply
+            reply = control_request(d.control, {"op": "send", "pid": p.pid, "host": "127.0.0.1",
+                                                "port": 1, "options": []})
+            assert "options must be an object" in reply.get("error", ""), reply
+        finally:
+            p.kill()
+            p.wait()
