@@ -7,12 +7,18 @@ can inspect images on a node whose daemon is down.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import json
+import os
+import signal
 import sys
 
-from migrated.errors import ImageError
+from migrated.errors import ImageError, ImageNotFound
 from migrated.image import ImageStore
+from migrated.image import manifest as mf
+from migrated.image.elfcore import export_image
 
 DEFAULT_STATE_DIR = "/var/lib/migrated"
 
@@ -26,16 +32,33 @@ def _store(args) -> ImageStore:
     return ImageStore(_state_dir(args), min_free_bytes=0, create=False)
 
 
+def _gone(args, image_id: str) -> bool:
+    """True if complete image ``image_id`` is not (or no longer) there."""
+    try:
+        return not os.path.isfile(os.path.join(_state_dir(args), "images",
+                                               mf.check_image_id(image_id),
+                                               mf.MANIFEST_NAME))
+    except ImageError:
+        return False
+
+
 def _os_errors(fn):
-    """Turn OSError (permissions, I/O) into a one-line message, not a trace."""
+    """Turn OSError (permissions, I/O) into a one-line message, not a trace.
+    An image removed while the command ran (ENOENT under it) is reported as
+    such; the hint about root and --state-dir only goes with EACCES/EPERM."""
     @functools.wraps(fn)
     def run(args) -> int:
         try:
             return fn(args)
         except OSError as exc:
+            image_id = getattr(args, "image_id", None)
+            if exc.errno == errno.ENOENT and image_id and _gone(args, image_id):
+                raise ImageNotFound(f"image {image_id} not found (removed?)") from None
+            hint = (" (run as root, or pass --state-dir)"
+                    if exc.errno in (errno.EACCES, errno.EPERM) else "")
             raise ImageError(f"images {args.images_command}: {exc.strerror or exc}"
-                             f"{': ' + exc.filename if exc.filename else ''} "
-                             "(run as root, or pass --state-dir)") from None
+                             f"{': ' + exc.filename if exc.filename else ''}"
+                             f"{hint}") from None
     return run
 
 
@@ -101,6 +124,9 @@ def _cmd_show(args) -> int:
 
 def _cmd_verify(args) -> int:
     res = _store(args).verify(args.image_id)
+    if not res.ok and _gone(args, args.image_id):
+        # Removed while verify read it: not a corrupt image.
+        raise ImageNotFound(f"image {args.image_id} not found (removed?)")
     if args.json:
         _dump(res.to_dict())
     elif res.ok:
@@ -111,20 +137,74 @@ def _cmd_verify(args) -> int:
     return 0 if res.ok else 1
 
 
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP during an export: unwinds like Ctrl-C, so the
+    temporary core file is removed, then exits 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    def handler(signum, _frame):
+        raise _Terminated(signum)
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:              # not the main thread: leave them alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def _cmd_export(args) -> int:
-    info = _store(args).export_core(args.image_id, args.core, overwrite=args.force)
+    try:
+        with _signals_unwind():
+            info = export_image(_store(args), args.image_id, args.core,
+                                overwrite=args.force, file_pages=not args.no_file_pages)
+    except _Terminated as exc:
+        print(f"migratectl: export of {args.image_id} stopped by signal "
+              f"{exc.signum}; no core file was written", file=sys.stderr)
+        return 128 + exc.signum
     if args.json:
         _dump(info)
-    else:
-        print(f"wrote {info['path']}: ELF core, {info['loads']} loads, "
-              f"{_mib(info['data_bytes'])} of page data")
+        return 0
+    print(f"wrote {info['path']}: ELF core, {info['loads']} loads, "
+          f"{_mib(info['data_bytes'])} of page data, {_mib(info['file_bytes'])} "
+          "read from mapped files")
+    if info["unbacked_files"]:
+        names = ", ".join(info["unbacked_files"][:3])
+        more = len(info["unbacked_files"]) - 3
+        why = ("--no-file-pages" if args.no_file_pages
+               else "their files could not be read here")
+        print(f"note: {_mib(info['unbacked_bytes'])} of file-backed pages not in the "
+              f"image carry no bytes in the core ({why}: {names}"
+              f"{f' and {more} more' if more > 0 else ''}); gdb reads them through "
+              "the NT_FILE note from those files where it finds them", file=sys.stderr)
+    if info["changed_files"]:
+        names = ", ".join(info["changed_files"][:3])
+        more = len(info["changed_files"]) - 3
+        print(f"warning: pages read from {names}{f' and {more} more' if more > 0 else ''} "
+              "may differ from what the process had: the file was modified after the "
+              "migration began (pass --no-file-pages to leave such pages to NT_FILE)",
+              file=sys.stderr)
     return 0
 
 
 def _cmd_rm(args) -> int:
     store = _store(args)
     for image_id in args.image_ids:
-        store.remove(image_id)
+        try:
+            store.remove(image_id)
+        except FileNotFoundError:
+            # Another rm (or a withdrawal) moved it out first.
+            raise ImageNotFound(f"image {image_id} not found (removed?)") from None
         print(f"removed {image_id}")
     return 0
 
@@ -162,7 +242,12 @@ def register(subparsers) -> None:
                        help="write an image as an ELF core file (gdb, readelf)")
     s.add_argument("image_id", metavar="ID")
     s.add_argument("--core", required=True, metavar="FILE", help="core file to write")
-    s.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    s.add_argument("--force", action="store_true",
+                   help="replace FILE if it exists (a symlink there is replaced, "
+                        "not followed)")
+    s.add_argument("--no-file-pages", action="store_true",
+                   help="do not read pages of file mappings the image lacks from "
+                        "the files on this node; leave them to the NT_FILE note")
     s.set_defaults(func=_os_errors(_cmd_export))
 
     s = sub.add_parser("rm", parents=[common], help="remove images")
