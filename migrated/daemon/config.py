@@ -66,6 +66,14 @@ class Config:
     commit_timeout: float | None = None
     thaw_journal: bool = False
     config_file: str | None = None
+    # Where each setting came from ("--flag" or "config file PATH"), for
+    # error messages; not a setting itself.
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def where(self, key: str) -> str:
+        """" (from --state-dir)" / " (in config file F)" / "" for ``key``."""
+        origin = self.origins.get(key)
+        return f" ({origin})" if origin else ""
 
     @property
     def listen(self) -> str:
@@ -83,13 +91,40 @@ class Config:
             raise ConfigError(f"control group {self.control_group!r} does not exist "
                               "(check --control-group / control-group in the config)")
 
+    def check_state_dir(self) -> None:
+        """An existing state dir (and its journal and in-doubt dirs) must be
+        ours alone (durable.check_private_dir), so that a bad one stops the
+        daemon here with a clear message, before anything is opened in it.
+        The journal and the in-doubt records check again when they open."""
+        from migrated.daemon.durable import UnsafeStateDir, check_private_dir
+        from migrated.daemon.indoubt import SUBDIR as INDOUBT_SUBDIR
+        from migrated.daemon.journal import JOURNAL_SUBDIR
+        try:
+            if os.path.exists(self.state_dir):
+                check_private_dir(self.state_dir)
+                for sub in (JOURNAL_SUBDIR, INDOUBT_SUBDIR):
+                    path = os.path.join(self.state_dir, sub)
+                    if os.path.lexists(path):
+                        check_private_dir(path, f"state dir's {sub}/")
+        except UnsafeStateDir as e:
+            raise ConfigError(f"{e}{self.where('state_dir')}") from None
+
     def validate(self) -> None:
+        for key in ("state_dir", "control"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                if key == "control" and self.thaw_journal:
+                    continue
+                flag = key.replace("_", "-")
+                raise ConfigError(f"{flag} is empty{self.where(key)}: give a path, or leave "
+                                  f"{flag} out for the default "
+                                  f"{DEFAULT_STATE_DIR if key == 'state_dir' else DEFAULT_CONTROL}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, "
-                              f"not {self.log_format!r}")
+                              f"not {self.log_format!r}{self.where('log_format')}")
         if not 1 <= self.max_migrations <= MAX_MAX_MIGRATIONS:
             raise ConfigError(f"max-migrations must be between 1 and {MAX_MAX_MIGRATIONS}, "
-                              f"not {self.max_migrations}")
+                              f"not {self.max_migrations}{self.where('max_migrations')}")
         if not self.node:
             raise ConfigError("node name is empty (set --node)")
         for name, (lo, hi) in TIMEOUT_BOUNDS.items():
@@ -97,9 +132,12 @@ class Config:
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
                                       and lo <= v <= hi):
                 raise ConfigError(f"{name.replace('_', '-')} must be between {lo:g} and "
-                                  f"{hi:g} seconds, not {v!r}")
+                                  f"{hi:g} seconds, not {v!r}{self.where(name)}")
         if self.thaw_journal:
             return  # only the state dir matters for --thaw-journal
+        self.check_state_dir()
+        if any(not isinstance(n, str) or not n.strip() for n in self.allow_peer):
+            raise ConfigError(f"allow-peer has an empty name{self.where('allow_peer')}")
         if not self.insecure:
             missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if not getattr(self, n)]
             if missing:
@@ -111,7 +149,8 @@ class Config:
             for n in ("tls_cert", "tls_key", "tls_ca"):
                 path = getattr(self, n)
                 if not os.path.isfile(path):
-                    raise ConfigError(f"--{n.replace('_', '-')} {path}: no such file")
+                    raise ConfigError(f"--{n.replace('_', '-')} {path}: no such file"
+                                      f"{self.where(n)}")
         self.control_gid()
 
 
@@ -189,9 +228,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     a("--tls-ca", metavar="PEM", help="the cluster CA: peers must present a cert it signed")
     a("--allow-peer", metavar="NAME", action="append",
       help="accept / send to only peers whose certificate CN or DNS name is NAME "
-           "(repeatable; default: any peer the CA signed)")
-    a("--insecure", action="store_true", default=None,
-      help="plaintext, no authentication (trusted test networks only)")
+           "(case-insensitive; repeatable; default: any peer the CA signed)")
+    a("--insecure", action=argparse.BooleanOptionalAction, default=None,
+      help="plaintext, no authentication (trusted test networks only); "
+           "--no-insecure requires TLS even if the config file says insecure = true")
     a("--max-migrations", metavar="N", type=int,
       help=f"concurrent migrations per direction (default {DEFAULT_MAX_MIGRATIONS}); "
            "more are refused as busy")
@@ -199,10 +239,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     a("--node", metavar="NAME", help="this node's name in logs and images (default hostname)")
     a("--control-group", metavar="GROUP",
       help="make the control socket 0660 for this group (default: root only, 0600)")
+    a("--no-control-group", action="store_true", default=None,
+      help="ignore the config file's control-group: the socket is root only (0600)")
     a("--thaw-journal", action="store_true", default=None,
       help="thaw every process the journal says we froze, then exit (for ExecStopPost)")
     a("--image-quota", metavar="SIZE",
       help="most bytes of images kept in the state dir (e.g. 50G; default unlimited)")
+    a("--no-image-quota", action="store_true", default=None,
+      help="ignore the config file's image-quota: no quota")
     a("--min-free", metavar="SIZE",
       help="free space to keep on the state dir's filesystem (default: the image store's)")
     a("--peer-timeout", metavar="SECONDS", type=float,
@@ -297,28 +341,46 @@ def load_config(argv: list[str] | None = None) -> Config:
     return config_from(args)
 
 
+# --no-KEY flags: drop KEY's value from the config file (back to the default).
+_UNSET_FLAGS = ("control_group", "image_quota")
+
+
 def config_from(args: argparse.Namespace) -> Config:
     explicit = args.config is not None
     path = args.config if explicit else DEFAULT_CONFIG
     settings = read_toml(path, explicit)
     from_file = bool(settings)
+    origins = {key: f"in config file {path}" for key in settings}
+    for key in _UNSET_FLAGS:
+        flag = "--" + key.replace("_", "-")
+        if getattr(args, "no_" + key, None):
+            if getattr(args, key, None) is not None:
+                raise ConfigError(f"{flag} and --no-{flag[2:]} contradict each other; "
+                                  "give one of them")
+            settings.pop(key, None)
+            origins.pop(key, None)
     # Flags override the file.
     for key in _KEYS:
         v = getattr(args, key, None)
         if v is not None:
             settings[key] = v
-    cfg = Config(config_file=path if (explicit or from_file) else None)
+            origins[key] = "from --" + key.replace("_", "-")
+    cfg = Config(config_file=path if (explicit or from_file) else None, origins=origins)
     for key, value in settings.items():
-        if key == "listen":
-            cfg.listen_host, cfg.listen_port = parse_hostport(value)
-        elif key == "control_group":
-            cfg.control_group = str(value)
-        elif key in ("image_quota", "min_free"):
-            setattr(cfg, key, parse_size(value, key.replace("_", "-")))
-        elif key in TIMEOUT_BOUNDS:
-            setattr(cfg, key, float(value))
-        else:
-            setattr(cfg, _KEYS[key][0], value)
+        name = key.replace("_", "-")
+        try:
+            if key == "listen":
+                cfg.listen_host, cfg.listen_port = parse_hostport(value)
+            elif key == "control_group":
+                cfg.control_group = str(value)
+            elif key in ("image_quota", "min_free"):
+                setattr(cfg, key, parse_size(value, name))
+            elif key in TIMEOUT_BOUNDS:
+                setattr(cfg, key, float(value))
+            else:
+                setattr(cfg, _KEYS[key][0], value)
+        except ConfigError as e:
+            raise ConfigError(f"{name}{cfg.where(key)}: {e}") from None
     cfg.thaw_journal = bool(args.thaw_journal)
     cfg.allow_peer = list(dict.fromkeys(cfg.allow_peer))
     cfg.validate()

@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from migrated.daemon.durable import fsync_dir, write_record
+from migrated.daemon.durable import fsync_dir, private_subdir, read_own_record, write_record
 from migrated.errors import MigratedError, NoSuchProcess
 from migrated.kernel import procfs
 from migrated.threads import Thread
@@ -65,8 +65,9 @@ class InDoubt:
     any other exception when it should be retried."""
 
     def __init__(self, state_dir: str, log, attempt: Callable[[Pending], str]):
-        self.dir = os.path.join(state_dir, SUBDIR)
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        # A record makes us withdraw an image on a peer: only records we
+        # wrote count, so the directory must be ours alone (UnsafeStateDir).
+        self.dir = private_subdir(state_dir, SUBDIR, "in-doubt record dir")
         self.log = log
         self.attempt = attempt
         self._lock = threading.Lock()
@@ -189,8 +190,7 @@ class InDoubt:
 
     def _load(self, path: str) -> Pending | None:
         try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_RECORD_BYTES + 1)
+            raw = read_own_record(path, MAX_RECORD_BYTES + 1)
             d = json.loads(raw)
             rec = Pending(mid=str(d["mid"]), pid=int(d["pid"]),
                           starttime=int(d["starttime"]), host=str(d["host"]),

@@ -20,6 +20,14 @@ discards a pending SIGSTOP, while skipping it would let the stop take hold
 later with no record left to undo it.  The record is then removed.  One
 unreadable or malformed record is logged and kept; it never stops the
 replay of the others.
+
+A record is trusted only as something we wrote, so the state dir and
+``frozen/`` must be ours alone: owned by our effective uid, not writable by
+group or others, under directories only root or we can change
+(durable.check_private_dir).  Otherwise the journal refuses to open
+(UnsafeStateDir) and nothing in it is acted on -- a record planted by
+another user would make a root ``--thaw-journal`` SIGCONT any process.
+Each record must also be a regular file we own (not a symlink).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from migrated.daemon.durable import fsync_dir, write_record
+from migrated.daemon.durable import fsync_dir, private_subdir, read_own_record, write_record
 from migrated.errors import MigratedError, NoSuchProcess
 from migrated.kernel import procfs
 
@@ -74,8 +82,8 @@ class ReplayResult:
 
 class FrozenJournal:
     def __init__(self, state_dir: str, log=None):
-        self.dir = os.path.join(state_dir, JOURNAL_SUBDIR)
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        # Raises UnsafeStateDir (module doc) before any record is read.
+        self.dir = private_subdir(state_dir, JOURNAL_SUBDIR, "frozen-PID journal")
         self.log = log
         self._boot = boot_id()
         self._lock = threading.Lock()
@@ -123,8 +131,7 @@ class FrozenJournal:
             if not name.endswith(".json"):
                 continue
             try:
-                with open(path, "rb") as f:
-                    raw = f.read(MAX_RECORD_BYTES + 1)
+                raw = read_own_record(path, MAX_RECORD_BYTES + 1)
                 d = json.loads(raw)
                 rec = Record(pid=int(d["pid"]), starttime=int(d["starttime"]),
                              boot_id=str(d.get("boot_id", "")), mid=str(d.get("mid", "")),

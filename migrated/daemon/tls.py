@@ -95,11 +95,23 @@ def peer_names(cert: dict | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# DNS compares names ignoring the case of ASCII letters only (RFC 4343);
+# str.lower() would also fold non-ASCII look-alikes (KELVIN SIGN -> 'k').
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _fold(name: str) -> str:
+    return name.translate(_ASCII_LOWER)
+
+
 def check_allowed(cert: dict | None, allow: list[str]) -> str:
-    """The peer's name (CN) if allowed; PeerRejected otherwise."""
+    """The peer's name (CN) if allowed; PeerRejected otherwise.  Names are
+    DNS names, so the comparison ignores case (as the sender's check of
+    the dialled host does); IP address SANs are not matched."""
     names = peer_names(cert)
     who = names[0] if names else "?"
-    if allow and not any(n in allow for n in names):
+    wanted = {_fold(a) for a in allow}
+    if allow and not any(_fold(n) in wanted for n in names):
         raise PeerRejected(f"peer certificate {who!r} (names {', '.join(names) or 'none'}) "
                            f"is not in --allow-peer ({', '.join(allow)})")
     return who

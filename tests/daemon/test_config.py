@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from migrated.daemon.config import (DEFAULT_CONTROL, DEFAULT_PORT, ConfigError,
                                     load_config, parse_hostport, parse_size)
+
+from .conftest import PY, ROOT, control_request
 
 
 def write(tmp_path, text: str) -> str:
@@ -122,3 +126,70 @@ def test_peer_timeout_wrong_type_in_file(tmp_path):
         load_config(["--config", write(tmp_path, 'peer-timeout = "30s"\n'), "--insecure"])
     with pytest.raises(ConfigError, match="boolean"):
         load_config(["--config", write(tmp_path, "commit-timeout = true\n"), "--insecure"])
+
+
+def test_no_insecure_overrides_the_file(tmp_path, certdir):
+    path = write(tmp_path, "insecure = true\n")
+    assert load_config(["--config", path]).insecure
+    tls = ["--tls-ca", f"{certdir}/ca.pem", "--tls-cert", f"{certdir}/a.pem",
+           "--tls-key", f"{certdir}/a.key"]
+    assert not load_config(["--config", path, "--no-insecure", *tls]).insecure
+    with pytest.raises(ConfigError, match="TLS is required"):
+        load_config(["--config", path, "--no-insecure"])
+    assert load_config(["--config", "/dev/null", "--insecure"]).insecure
+
+
+def test_no_insecure_makes_a_real_daemon_use_tls(tmp_path, certdir, daemons):
+    """The reviewer's F8 repro: insecure = true in the file, TLS flags and
+    --no-insecure on the command line -> the daemon runs mutual TLS."""
+    path = write(tmp_path, "insecure = true\n")
+    d = daemons("a", certdir, ["--config", path, "--no-insecure"])
+    info = control_request(d.control, {"op": "status"})["result"]
+    assert info["tls"] is True
+    assert "event=insecure" not in d.log()
+
+
+def test_no_control_group_and_no_image_quota(tmp_path):
+    path = write(tmp_path, 'control-group = "root"\nimage-quota = "1G"\n')
+    cfg = load_config(["--config", path, "--insecure"])
+    assert cfg.control_group == "root" and cfg.image_quota == 1 << 30
+    cfg = load_config(["--config", path, "--insecure", "--no-control-group",
+                       "--no-image-quota"])
+    assert cfg.control_group is None and cfg.image_quota is None
+    assert cfg.control_gid() is None
+    with pytest.raises(ConfigError, match="contradict"):
+        load_config(["--config", path, "--insecure", "--no-image-quota",
+                     "--image-quota", "2G"])
+
+
+@pytest.mark.parametrize("value,why", [("127.0.0.1:abc", "bad port"), ("", "empty address"),
+                                       ("h:99999", "out of range")])
+def test_bad_listen_names_the_key_and_where_it_came_from(tmp_path, value, why):
+    path = write(tmp_path, f'insecure = true\nlisten = "{value}"\n')
+    with pytest.raises(ConfigError, match=f"^listen \\(in config file {path}\\): .*{why}"):
+        load_config(["--config", path])
+    with pytest.raises(ConfigError, match=f"^listen \\(from --listen\\): .*{why}"):
+        load_config(["--config", "/dev/null", "--insecure", "--listen", value])
+    with pytest.raises(ConfigError, match=f"image-quota \\(in config file {path}\\)"):
+        load_config(["--config", write(tmp_path, 'image-quota = "lots"\n'), "--insecure"])
+
+
+@pytest.mark.parametrize("key", ["state-dir", "control"])
+def test_empty_paths_are_rejected(tmp_path, key):
+    path = write(tmp_path, f'insecure = true\n{key} = ""\n')
+    with pytest.raises(ConfigError, match=f"^{key} is empty \\(in config file {path}\\)"):
+        load_config(["--config", path])
+    with pytest.raises(ConfigError, match=f"^{key} is empty \\(from --{key}\\)"):
+        load_config(["--config", "/dev/null", "--insecure", f"--{key}", " "])
+    with pytest.raises(ConfigError, match="allow-peer has an empty name"):
+        load_config(["--config", "/dev/null", "--insecure", "--allow-peer", ""])
+
+
+def test_empty_state_dir_stops_a_real_daemon_with_a_clear_message(tmp_path):
+    path = write(tmp_path, f'insecure = true\nlisten = "127.0.0.1:0"\nstate-dir = ""\n'
+                           f'control = "{tmp_path}/c.sock"\n')
+    r = subprocess.run([PY, "-m", "migrated.daemon.main", "--config", path],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r
+    assert "state-dir is empty" in r.stderr and path in r.stderr
+    assert "No such file or directory: ''" not in r.stderr + r.stdout

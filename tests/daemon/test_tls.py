@@ -153,6 +153,33 @@ def test_allow_peer_enforced_both_ways(certdir):
     assert isinstance(c, tls.PeerRejected) and "'a'" in str(c)
 
 
+def test_allow_peer_ignores_the_case_of_names(tmp_path):
+    """DNS names are case-insensitive: --allow-peer alpha admits a node
+    whose certificate says Alpha, on both sides, over real TLS 1.3."""
+    d = str(tmp_path / "pki")
+    certs.make(d, ["Alpha", "beta"], ["127.0.0.1"])
+    s, c = handshake(server_ctx(d, "Alpha"), client_ctx(d, "beta"), allow_client=["alpha"])
+    assert (s, c) == ("beta", "Alpha")
+    s, c = handshake(server_ctx(d, "Alpha"), client_ctx(d, "beta"), allow_server=["BETA"])
+    assert (s, c) == ("beta", "Alpha")
+    s, c = handshake(server_ctx(d, "Alpha"), client_ctx(d, "beta"), allow_client=["alpha2"])
+    assert isinstance(c, tls.PeerRejected) and "not in --allow-peer" in str(c)
+
+
+def test_allow_peer_matching_rules():
+    cert = {"subject": ((("commonName", "Node-1"),),),
+            "subjectAltName": (("DNS", "node-1.Example"), ("IP Address", "10.0.0.1"))}
+    assert tls.check_allowed(cert, ["NODE-1"]) == "Node-1"
+    assert tls.check_allowed(cert, ["node-1.example"]) == "Node-1"
+    with pytest.raises(tls.PeerRejected):
+        tls.check_allowed(cert, ["10.0.0.1"])        # IP SANs are not names
+    # Only ASCII letters fold (RFC 4343): KELVIN SIGN is not 'k'.
+    kcert = {"subject": ((("commonName", "\u212aube"),),)}
+    with pytest.raises(tls.PeerRejected):
+        tls.check_allowed(kcert, ["kube"])
+    assert tls.check_allowed(cert, []) == "Node-1"
+
+
 def test_sender_checks_dialled_name(certdir, tmp_path):
     d = str(tmp_path / "pki")
     certs.make(d, ["noip"])          # no 127.0.0.1 SAN
