@@ -8,7 +8,10 @@ returning the exit status).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 
 from migrated.errors import MigratedError
@@ -19,8 +22,34 @@ DEFAULT_CONTROL = "/run/migrated/control.sock"
 COMMANDS = ["send", "status", "list", "cancel", "probe", "images", "certs"]
 
 
+# Exit status when our stdout is closed before we finish (`... | head -1`):
+# what the shell reports for a command that SIGPIPE ended, 128 + 13.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+class CtlParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors can also be reported in a
+    command's own output format: a parser with ``on_usage_error`` set calls
+    it with the arguments it was parsing and the message, before the usual
+    usage text on stderr and exit 2 (`send --json` prints its JSON object).
+    Subparsers are of this class too (argparse makes them of the parent's)."""
+
+    on_usage_error = None
+    _parsing: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        # (not list(): the submodule migrated.cli.list shadows it here)
+        self._parsing = [*(sys.argv[1:] if args is None else args)]
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        if self.on_usage_error is not None:
+            self.on_usage_error(self._parsing, message)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CtlParser(
         prog="migratectl",
         description="Control the migrated live-migration daemon.")
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="PATH",
@@ -39,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        msg = f"unrecognized arguments: {' '.join(extra)}"
+        hook = getattr(args, "on_usage_error", None)
+        if hook is not None:
+            hook([*(sys.argv[1:] if argv is None else argv)], msg)
+        parser.error(msg)
     try:
         return int(args.func(args) or 0)
     except MigratedError as exc:
@@ -47,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Nothing more can be shown; point stdout at /dev/null so that the
+        # interpreter's final flush does not fail again, and leave quietly.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

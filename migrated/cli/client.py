@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
+import stat
 from typing import Any, Iterator
 
 from migrated.errors import MigratedError
@@ -19,6 +21,9 @@ REPLY_TIMEOUT_S = 30.0
 # closed (a refusal such as "too many control connections"): it is already
 # in our socket when there is one.
 PARTING_READ_S = 1.0
+# Bytes of a unix socket address's path: struct sockaddr_un.sun_path on Linux
+# is 108 with the terminating NUL; no daemon can listen at a longer path.
+SUN_PATH_MAX = 107
 
 
 class ControlError(MigratedError):
@@ -39,14 +44,8 @@ class ControlClient:
             s.connect(self.path)
         except OSError as e:
             s.close()
-            hint = {
-                errno.ENOENT: "is migrated running? (or pass --control PATH)",
-                errno.ECONNREFUSED: "the daemon is not running (stale socket)",
-                errno.EACCES: "permission denied: run as root or as a member of the "
-                              "daemon's --control-group",
-            }.get(e.errno, "")
-            raise ControlError(f"cannot reach migrated at {self.path}: {e.strerror}"
-                               + (f"; {hint}" if hint else "")) from None
+            raise ControlError(f"cannot reach migrated at {self.path}: "
+                               f"{_why_unreachable(self.path, e)}") from None
         self.sock = s
         return self
 
@@ -134,6 +133,33 @@ class ControlClient:
             yield reply
             if "result" in reply:
                 return
+
+
+def _why_unreachable(path: str, e: OSError) -> str:
+    """What is wrong with ``path`` as a control socket, from the failed
+    connect's error and what the path turns out to be (a refused connect
+    to a regular file or a directory is not a daemon that stopped)."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        return (f"the path is {size} bytes, longer than a unix socket address allows "
+                f"({SUN_PATH_MAX}); pass the path the daemon's --control names")
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return ("it is a directory, not a socket; pass the socket inside it "
+                "(the daemon's --control, e.g. /run/migrated/control.sock)")
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        return ("it is not a socket (a regular file or device); pass the daemon's "
+                "--control path")
+    hint = {
+        errno.ENOENT: "is migrated running? (or pass --control PATH)",
+        errno.ECONNREFUSED: "the daemon is not running (stale socket)",
+        errno.EACCES: "permission denied: run as root or as a member of the "
+                      "daemon's --control-group",
+    }.get(e.errno, "")
+    return (e.strerror or str(e)) + (f"; {hint}" if hint else "")
 
 
 def request(path: str, obj: dict) -> Any:

@@ -22,12 +22,16 @@ def run(args) -> int:
     if not res:
         print("no migrations")
         return 0
-    fmt = "{:<14} {:<8} {:<11} {:>8} {:<22} {:>6} {:>9}  {}"
+    # Ids and peers are shown whole, however long: they are what `status`,
+    # `cancel` and `send` take back (a receive's own id is "recv-" + 12 hex).
+    ids = [str(m.get("migration_id", "?")) for m in res]
+    peers = [str(m.get("peer") or "-") for m in res]
+    fmt = (f"{{:<{max(14, *map(len, ids))}}} {{:<8}} {{:<11}} {{:>8}} "
+           f"{{:<{max(22, *map(len, peers))}}} {{:>6}} {{:>9}}  {{}}")
     print(fmt.format("ID", "ROLE", "STATE", "PID", "PEER", "ROUNDS", "ELAPSED", "IMAGE/ERROR"))
-    for m in res:
-        print(fmt.format(m.get("migration_id", "?")[:14], m.get("role", "?"),
-                         m.get("state", "?"), str(m.get("pid") or "-"),
-                         str(m.get("peer") or "-")[:22], m.get("rounds", 0),
+    for m, ident, peer in zip(res, ids, peers):
+        print(fmt.format(ident, m.get("role", "?"), m.get("state", "?"),
+                         str(m.get("pid") or "-"), peer, m.get("rounds", 0),
                          f"{m.get('elapsed_s', 0):.1f}s",
                          m.get("image_id") or m.get("error") or ""))
     return 0

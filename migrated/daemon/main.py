@@ -99,9 +99,11 @@ class Daemon:
         return store
 
     def info(self) -> dict:
+        from migrated.daemon.manager import _fmt_peer
         m = self.manager
         return {"node": self.cfg.node, "version": VERSION, "pid": os.getpid(),
-                "listen": (f"{self.listener.address[0]}:{self.listener.address[1]}"
+                # "[v6]:port" for IPv6: what `migratectl send` reads back.
+                "listen": (_fmt_peer(*self.listener.address)
                            if self.listener and self.listener.sock else self.cfg.listen),
                 "tls": not self.cfg.insecure, "allow_peer": self.cfg.allow_peer,
                 "max_migrations": self.cfg.max_migrations,
@@ -115,7 +117,7 @@ class Daemon:
     async def run(self) -> int:
         from migrated.daemon.control import ControlServer
         from migrated.daemon.listener import PeerListener
-        from migrated.daemon.manager import Manager
+        from migrated.daemon.manager import Manager, _fmt_peer
 
         loop = asyncio.get_running_loop()
         cfg = self.cfg
@@ -146,8 +148,8 @@ class Daemon:
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        host, port = self.listener.address
-        self.log.info("ready", node=cfg.node, listen=f"{host}:{port}", control=cfg.control,
+        self.log.info("ready", node=cfg.node, listen=_fmt_peer(*self.listener.address),
+                      control=cfg.control,
                       tls=not cfg.insecure, allow_peer=cfg.allow_peer or None,
                       max_migrations=cfg.max_migrations, state_dir=cfg.state_dir,
                       **_timeouts_now(),
