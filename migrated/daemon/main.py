@@ -3,9 +3,10 @@
 Start: read settings, take the state-dir lock (one daemon per state dir),
 remove partial images, replay the frozen-PID journal (thaw what a previous
 instance left stopped), open the peer listener and the control socket,
-tell systemd READY=1.  SIGTERM/SIGINT: cancel every migration (the engine
-thaws its target), wait for them up to ``SHUTDOWN_GRACE_S``, replay the
-journal once more for anything left, exit 0.
+tell systemd READY=1.  SIGTERM/SIGINT/SIGHUP: admit no new migration,
+cancel every migration (the engine thaws its target), wait for them up to
+``SHUTDOWN_GRACE_S``, replay the journal once more for anything left,
+exit 0.
 
 ``migrated --thaw-journal`` only replays the journal and exits (the unit's
 ExecStopPost); it refuses to run while a daemon holds the state dir, whose
@@ -23,6 +24,7 @@ import time
 
 from migrated.daemon.config import (Config, ConfigError, build_arg_parser, config_from,
                                      thaw_only_config)
+from migrated.daemon.durable import UnsafeStateDir, check_private_dir
 from migrated.daemon.journal import FrozenJournal
 from migrated.daemon.log import EventLog
 from migrated.daemon.sdnotify import Notifier
@@ -47,8 +49,12 @@ class StateDirLocked(MigratedError):
 def lock_state_dir(state_dir: str) -> int:
     """flock the state dir's lock file; the fd stays open for our lifetime."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    # Before anything is opened in it: a state dir others can write could
+    # hold a planted lock symlink (O_CREAT follows it; we would truncate
+    # its target) or planted records (UnsafeStateDir).
+    check_private_dir(state_dir)
     path = os.path.join(state_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -146,7 +152,10 @@ class Daemon:
             raise
         self.listener.start()
         self._stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP (a closed terminal, an operator expecting a reload) ends
+        # the daemon as SIGTERM does -- by default it killed it on the spot,
+        # a frozen target left stopped until the next start.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.log.info("ready", node=cfg.node, listen=_fmt_peer(*self.listener.address),
                       control=cfg.control,
@@ -223,12 +232,24 @@ def thaw_journal(cfg: Config, log: EventLog) -> int:
         log.error("thaw_refused", error=str(e),
                   reason="its frozen processes belong to running migrations")
         return 1
+    except UnsafeStateDir as e:
+        log.error("thaw_refused", error=str(e),
+                  reason="records in a state dir others can write are not trusted; "
+                         "nothing was thawed")
+        return 1
     except OSError as e:
         log.error("thaw_failed", error=f"cannot lock the state dir {cfg.state_dir}: "
                   f"{e.strerror or e}", reason="check it exists and is writable")
         return 1
     try:
-        res = FrozenJournal(cfg.state_dir, log).replay()
+        try:
+            journal = FrozenJournal(cfg.state_dir, log)
+        except UnsafeStateDir as e:
+            log.error("thaw_refused", error=str(e),
+                      reason="records in a state dir others can write are not trusted; "
+                             "nothing was thawed")
+            return 1
+        res = journal.replay()
         log.info("journal_replayed", **{k: len(v) for k, v in res.as_dict().items()},
                  thawed_pids=res.thawed or None)
         return 0 if not res.failed else 1
@@ -264,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     timeouts.apply(cfg.peer_timeout, cfg.handshake_timeout, cfg.commit_timeout)
     try:
         lock_fd = lock_state_dir(cfg.state_dir)
-    except (StateDirLocked, OSError) as e:
+    except (StateDirLocked, UnsafeStateDir, OSError) as e:
         log.error("startup_failed", error=str(e))
         return 1
-    daemon = Daemon(cfg, log)
+    try:
+        daemon = Daemon(cfg, log)
+    except (MigratedError, OSError) as e:
+        os.close(lock_fd)
+        log.error("startup_failed", error=str(e))
+        return 1
     uvloop = _install_uvloop()
     try:
         if uvloop is not None:

@@ -240,6 +240,7 @@ class Manager:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._migrations: dict[str, Migration] = {}
+        self.closing = False     # shutting down: cancel_all() ran, nothing is admitted
         self._finished_order: list[str] = []
         self._idle = asyncio.Event()
         self._idle.set()
@@ -281,6 +282,10 @@ class Manager:
     def _admit(self, m: Migration) -> None:
         """Register ``m`` or raise Busy.  Any thread."""
         with self._lock:
+            if self.closing:
+                # cancel_all() has run: a migration admitted now would
+                # freeze its target while the daemon goes away.
+                raise Busy(f"busy: {self.node} is shutting down; retry on its successor")
             running = [x for x in self._migrations.values() if not x.done and x.role == m.role]
             if len(running) >= self.max_migrations:
                 verb = "sending" if m.role == "send" else "receiving"
@@ -579,6 +584,9 @@ class Manager:
         return m
 
     def cancel_all(self, reason: str) -> int:
+        """Cancel every migration, and admit none from now on."""
+        with self._lock:
+            self.closing = True
         n = 0
         for m in self.active():
             if m.cancel(reason):

@@ -189,18 +189,6 @@ def test_our_own_state_dirs_still_work(base, children):
     load_config(["--config", "/dev/null", "--insecure", "--state-dir", sd])
 
 
-def _main_wired() -> bool:
-    """migrated/daemon/main.py checks the state dir before it opens the
-    lock (the change this test's docstring describes)."""
-    import inspect
-
-    from migrated.daemon import main
-    return "check_private_dir" in inspect.getsource(main.lock_state_dir)
-
-
-@pytest.mark.xfail(condition=not _main_wired(), strict=True,
-                   reason="main.py: lock_state_dir must call check_private_dir and "
-                          "thaw_journal catch UnsafeStateDir (see the session report)")
 def test_thaw_journal_never_opens_a_planted_lock(base, children):
     """Root's --thaw-journal on a state dir owned by nobody: nobody's
     migrated.lock symlink must not make root truncate and write its
