@@ -2,7 +2,7 @@
 
   migratectl certs init-ca --dir DIR [--name NAME]
   migratectl certs issue   --dir DIR --name NODE [--san NAME_OR_IP ...]
-  migratectl certs make    --dir DIR --nodes a,b[,...] [--san ...]   (both)
+  migratectl certs make    --dir DIR --nodes NODE[=ADDR[+ADDR...]],... [--san ...]   (both)
   migratectl certs show    FILE
 
 Each node then runs: migrated --tls-ca DIR/ca.pem --tls-cert DIR/NODE.pem
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from migrated.errors import MigratedError
 
@@ -56,10 +57,12 @@ def register(sub) -> None:
 
     m = csub.add_parser("make", help="a CA (if DIR has none) plus one certificate per node")
     m.add_argument("--dir", required=True, metavar="DIR")
-    m.add_argument("--nodes", required=True, metavar="A,B,...")
+    m.add_argument("--nodes", required=True, metavar="NODE[=ADDR[+ADDR...]],...",
+                   help="node names; NODE=ADDR puts ADDR (an IP or DNS name, several "
+                        "joined by '+') into that node's certificate only")
     m.add_argument("--san", action="append", default=[], metavar="NAME_OR_IP",
-                   help="extra names/addresses added to every node certificate "
-                        "(e.g. 127.0.0.1,localhost for a loopback test)")
+                   help="added to EVERY node's certificate: only for names all nodes "
+                        "share (e.g. 127.0.0.1,localhost on one test machine)")
     m.add_argument("--force", action="store_true", help="overwrite existing files")
     m.set_defaults(func=run_make)
 
@@ -103,7 +106,12 @@ def run_issue(args) -> int:
 def run_make(args) -> int:
     from migrated.daemon import certs
     try:
-        out = certs.make(args.dir, _split([args.nodes]), _split(args.san), force=args.force)
+        nodes, sans = _split([args.nodes]), _split(args.san)
+        for addr in certs.shared_addresses(nodes, sans):
+            print(f"warning: {addr} goes into more than one node's certificate, so a sender "
+                  "dialling it cannot tell those nodes apart; give each node its own "
+                  "addresses: --nodes node1=ADDR1,node2=ADDR2", file=sys.stderr)
+        out = certs.make(args.dir, nodes, sans, force=args.force)
     except OSError as e:
         raise _file_error(e, "make") from None
     for name, (cert, key) in out.items():

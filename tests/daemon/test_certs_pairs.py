@@ -211,3 +211,21 @@ def test_per_node_recipe_with_real_daemons(tmp_path, daemons, children):
             "--then", "resume")
     out = json.loads(r.stdout)
     assert r.returncode == 0 and out["status"] == "completed", out
+
+
+def test_make_warns_when_an_address_goes_to_every_node(tmp_path):
+    # The README's old recipe (--san per address) put every node's address
+    # into every certificate: a sender could not tell the nodes apart.
+    import subprocess
+    import sys
+    d = str(tmp_path / "pki")
+    r = subprocess.run([sys.executable, "-m", "migrated.cli", "certs", "make", "--dir", d,
+                        "--nodes", "node1,node2", "--san", "10.0.0.1", "--san", "10.0.0.2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "warning: 10.0.0.1 goes into more than one node's certificate" in r.stderr
+    d2 = str(tmp_path / "pki2")
+    r = subprocess.run([sys.executable, "-m", "migrated.cli", "certs", "make", "--dir", d2,
+                        "--nodes", "node1=10.0.0.1,node2=10.0.0.2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
