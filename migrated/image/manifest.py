@@ -211,28 +211,100 @@ def clip_cmdline(args: Iterable[str], limit: int = MAX_META_CMDLINE_CHARS
     return out, False
 
 
-def check_meta(meta: Any) -> dict:
-    """Source-supplied metadata: JSON-able, bounded, typed where we use it."""
+# Keys of the metadata with a defined meaning, and the JSON type each must
+# have (IMAGE.md, "meta"); ``cmdline`` is a list of strings.  Enforced when
+# an image begins and commits, and when a manifest is read back.
+META_TYPES: dict[str, type] = {
+    "pid": int, "exe": str, "source_node": str, "migration_id": str,
+    "source_peer": str, "arch": str, "tracker": str, "cmdline_truncated": bool,
+    "timings": dict, "options": dict,
+}
+
+# The destination's figures of the migration (``meta["timings"]``: each
+# round's figures and the freeze's), merged at commit.  The engine bounds
+# what it passes itself (a few dozen rounds, a few KiB of JSON; even its
+# 128-round summary takes ~20 KiB); this bounds what the manifest takes
+# whatever it passes.  Larger timings are cut (clip_timings), never
+# refused: the figures are informational and must not fail a commit.
+MAX_META_TIMINGS_BYTES = 64 * 1024
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, sort_keys=True, allow_nan=False))
+
+
+def clip_timings(timings: dict, limit: int | None = None) -> tuple[dict, bool]:
+    """``timings`` cut to at most ``limit`` bytes of JSON (default
+    MAX_META_TIMINGS_BYTES), and whether anything was cut.  List values (the
+    rounds) keep their first items, as many as fit; if that is not enough,
+    only the number-valued entries stay.  A cut dict says
+    ``"truncated": true``."""
+    limit = MAX_META_TIMINGS_BYTES if limit is None else limit
+    if _json_size(timings) <= limit:
+        return timings, False
+    lists = {k: v for k, v in timings.items() if isinstance(v, list)}
+
+    def cut(keep: int) -> dict:
+        out = {k: (v[:keep] if k in lists else v) for k, v in timings.items()}
+        out["truncated"] = True
+        return out
+
+    lo, hi = -1, max((len(v) for v in lists.values()), default=0)
+    while lo < hi:                       # largest list length that fits
+        mid = (lo + hi + 1) // 2
+        if _json_size(cut(max(mid, 0))) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 0:
+        return cut(lo), True
+    numbers = {k: v for k, v in timings.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and isinstance(k, str) and len(k) <= 64}
+    out = {"truncated": True}
+    for k in sorted(numbers):
+        out[k] = numbers[k]
+        if _json_size(out) > limit:
+            del out[k]
+            break
+    return out, True
+
+
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false",
+               dict: "a JSON object", list: "a list"}
+
+
+def check_meta_types(meta: Any, where: str = "image metadata") -> dict:
+    """Raise ImageError unless ``meta`` is a dict whose keys of defined
+    meaning (META_TYPES, cmdline) have their types."""
+    if not isinstance(meta, dict):
+        raise ImageError(f"{where} must be a JSON object, got {type(meta).__name__}")
+    for key, typ in META_TYPES.items():
+        if key in meta and not (isinstance(meta[key], typ)
+                                and (typ is bool or not isinstance(meta[key], bool))):
+            raise ImageError(f"{where} {key!r} must be {_TYPE_NAMES[typ]}, got "
+                             f"{meta[key]!r:.60}")
+    cmd = meta.get("cmdline")
+    if cmd is not None and not (isinstance(cmd, list)
+                                and all(isinstance(a, str) for a in cmd)):
+        raise ImageError(f"{where} 'cmdline' must be a list of strings")
+    return meta
+
+
+def check_meta(meta: Any, limit: int | None = None) -> dict:
+    """Source-supplied metadata: JSON-able, bounded (``limit`` bytes of
+    JSON, default MAX_META_BYTES), typed where we use it."""
     if not isinstance(meta, dict):
         raise ImageError("image metadata must be a dict")
     try:
         blob = json.dumps(meta, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ImageError(f"image metadata is not plain JSON data: {exc}") from None
-    if len(blob) > MAX_META_BYTES:
+    limit = MAX_META_BYTES if limit is None else limit
+    if len(blob) > limit:
         raise MetaTooLarge(f"image metadata is {len(blob)} bytes of JSON, more than the "
-                           f"{MAX_META_BYTES} allowed")
-    meta = json.loads(blob)
-    typed = {"pid": int, "exe": str, "source_node": str, "migration_id": str}
-    for key, typ in typed.items():
-        if key in meta and not (isinstance(meta[key], typ)
-                                and not isinstance(meta[key], bool)):
-            raise ImageError(f"image metadata {key!r} must be {typ.__name__}")
-    cmd = meta.get("cmdline")
-    if cmd is not None and not (isinstance(cmd, list)
-                                and all(isinstance(a, str) for a in cmd)):
-        raise ImageError("image metadata 'cmdline' must be a list of strings")
-    return meta
+                           f"{limit} allowed")
+    return check_meta_types(json.loads(blob))
 
 
 # -- runs ------------------------------------------------------------------
@@ -241,13 +313,48 @@ def runs_to_json(starts: np.ndarray, counts: np.ndarray) -> list[list]:
     return [[f"{s:#x}", c] for s, c in zip(starts.tolist(), counts.tolist())]
 
 
-def runs_from_json(pairs: Any, what: str) -> PageRuns:
+_HEX_RE = re.compile(r"0x[0-9a-f]{1,16}")
+# A run cannot hold more pages than a 64-bit address space.
+_MAX_RUN_PAGES = 1 << (64 - PAGE_SHIFT)
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def hex_field(value: Any, what: str) -> int:
+    """An address or offset of the manifest: a lowercase hex string such as
+    "0x7f1c00000000" (below 2^64)."""
+    if not isinstance(value, str) or not _HEX_RE.fullmatch(value):
+        raise ImageError(f"{what} must be a hex string such as \"0x7f1c00000000\", "
+                         f"got {value!r:.60}")
+    return int(value, 16)
+
+
+def _int_value(value: Any, what: str, lo: int = 0, hi: int = 1 << 63) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < hi:
+        raise ImageError(f"{what} must be an integer from {lo} to {hi - 1}, got "
+                         f"{value!r:.60}")
+    return value
+
+
+def run_pairs(pairs: Any, what: str) -> list[tuple[int, int]]:
+    """The (address, pages) runs of a manifest list: each a pair of a hex
+    address and a page count >= 1."""
     if not isinstance(pairs, list):
-        raise ImageError(f"manifest: {what} runs must be a list")
+        raise ImageError(f"{what} runs must be a list, got {type(pairs).__name__}")
+    out = []
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ImageError(f"{what} runs must be [address, pages] pairs, got "
+                             f"{pair!r:.60}")
+        out.append((hex_field(pair[0], f"{what} run address"),
+                    _int_value(pair[1], f"{what} run length", 1, _MAX_RUN_PAGES)))
+    return out
+
+
+def runs_from_json(pairs: Any, what: str) -> PageRuns:
     try:
-        arr = [(int(a, 16), int(n)) for a, n in pairs]
-    except (TypeError, ValueError):
-        raise ImageError(f"manifest: malformed {what} runs") from None
+        arr = run_pairs(pairs, what)
+    except ImageError as exc:
+        raise ImageError(f"manifest: {exc}") from None
     return PageRuns.from_pairs(arr) if arr else PageRuns.empty()
 
 
@@ -401,8 +508,90 @@ def seal_manifest(manifest: dict) -> tuple[str, bytes]:
     return digest, ("{\n" + text + "\n}\n").encode()
 
 
+# What a manifest holds (IMAGE.md, "manifest.json"); verify reports any
+# other key, and any of these missing.
+MANIFEST_KEYS = frozenset({"format", "version", "image_id", "page_size", "chunk_pages",
+                           "data_file", "began_at", "committed_at", "meta", "mappings",
+                           "chunks", "totals", "store_timings_ms", "digest"})
+# Informational, and absent from images of builds before it existed.
+OPTIONAL_KEYS = frozenset({"store_timings_ms"})
+TOTALS_KEYS = ("mappings", "migratable_mappings", "data_pages", "zero_pages", "data_bytes",
+               "file_bytes", "bytes_received", "chunks")
+MAPPING_KEYS = frozenset({"start", "end", "perms", "offset", "kind", "migrates", "path",
+                          "deleted", "dev", "inode", "flags"})
+RUN_KEYS = ("data", "zero")          # only (and always) in mappings that migrate
+CHUNK_KEYS = frozenset({"vaddr", "slot", "pages", "digest"})
+# A slot is a 2 MiB piece of the page file: 2^40 of them is far beyond any
+# file we write, and keeps slot * CHUNK_BYTES a sane file offset.
+MAX_SLOT = 1 << 40
+# Violations verify spells out one by one; past that it says how many more.
+MAX_PROBLEMS_SHOWN = 8
+
+
+def _where_mapping(i: int, mp: dict) -> str:
+    return f"mapping {i} ({mp.get('start')!s:.20}-{mp.get('end')!s:.20})"
+
+
+def _check_types(m: dict) -> None:
+    """Raise ImageError naming the first field of ``m`` a reader uses that
+    does not have its type (IMAGE.md)."""
+    for key in ("image_id", "data_file", "began_at", "committed_at", "digest"):
+        if not isinstance(m.get(key), str):
+            raise ImageError(f"field {key!r} must be a string, got {m.get(key)!r:.60}")
+    if not _DIGEST_RE.fullmatch(m["digest"]):
+        raise ImageError(f"field 'digest' must be 32 hex digits, got {m['digest']!r:.60}")
+    for key in ("page_size", "chunk_pages"):
+        _int_value(m.get(key), f"field {key!r}", 1)
+    check_meta_types(m.get("meta"), "field 'meta':")
+    totals = m.get("totals")
+    if not isinstance(totals, dict):
+        raise ImageError(f"field 'totals' must be a JSON object, got {type(totals).__name__}")
+    for key in TOTALS_KEYS:
+        _int_value(totals.get(key), f"totals.{key}")
+    if not isinstance(m.get("store_timings_ms", {}), dict):
+        raise ImageError("field 'store_timings_ms' must be a JSON object")
+    mappings, chunks = m.get("mappings"), m.get("chunks")
+    if not isinstance(mappings, list) or not isinstance(chunks, list):
+        raise ImageError("fields 'mappings' and 'chunks' must be lists")
+    for i, mp in enumerate(mappings):
+        if not isinstance(mp, dict):
+            raise ImageError(f"mapping {i} must be a JSON object, got {mp!r:.60}")
+        where = _where_mapping(i, mp)
+        for key in ("start", "end", "offset"):
+            hex_field(mp.get(key), f"{where}: {key!r}")
+        for key in ("perms", "kind", "path", "dev"):
+            if not isinstance(mp.get(key), str):
+                raise ImageError(f"{where}: {key!r} must be a string, got {mp.get(key)!r:.60}")
+        for key in ("migrates", "deleted"):
+            if not isinstance(mp.get(key), bool):
+                raise ImageError(f"{where}: {key!r} must be true or false, got "
+                                 f"{mp.get(key)!r:.60}")
+        _int_value(mp.get("inode"), f"{where}: 'inode'")
+        flags = mp.get("flags")
+        if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+            raise ImageError(f"{where}: 'flags' must be a list of strings")
+        for key in RUN_KEYS:
+            if key in mp:
+                run_pairs(mp[key], f"{where}: {key}")
+    for i, c in enumerate(chunks):
+        if not isinstance(c, dict):
+            raise ImageError(f"chunk {i} must be a JSON object, got {c!r:.60}")
+        where = f"chunk {i}"
+        hex_field(c.get("vaddr"), f"{where}: 'vaddr'")
+        slot = _int_value(c.get("slot"), f"{where}: 'slot'")
+        if slot >= MAX_SLOT:
+            raise ImageError(f"{where}: slot {slot} is beyond any page file")
+        _int_value(c.get("pages"), f"{where}: 'pages'")
+        if not (isinstance(c.get("digest"), str) and _DIGEST_RE.fullmatch(c["digest"])):
+            raise ImageError(f"{where}: 'digest' must be 32 hex digits, got "
+                             f"{c.get('digest')!r:.60}")
+
+
 def decode_manifest(blob: bytes, image_id: str) -> dict:
-    """Parse and structurally check a manifest read from disk."""
+    """Parse a manifest read from disk and check the type of every field a
+    reader uses (list, show, verify, export): ImageError if one is wrong.
+    Whether the image is consistent is verify's question
+    (structure_problems)."""
     try:
         m = json.loads(blob)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -415,22 +604,197 @@ def decode_manifest(blob: bytes, image_id: str) -> dict:
         raise ImageError(f"image {image_id}: manifest version {m.get('version')!r} "
                          f"is not supported (this build reads {FORMAT_VERSION})")
     try:
-        if m["image_id"] != image_id:
-            raise ImageError(f"image {image_id}: manifest names another image "
-                             f"({m['image_id']!r})")
-        if m["page_size"] != PAGE_SIZE or m["chunk_pages"] != CHUNK_PAGES:
-            raise ImageError(f"image {image_id}: page size {m['page_size']} / "
-                             f"chunk {m['chunk_pages']} differ from this host's")
-        if not isinstance(m["mappings"], list) or not isinstance(m["chunks"], list):
-            raise KeyError("mappings")
-        for c in m["chunks"]:
-            if not (isinstance(c["slot"], int) and 0 <= c["slot"] < 1 << 40
-                    and isinstance(c["digest"], str)):
-                raise KeyError("chunks")
-            int(c["vaddr"], 16)
-        for mp in m["mappings"]:
-            int(mp["start"], 16), int(mp["end"], 16), mp["kind"], mp["perms"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ImageError(f"image {image_id}: manifest is missing or has a bad "
-                         f"field ({exc}); the image is corrupt") from None
+        _check_types(m)
+    except ImageError as exc:
+        raise ImageError(f"image {image_id}: manifest has a bad field: {exc}; the image "
+                         f"is corrupt -- remove it with `migratectl images rm {image_id}`"
+                         ) from None
+    if m["image_id"] != image_id:
+        raise ImageError(f"image {image_id}: manifest names another image "
+                         f"({m['image_id']!r:.60})")
+    if m["page_size"] != PAGE_SIZE or m["chunk_pages"] != CHUNK_PAGES:
+        raise ImageError(f"image {image_id}: page size {m['page_size']} / "
+                         f"chunk {m['chunk_pages']} differ from this host's")
     return m
+
+
+class _Problems:
+    """Violations found by structure_problems, counted per kind: the first
+    of each kind is described, the others counted."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, kind: str, text: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.first.setdefault(kind, text)
+        self.count[kind] = self.count.get(kind, 0) + n
+
+    def __bool__(self) -> bool:
+        return bool(self.count)
+
+    def lines(self) -> list[str]:
+        return [text if self.count[k] == 1 else f"{text} (and {self.count[k] - 1} more)"
+                for k, text in self.first.items()]
+
+
+def _run_arrays(maps: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(address, pages, owner mapping index) of every ``key`` run, in file
+    order (the manifest was decoded: decode_manifest checked the pairs)."""
+    addr: list[int] = []
+    pages: list[int] = []
+    owner: list[int] = []
+    for i, mp in enumerate(maps):
+        pairs = mp.get(key, ())
+        addr += [int(a, 16) for a, _ in pairs]
+        pages += [n for _, n in pairs]
+        owner += [i] * len(pairs)
+    return (np.array(addr, np.uint64), np.array(pages, np.uint64),
+            np.array(owner, np.int64))
+
+
+def structure_problems(m: dict) -> tuple[list[str], PageRuns | None]:
+    """Every way a decoded manifest contradicts IMAGE.md: key set, mapping
+    records (sorted, disjoint, valid, ``migrates`` iff the kind migrates,
+    runs only where it does), runs (page aligned, sorted, disjoint, inside
+    their mapping; data and zero disjoint), chunk records (exactly the
+    chunks holding data, sorted, chunk aligned, unique slots, page counts)
+    and totals (equal to recounts).  Returns the violations, one line per
+    kind, and the data runs when they are sound enough to check chunk
+    digests against (else None).  Vectorised over runs; Python per mapping
+    and chunk record."""
+    bad = _Problems()
+    keys = set(m)
+    missing = sorted(MANIFEST_KEYS - keys - OPTIONAL_KEYS)
+    if missing:
+        bad.add("keys", f"the manifest lacks {', '.join(missing)}")
+    extra = sorted(keys - MANIFEST_KEYS)
+    if extra:
+        bad.add("keys-extra", f"the manifest has keys IMAGE.md does not define: "
+                f"{', '.join(repr(k)[:40] for k in extra[:5])}")
+    if m.get("data_file") != PAGES_NAME:
+        bad.add("data_file", f"data_file is {m.get('data_file')!r:.60}, not {PAGES_NAME!r}")
+    maps = m["mappings"]
+    if len(maps) > MAX_MAPPINGS:
+        bad.add("many", f"{len(maps)} mappings, more than the {MAX_MAPPINGS} a layout may have")
+    starts = [int(mp["start"], 16) for mp in maps]
+    ends = [int(mp["end"], 16) for mp in maps]
+    for i, mp in enumerate(maps):
+        where = _where_mapping(i, mp)
+        try:
+            normalize_mapping(mp)
+        except ImageError as exc:
+            bad.add("mapping", f"{where}: {exc}")
+        moves = mp["kind"] in MIGRATABLE_KINDS
+        if mp["migrates"] != moves:
+            bad.add("migrates", f"{where} is of kind {mp['kind']!r:.20} but says migrates: "
+                    f"{str(mp['migrates']).lower()} (it migrates exactly when its kind "
+                    f"is one of {', '.join(sorted(MIGRATABLE_KINDS))})")
+        has = [k for k in RUN_KEYS if k in mp]
+        if moves and len(has) != len(RUN_KEYS):
+            bad.add("runs-missing", f"{where} migrates but has no "
+                    f"{' and '.join(k for k in RUN_KEYS if k not in has)} runs")
+        if not moves and has:
+            bad.add("runs-stray", f"{where} does not migrate but has {' and '.join(has)} runs")
+        extra = sorted(set(mp) - MAPPING_KEYS - set(RUN_KEYS))
+        if extra:
+            bad.add("mapping-keys", f"{where} has keys IMAGE.md does not define: "
+                    f"{', '.join(repr(k)[:40] for k in extra[:5])}")
+    order = [i for i in range(1, len(maps)) if starts[i] < ends[i - 1]]
+    if order:
+        i = order[0]
+        bad.add("overlap", f"{_where_mapping(i - 1, maps[i - 1])} and "
+                f"{_where_mapping(i, maps[i])} overlap or are out of address order",
+                len(order))
+    ms = np.array(starts, np.uint64)
+    me = np.array(ends, np.uint64)
+    sound = {}
+    runs = {}
+    page = np.uint64(PAGE_SIZE)
+    for key in RUN_KEYS:
+        a, n, own = _run_arrays(maps, key)
+        e = a + n * page
+        ok = True
+        misaligned = np.flatnonzero(a % page)
+        if misaligned.size:
+            bad.add(f"{key}-align", f"{key} run at {int(a[misaligned[0]]):#x} is not page "
+                    "aligned", misaligned.size)
+            ok = False
+        outside = np.flatnonzero((a < ms[own]) | (e > me[own]) | (e < a)) if a.size else a
+        if outside.size:
+            j = int(outside[0])
+            bad.add(f"{key}-outside", f"{key} run {int(a[j]):#x} + {int(n[j])} pages lies "
+                    f"outside its {_where_mapping(int(own[j]), maps[int(own[j])])}",
+                    outside.size)
+            ok = False
+        unsorted = np.flatnonzero(a[1:] < e[:-1]) + 1 if a.size else a
+        if unsorted.size:
+            j = int(unsorted[0])
+            bad.add(f"{key}-order", f"{key} runs at {int(a[j - 1]):#x} and {int(a[j]):#x} "
+                    "overlap or are out of address order", unsorted.size)
+            ok = False
+        sound[key] = ok
+        runs[key] = PageRuns.from_pairs(zip(a.tolist(), n.tolist())) if ok and a.size \
+            else PageRuns.empty()
+    data, zero = runs["data"], runs["zero"]
+    if sound["data"] and sound["zero"]:
+        both = data.intersect(zero)
+        if both:
+            a, n = both.pairs()[0]
+            bad.add("data-zero", f"{both.total_pages()} pages are listed both as data and "
+                    f"as zero (first at {a:#x}, {n} pages)")
+    # chunk records: exactly the chunks holding data pages
+    chunks = m["chunks"]
+    vaddrs = [int(c["vaddr"], 16) for c in chunks]
+    misaligned = [v for v in vaddrs if v % CHUNK_BYTES]
+    if misaligned:
+        bad.add("chunk-align", f"chunk record at {misaligned[0]:#x} is not aligned on a "
+                f"chunk ({CHUNK_BYTES >> 20} MiB)", len(misaligned))
+    unordered = [i for i in range(1, len(vaddrs)) if vaddrs[i] <= vaddrs[i - 1]]
+    if unordered:
+        bad.add("chunk-order", f"chunk records at {vaddrs[unordered[0] - 1]:#x} and "
+                f"{vaddrs[unordered[0]]:#x} are repeated or out of address order",
+                len(unordered))
+    odd = [c for c in chunks if set(c) != CHUNK_KEYS]
+    if odd:
+        bad.add("chunk-keys", f"chunk record {odd[0]['vaddr']} has keys other than "
+                f"{', '.join(sorted(CHUNK_KEYS))}", len(odd))
+    slots: dict[int, int] = {}
+    for v, c in zip(vaddrs, chunks):
+        if c["slot"] in slots and slots[c["slot"]] != v:
+            bad.add("slots", f"chunks {slots[c['slot']]:#x} and {v:#x} share slot {c['slot']}")
+        slots.setdefault(c["slot"], v)
+    if sound["data"]:
+        ps, pn = cut_at_chunks(data.starts, data.counts)
+        held, held_pages = np.unique(ps // CHUNK_PAGES, return_inverse=True)
+        per_chunk = np.bincount(held_pages, weights=pn, minlength=held.size).astype(np.int64)
+        want = dict(zip(held.tolist(), per_chunk.tolist()))
+        got = {v >> CHUNK_SHIFT: c["pages"] for v, c in zip(vaddrs, chunks)}
+        lost = sorted(set(want) - set(got))
+        if lost:
+            bad.add("chunk-missing", f"chunk {lost[0] << CHUNK_SHIFT:#x} holds "
+                    f"{want[lost[0]]} data pages but has no chunk record", len(lost))
+        empty = sorted(set(got) - set(want))
+        if empty:
+            bad.add("chunk-empty", f"chunk record {empty[0] << CHUNK_SHIFT:#x} names a "
+                    "chunk that holds no data pages", len(empty))
+        wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+        if wrong:
+            k = wrong[0]
+            bad.add("chunk-pages", f"chunk record {k << CHUNK_SHIFT:#x} says {got[k]} pages, "
+                    f"its data runs hold {want[k]}", len(wrong))
+    # totals: equal to what the records say
+    totals = m["totals"]
+    recount = {"mappings": len(maps), "migratable_mappings": sum(mp["migrates"] for mp in maps),
+               "chunks": len(chunks)}
+    if sound["data"]:
+        recount["data_pages"] = data.total_pages()
+        recount["data_bytes"] = data.total_pages() * PAGE_SIZE
+    if sound["zero"]:
+        recount["zero_pages"] = zero.total_pages()
+    for key, value in recount.items():
+        if totals[key] != value:
+            bad.add(f"totals-{key}", f"totals.{key} is {totals[key]}, the records say {value}")
+    return bad.lines(), (data if sound["data"] else None)

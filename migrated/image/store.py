@@ -14,7 +14,6 @@ moment leaves either a complete image or a partial one that the next
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import ctypes.util
 import errno
@@ -22,10 +21,11 @@ import mmap
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -71,8 +71,6 @@ STORE_WRITE_BYTES = 256 * 1024
 
 # read_memory() is for inspection: bound what one call may allocate.
 MAX_READ_BYTES = 256 * 1024 * 1024
-# Withdrawn migration ids remembered (SPEC.md 9.2); far more than can be in flight.
-MAX_WITHDRAWN_KEPT = 4096
 
 # Chunks (2 MiB of address space each with 4 KiB pages) one image may
 # describe: chunks holding data or zero pages.  Zero pages carry no bytes,
@@ -253,6 +251,9 @@ class VerifyResult:
     bad_chunks: int
     first_bad: dict | None
     error: str | None
+    # Every way the image contradicts protocol/IMAGE.md (one line per kind
+    # of violation); ``error`` sums them up.  Empty when ``ok``.
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -278,12 +279,15 @@ class ImageStore:
         self.min_free_bytes = int(min_free_bytes)
         self.max_image_chunks = int(max_image_chunks)
         self._lock = threading.Lock()
+        # Open and staged writers.  A withdrawal (SPEC.md 9.2) marks those of
+        # the requester's own migration; nothing else is remembered, so a
+        # peer can neither fill nor flush any list of withdrawn migrations.
         self._writers: set[ImageWriter] = set()
-        self._committed: int | None = None   # bytes of complete images
-        # Migrations whose source withdrew them (SPEC.md 9.2): never publish
-        # an image for them.  Bounded; in memory only, because a restart
-        # removes every partial image anyway.
-        self._withdrawn: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # Bytes of complete images, as last counted from images/.  Other
+        # processes change images/ too (`migratectl images rm` has a store of
+        # its own), so begin() counts again, and so does any quota check
+        # before it refuses (_check_room).
+        self._committed: int | None = None
         if create:
             for d in (self.state_dir, self.images_dir, self.partial_dir):
                 os.makedirs(d, mode=_DIR_MODE, exist_ok=True)
@@ -314,16 +318,30 @@ class ImageStore:
             pass
         return total
 
-    def _committed_bytes(self) -> int:
-        if self._committed is None:
-            self._committed = sum(self._dir_bytes(os.path.join(self.images_dir, i))
-                                  for i in self._image_ids())
+    def _committed_bytes(self, fresh: bool = False) -> int:
+        """Bytes of the complete images; with ``fresh`` (or when unknown)
+        counted again from images/: one scandir of it and one of each image
+        (two files).  An image a writer of ours has renamed into images/ but
+        not yet handed over (publish() between its rename and _forget) is
+        left out: the writer still charges it.  Call locked."""
+        if fresh or self._committed is None:
+            ours = {w.image_id for w in self._writers}
+            total = 0
+            try:
+                with os.scandir(self.images_dir) as it:
+                    for e in it:
+                        if e.name not in ours and mf.IMAGE_ID_RE.fullmatch(e.name) \
+                                and e.is_dir(follow_symlinks=False):
+                            total += self._dir_bytes(e.path)
+            except FileNotFoundError:
+                pass
+            self._committed = total
         return self._committed
 
     def used_bytes(self) -> int:
         """Bytes charged against the quota now (images + open writers)."""
         with self._lock:
-            return self._committed_bytes() + sum(w._charge() for w in self._writers)
+            return self._committed_bytes(fresh=True) + sum(w._charge() for w in self._writers)
 
     def _free_bytes(self) -> int:
         st = os.statvfs(self.state_dir)
@@ -336,6 +354,11 @@ class ImageStore:
             return
         others = sum(w._charge() for w in self._writers if w is not writer)
         used = self._committed_bytes() + others
+        if used + peer_charge + extra > self.quota_bytes:
+            # Images may have been removed by another process since the
+            # count: count again before refusing (only on this path, so
+            # writes never pay for a scan).
+            used = self._committed_bytes(fresh=True) + others
         if used + peer_charge + extra > self.quota_bytes:
             raise QuotaExceeded(
                 f"image store quota exceeded in {self.state_dir}: "
@@ -381,6 +404,7 @@ class ImageStore:
                 f"free, but only {_mib(free)} is available; free some space or "
                 "remove old images (`migratectl images rm ID`)")
         with self._lock:
+            self._committed_bytes(fresh=True)     # images rm'd by others count no more
             self._check_room(None, expected_bytes, 0)
             image_id = mf.new_image_id()
             path = os.path.join(self.partial_dir, image_id)
@@ -410,20 +434,42 @@ class ImageStore:
                       and os.path.isfile(os.path.join(self.images_dir, n,
                                                       mf.MANIFEST_NAME)))
 
+    def _gone(self, image_id: str) -> ImageNotFound:
+        return ImageNotFound(f"no image {image_id} in {self.images_dir} (it was just "
+                             "removed; see `migratectl images list`)")
+
     def show(self, image_id: str) -> dict:
+        """The image's manifest, every field a reader uses type-checked
+        (ImageError otherwise); ImageNotFound if it is not there, or was
+        removed while being read."""
         path = self._existing(image_id)
-        with open(os.path.join(path, mf.MANIFEST_NAME), "rb") as f:
-            return mf.decode_manifest(f.read(), image_id)
+        try:
+            with open(os.path.join(path, mf.MANIFEST_NAME), "rb") as f:
+                blob = f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._gone(image_id) from None
+        return mf.decode_manifest(blob, image_id)
 
     def list(self) -> list[dict]:
+        """One row per complete image.  An image whose manifest cannot be
+        read or is malformed is one row with ``error`` (the others are still
+        listed); one removed while listing is left out."""
         out = []
         for image_id in self._image_ids():
             try:
                 m = self.show(image_id)
+            except ImageNotFound:
+                continue              # removed since the directory was read
             except ImageError as exc:
                 out.append({"image_id": image_id, "error": str(exc)})
                 continue
-            meta = m.get("meta", {})
+            except PermissionError:
+                raise                 # the caller's own problem (not root?)
+            except OSError as exc:
+                out.append({"image_id": image_id, "error": f"image {image_id}: manifest "
+                            f"cannot be read: {exc.strerror or exc}"})
+                continue
+            meta = m["meta"]
             out.append({
                 "image_id": image_id,
                 "created": m.get("committed_at"),
@@ -433,18 +479,34 @@ class ImageStore:
                 "exe": meta.get("exe"),
                 "cmdline": meta.get("cmdline"),
                 "mappings": len(m["mappings"]),
-                **m.get("totals", {}),
-                "digest": m.get("digest"),
+                **{k: m["totals"][k] for k in mf.TOTALS_KEYS},
+                "digest": m["digest"],
             })
         return out
 
     def remove(self, image_id: str) -> None:
+        """Take an image out of images/ in one rename, then delete it.
+        ImageNotFound if it is not there -- or if another process (an
+        `images rm`, a withdrawal) removed it first."""
         path = self._existing(image_id)
         # Move it out of images/ in one rename first: a crash mid-delete
         # leaves a partial that the next start removes, never half an image.
         trash = os.path.join(self.partial_dir, f"{image_id}.removing")
         nbytes = self._dir_bytes(path)
-        os.rename(path, trash)
+        for attempt in (1, 2):
+            try:
+                os.rename(path, trash)
+                break
+            except FileNotFoundError:
+                raise self._gone(image_id) from None
+            except OSError as exc:
+                # A trash directory left by a removal that crashed (or one
+                # under way elsewhere): clear it, try once more.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                    raise
+                if not os.path.isdir(path):
+                    raise self._gone(image_id) from None
+                shutil.rmtree(trash, ignore_errors=True)
         _fsync_dir(self.images_dir)
         shutil.rmtree(trash, ignore_errors=True)
         with self._lock:
@@ -453,88 +515,161 @@ class ImageStore:
 
     def withdraw_migration(self, migration_id: str, image_id: str, *,
                            source_node: str, source_peer: str = "") -> str:
-        """A source resolving a migration left in doubt (SPEC.md 9.2):
-        remove image ``image_id`` if it was published for ``migration_id``
-        by that source, and make sure nothing is published for that
-        migration later.  Returns "removed" or "absent".  Raises ImageError
-        when the image exists but is not that migration's from that source
-        (the requester may not touch it)."""
+        """A source resolving a migration left in doubt (SPEC.md 9.2).
+
+        Only what the requester owns is touched -- a writer or an image
+        whose metadata names this ``migration_id``, ``source_node`` and
+        ``source_peer`` (the certificate name it presented):
+
+        * every open or staged writer of that migration is marked, so that
+          it is never published (publish() checks the mark under the store
+          lock, so either the mark comes first or the rename does, and the
+          image is then found below);
+        * the published image ``image_id``, and any image such a writer has
+          already renamed into images/, is removed.
+
+        Returns "removed" (an image was taken out) or "absent" (none was
+        published, and none of that migration will be).  A request that
+        matches nothing records nothing: no peer can fill or flush a list
+        of withdrawn migrations, nor block another source's publish.
+        Raises ImageError when image ``image_id`` exists but is not the
+        requester's (it is left alone)."""
         image_id = mf.check_image_id(image_id)
+        owner = (migration_id, source_node, source_peer)
         with self._lock:
-            self._withdrawn[migration_id] = time.time()
-            self._withdrawn.move_to_end(migration_id)
-            while len(self._withdrawn) > MAX_WITHDRAWN_KEPT:
-                self._withdrawn.popitem(last=False)
-        try:
-            meta = self.show(image_id).get("meta", {})
-        except (ImageNotFound, FileNotFoundError):
-            return "absent"
-        if (meta.get("migration_id") != migration_id or meta.get("source_node") != source_node
-                or meta.get("source_peer", "") != source_peer):
-            raise ImageError(f"image {image_id} was not published for migration "
-                             f"{migration_id} from {source_node}; it is left alone")
-        try:
-            self.remove(image_id)
-        except ImageNotFound:
-            return "absent"
-        return "removed"
+            mine = [w for w in self._writers if _owned_by(w.meta, *owner)]
+            for w in mine:
+                w._withdraw_requested = True
+        removed = False
+        for iid in dict.fromkeys([image_id] + [w.image_id for w in mine]):
+            try:
+                meta = self.show(iid)["meta"]
+            except ImageNotFound:
+                continue
+            if not _owned_by(meta, *owner):
+                raise ImageError(f"image {iid} was not published for migration "
+                                 f"{migration_id} from {source_node}; it is left alone")
+            try:
+                self.remove(iid)
+                removed = True
+            except ImageNotFound:
+                pass                 # removed meanwhile (images rm): gone all the same
+        return "removed" if removed else "absent"
 
     def is_withdrawn(self, migration_id: str | None) -> bool:
+        """Whether a writer of that migration is marked withdrawn (it will
+        not be published)."""
         with self._lock:
-            return bool(migration_id) and migration_id in self._withdrawn
+            return bool(migration_id) and any(
+                w._withdraw_requested and w.meta.get("migration_id") == migration_id
+                for w in self._writers)
 
     def verify(self, image_id: str) -> VerifyResult:
-        """Recompute the manifest digest and every chunk digest."""
+        """Check the image against protocol/IMAGE.md: the manifest's types
+        and digest, every structural rule it states (mappings, runs, chunk
+        records, totals; mf.structure_problems), the directory's contents
+        and the page file's length, and every chunk digest against
+        pages.img.  Every check runs even after a failure; ``problems``
+        lists each kind of violation found."""
         path = self._existing(image_id)
         res = VerifyResult(image_id, False, False, 0, 0, 0, 0, None, None)
         try:
             m = self.show(image_id)
+        except ImageNotFound:
+            raise
         except ImageError as exc:
             res.error = str(exc)
+            res.problems = [str(exc)]
             return res
+        problems: list[str] = []
         res.chunks = len(m["chunks"])
-        want = m.get("digest")
+        want = m["digest"]
         got = mf.image_digest(m)
         res.manifest_ok = want == got
         if not res.manifest_ok:
-            res.error = (f"manifest digest mismatch: recorded {want}, computed "
-                         f"{got}; the manifest was altered or corrupted")
-        try:
-            data = self._data_runs(m)
-        except (ImageError, ValueError) as exc:
-            res.error = f"{res.error + '; ' if res.error else ''}bad page runs: {exc}"
-            return res
-        ps, pn = mf.cut_at_chunks(data.starts, data.counts)
-        chunk_of = ps // CHUNK_PAGES
+            problems.append(f"manifest digest mismatch: recorded {want}, computed "
+                            f"{got}; the manifest was altered or corrupted")
+        structure, data = mf.structure_problems(m)
+        problems += structure
+        fd = -1
         try:
             fd = os.open(os.path.join(path, mf.PAGES_NAME), os.O_RDONLY | _OPEN_FLAGS)
         except OSError as exc:
-            res.error = f"{res.error + '; ' if res.error else ''}cannot open page data: {exc}"
-            return res
+            if not os.path.isdir(path):
+                raise self._gone(image_id) from None    # removed while we looked
+            problems.append(f"cannot open page data {mf.PAGES_NAME}: {exc.strerror or exc}")
         try:
-            for c in sorted(m["chunks"], key=lambda c: int(c["vaddr"], 16)):
-                vaddr = int(c["vaddr"], 16)
-                lo, hi = np.searchsorted(chunk_of, [vaddr >> CHUNK_SHIFT,
-                                                    (vaddr >> CHUNK_SHIFT) + 1])
-                mask = _mask_from_pieces(ps[lo:hi] - (vaddr >> PAGE_SHIFT), pn[lo:hi])
-                digest, nbytes = _chunk_digest(fd, c["slot"], mask)
-                res.chunks_checked += 1
-                res.bytes_checked += nbytes
-                if digest != c["digest"] or int(mask.sum()) != c.get("pages"):
-                    res.bad_chunks += 1
-                    if res.first_bad is None:
-                        res.first_bad = {"vaddr": c["vaddr"], "slot": c["slot"],
-                                         "expected": c["digest"], "actual": digest}
+            problems += self._directory_problems(path, image_id)
+            if fd >= 0:
+                problems += _tail_problems(fd, m["chunks"])
+                if data is None:
+                    problems.append("chunk digests not checked: the data runs are "
+                                    "inconsistent (see above)")
+                else:
+                    self._verify_chunks(fd, m, data, res)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         if res.first_bad is not None:
             fb = res.first_bad
-            msg = (f"{res.bad_chunks} of {res.chunks} chunks differ; first bad "
-                   f"chunk at {fb['vaddr']} (slot {fb['slot']}): expected "
-                   f"{fb['expected']}, got {fb['actual']}")
-            res.error = msg if res.error is None else f"{res.error}; {msg}"
-        res.ok = res.manifest_ok and res.first_bad is None
+            problems.append(f"{res.bad_chunks} of {res.chunks} chunks differ; first bad "
+                            f"chunk at {fb['vaddr']} (slot {fb['slot']}): expected "
+                            f"{fb['expected']}, got {fb['actual']}")
+        res.problems = problems
+        res.ok = not problems
+        if problems:
+            shown = problems[:mf.MAX_PROBLEMS_SHOWN]
+            more = len(problems) - len(shown)
+            res.error = "; ".join(shown) + (f"; and {more} more" if more else "")
         return res
+
+    @staticmethod
+    def _verify_chunks(fd: int, m: dict, data: PageRuns, res: VerifyResult) -> None:
+        """Digest every chunk record's data pages from the page file (one
+        read per chunk) and compare; counts into ``res``.  A record whose
+        chunk holds no data (structure_problems reports it) is skipped."""
+        ps, pn = mf.cut_at_chunks(data.starts, data.counts)
+        chunk_of = ps // CHUNK_PAGES
+        for c in m["chunks"]:
+            vaddr = int(c["vaddr"], 16)
+            lo, hi = np.searchsorted(chunk_of, [vaddr >> CHUNK_SHIFT,
+                                                (vaddr >> CHUNK_SHIFT) + 1])
+            if lo == hi or vaddr % CHUNK_BYTES:
+                continue
+            mask = _mask_from_pieces(ps[lo:hi] - (vaddr >> PAGE_SHIFT), pn[lo:hi])
+            digest, nbytes = _chunk_digest(fd, c["slot"], mask)
+            res.chunks_checked += 1
+            res.bytes_checked += nbytes
+            if digest != c["digest"] or int(mask.sum()) != c["pages"]:
+                res.bad_chunks += 1
+                if res.first_bad is None:
+                    res.first_bad = {"vaddr": c["vaddr"], "slot": c["slot"],
+                                     "expected": c["digest"], "actual": digest}
+
+    def _directory_problems(self, path: str, image_id: str) -> list[str]:
+        """The image directory must hold exactly manifest.json and pages.img,
+        both regular files (IMAGE.md, "Directory layout")."""
+        try:
+            names = set(os.listdir(path))
+        except FileNotFoundError:
+            raise self._gone(image_id) from None      # removed while we looked
+        except OSError as exc:
+            return [f"cannot list the image directory: {exc.strerror or exc}"]
+        out = []
+        extra = sorted(names - {mf.MANIFEST_NAME, mf.PAGES_NAME})
+        if extra:
+            out.append(f"the image directory holds files IMAGE.md does not list: "
+                       f"{', '.join(repr(n) for n in extra[:5])}"
+                       f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}")
+        for name in (mf.MANIFEST_NAME, mf.PAGES_NAME):
+            try:
+                st = os.lstat(os.path.join(path, name))
+            except FileNotFoundError:
+                out.append(f"{name} is missing")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                out.append(f"{name} is not a regular file")
+        return out
 
     def read_memory(self, image_id: str, addr: int, length: int) -> bytes:
         """The bytes the process had at [addr, addr+length) as stored in the
@@ -572,15 +707,42 @@ class ImageStore:
         return PageRuns.concat(parts)
 
     def export_core(self, image_id: str, path: str, *, overwrite: bool = False) -> dict:
-        """Write the image as an ELF core file; returns a small summary."""
+        """Write the image as an ELF core file; returns a small summary.
+        An image whose manifest contradicts IMAGE.md is refused (the core
+        would miss or misplace memory); chunk digests are not checked here
+        (``verify`` does)."""
         from .elfcore import write_core
         src = self._existing(image_id)
         m = self.show(image_id)
+        problems, _ = mf.structure_problems(m)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ImageError(f"image {image_id} is inconsistent, not exporting it: "
+                             f"{problems[0]}{more}; see `migratectl images verify "
+                             f"{image_id}`")
         fd = os.open(os.path.join(src, mf.PAGES_NAME), os.O_RDONLY | _OPEN_FLAGS)
         try:
             return write_core(m, fd, path, overwrite=overwrite)
         finally:
             os.close(fd)
+
+
+def _tail_problems(fd: int, chunks: list[dict]) -> list[str]:
+    """pages.img may not hold data past the end of the highest slot a chunk
+    record names (the writer truncates it there; holes past it, as images
+    written before that left, are harmless)."""
+    end = (max(c["slot"] for c in chunks) + 1) * CHUNK_BYTES if chunks else 0
+    size = os.fstat(fd).st_size
+    if size <= end:
+        return []
+    try:
+        at = os.lseek(fd, end, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return []                 # only holes past the last slot
+        at = end                      # SEEK_DATA unsupported: take it as data
+    return [f"{mf.PAGES_NAME} is {size} bytes and holds data at {at}, past the end of "
+            f"its last chunk slot ({end} bytes): bytes no chunk record describes"]
 
 
 def _mask_from_pieces(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -981,6 +1143,9 @@ class ImageWriter:
         self._prepared_bytes = 0
         self._renamed_to: str | None = None
         self.withdrawn = False    # published, then taken back out (withdraw())
+        # Its source withdrew the migration (ImageStore.withdraw_migration):
+        # never publish it.  Set and read under the store lock.
+        self._withdraw_requested = False
         self._layout: list[dict] | None = None
         self._layout_runs = PageRuns.empty()
         self._slot_of: dict[int, int] = {}          # chunk number -> slot
@@ -1483,13 +1648,22 @@ class ImageWriter:
         check, digest, write the manifest, fsync the files and the partial
         directory.  Returns (image_id, digest_hex).  Chunks unchanged since
         their checkpoint digest are not read again.  Then publish() makes it
-        visible, or abort() removes it."""
+        visible, or abort() removes it.
+
+        ``meta_update`` is merged into the metadata; its ``timings`` (the
+        engine's figures of the migration) are cut to MAX_META_TIMINGS_BYTES
+        of JSON if larger (mf.clip_timings), never refused."""
         self._check_open()
         if self._layout is None:
             raise ImageError(f"image {self.image_id}: cannot commit, no memory "
                              "layout was ever declared")
+        meta = self._final_meta(meta_update)
         t0 = time.perf_counter()
         ck, fl = self._stop_checkpoints()
+        try:
+            self._trim_page_file()
+        except OSError as exc:
+            raise self._fail(exc, "committing") from None
         t_stop = time.perf_counter()
         # The data fsync (waiting on the disk) starts first and runs while
         # the layout is checked, the chunks digested and the manifest built
@@ -1525,10 +1699,6 @@ class ImageWriter:
                 fresh = len(todo)
                 t_digest = time.perf_counter()
                 mappings = mf.mapping_records(self._layout, data, zero)
-                meta = dict(self.meta)
-                if meta_update:
-                    meta.update(mf.check_meta(meta_update))
-                    meta = mf.check_meta(meta)
             finally:
                 syncer.join()     # never leave it running on a descriptor we close
             syncer.result()
@@ -1588,6 +1758,47 @@ class ImageWriter:
             "total_ms": round((t_end - t0) * 1e3, 3)}
         return self.image_id, man["digest"]
 
+    def _final_meta(self, update: dict | None) -> dict:
+        """The metadata the manifest records: the writer's, merged with
+        ``update`` (checked like the source's, timings cut to their bound).
+        The merged metadata may exceed MAX_META_BYTES by the timings' bound:
+        any metadata begin() accepted still commits."""
+        meta = dict(self.meta)
+        if not update:
+            return meta
+        if not isinstance(update, dict):
+            raise ImageError(f"image {self.image_id}: commit metadata must be a dict")
+        update = dict(update)
+        timings = update.get("timings")
+        if timings is not None:
+            if not isinstance(timings, dict):
+                raise ImageError(f"image {self.image_id}: commit metadata 'timings' must "
+                                 f"be a dict, got {type(timings).__name__}")
+            try:
+                update["timings"], _ = mf.clip_timings(timings)
+            except (TypeError, ValueError) as exc:
+                raise ImageError(f"image {self.image_id}: commit timings are not plain "
+                                 f"JSON data: {exc}") from None
+        meta.update(update)
+        return mf.check_meta(meta, limit=mf.MAX_META_BYTES + mf.MAX_META_TIMINGS_BYTES)
+
+    def _trim_page_file(self) -> None:
+        """Cut pages.img at the end of the last slot that holds data pages:
+        slots past it lost their data (dropped, turned zero, left the
+        layout) and hold at most stale blocks, which no chunk record would
+        describe (IMAGE.md; verify checks it).  Looks at one bitmap row
+        when the file's last slot holds data (the usual case)."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return
+        last = min(self.slots, -(-size // CHUNK_BYTES)) - 1
+        if last >= 0 and self._data[last].any():
+            return
+        held = np.flatnonzero(self._data[:max(last, 0)].any(axis=1))
+        end = (int(held[-1]) + 1) * CHUNK_BYTES if held.size else 0
+        if size > end:
+            os.ftruncate(self._fd, end)
+
     def publish(self) -> None:
         """Make a prepared image visible: one rename of partial/<id> to
         images/<id>, then fsync both parents.  If an fsync fails the image
@@ -1602,7 +1813,7 @@ class ImageWriter:
             # Checked and renamed under the store lock: a Withdraw for this
             # migration either came first (no publish) or finds the image.
             with self.store._lock:
-                if mid and mid in self.store._withdrawn:
+                if self._withdraw_requested:
                     raise ImageWithdrawn(f"image {self.image_id}: migration {mid} was "
                                          "withdrawn by its source; not publishing it")
                 os.rename(self.path, final)
@@ -1687,6 +1898,14 @@ class ImageWriter:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _owned_by(meta: dict, migration_id: str, source_node: str, source_peer: str) -> bool:
+    """Whether image metadata says it belongs to that migration of that
+    source (node name and certificate name; SPEC.md 9.2)."""
+    return (bool(migration_id) and meta.get("migration_id") == migration_id
+            and meta.get("source_node") == source_node
+            and meta.get("source_peer", "") == source_peer)
 
 
 def _iso(t: float) -> str:

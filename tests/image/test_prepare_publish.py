@@ -151,11 +151,3 @@ def test_withdraw_of_someone_elses_image_is_refused(store, who):
 def test_withdraw_names_only_valid_image_ids(store):
     with pytest.raises(ImageError):
         store.withdraw_migration("m1", "../../etc", source_node="src")
-
-
-def test_withdrawn_ids_are_bounded(store, monkeypatch):
-    from migrated.image import store as store_mod
-    monkeypatch.setattr(store_mod, "MAX_WITHDRAWN_KEPT", 3)
-    for i in range(10):
-        store.withdraw_migration(f"m{i}", "20260101-000000.000-0000000000", source_node="s")
-    assert [store.is_withdrawn(f"m{i}") for i in range(10)] == [False] * 7 + [True] * 3
