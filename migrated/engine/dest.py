@@ -11,7 +11,8 @@ the daemon accepted (docs/ARCHITECTURE.md, "Engine <-> daemon seam"):
     RoundEnd                  -> progress event; writer.checkpoint() digests
                                the chunks of that round and flushes them in
                                the background while the source still runs
-    Freeze, FinalEnd          -> progress events
+    Freeze, FinalEnd          -> progress events (FinalEnd: the frozen
+                               round's "round" event, from our own counts)
     CommitRequest -> writer.prepare() -> Committed(image_id, digest)
                               (sealed and durable, but staged: not visible)
     Release(image_id) -> writer.publish() -> Released(image_id)
@@ -28,7 +29,9 @@ Any failure (protocol violation, quota, disk full, a silent or vanished
 peer, a cancel) aborts the writer -- the partial image is removed -- and,
 when the link still works, sends Error (or Cancel) to the source before
 closing.  Every wait has a timeout: a silent peer costs seconds, not a
-stuck worker.  ``run()`` never raises for a migration failure.
+stuck worker; a source that sends nothing but keepalives while streaming
+is cut after a bound (PROGRESS_IDLE_FACTOR), so it cannot hold a
+--max-migrations slot for ever.  ``run()`` never raises for a migration failure.
 """
 
 from __future__ import annotations
@@ -102,6 +105,35 @@ ROUNDS_KEPT_LAST = 112
 ROUND_EVENTS_ALWAYS = 64
 ROUND_EVENT_INTERVAL_S = 1.0
 
+# The progress rule (SPEC.md 14): while streaming, a source that sends
+# nothing but keepalives for this many idle timeouts -- at least
+# MIN_PROGRESS_TIMEOUT_S, plus the time our own disk still needs for what
+# it holds (a source with "backlog" waits for that) -- is cut with
+# error(timeout), and its --max-migrations slot freed.  Keepalives alone
+# keep a link open, not a migration: without this rule a source could hold
+# a slot for ever.  Safe for a real source, which sends only keepalives
+# while (source.py) it waits for our answer to a round-end (at most one
+# idle timeout), waits for our disk (bounded by our flush estimate, added
+# here; every flush that ends restarts the clock with the report it
+# sends), stops its target (FREEZE_TIMEOUT_S, 5 s) or collects the dirty
+# set (digest tracker: the whole address space hashed, ~1.4 GB/s, so some
+# 200 s for the largest image we take, 256 GiB; soft-dirty and uffd-wp a
+# few seconds).
+PROGRESS_IDLE_FACTOR = 10
+MIN_PROGRESS_TIMEOUT_S = 300.0
+
+# The image manifest keeps the destination's timings (meta["timings"],
+# IMAGE.md) with the figures of at most this many rounds -- the first and
+# the last ones, as RoundFigures does, but fewer: at most ~230 bytes of
+# JSON each, so the whole dict stays under MAX_TIMINGS_BYTES.  The
+# default policy (30 rounds at most, plus the final one) keeps them all.
+TIMINGS_ROUNDS_FIRST = 8
+TIMINGS_ROUNDS_LAST = 24
+MAX_TIMINGS_BYTES = 8 * 1024
+# The figures of a round kept in the manifest.
+TIMINGS_ROUND_KEYS = ("round", "pages", "bytes", "duration_ms", "dirty_rate", "bandwidth",
+                      "pause_ms", "final")
+
 _FLAG_NAMES = ((ev.MAP_FLAG_DELETED, "deleted"), (ev.MAP_FLAG_HEAP, "heap"),
                (ev.MAP_FLAG_STACK, "stack"))
 
@@ -119,6 +151,14 @@ class DestLimits:
     # Silence tolerated between messages while streaming (the source sends
     # keepalives every KEEPALIVE_INTERVAL_S while it is busy elsewhere).
     idle_timeout_s: float = field(default_factory=lambda: L.IDLE_TIMEOUT_S)
+    # While streaming, keepalives alone for this long end the migration
+    # (PROGRESS_IDLE_FACTOR); None: derived from idle_timeout_s.
+    progress_timeout_s: float | None = None
+
+    def progress_s(self) -> float:
+        if self.progress_timeout_s is not None:
+            return self.progress_timeout_s
+        return max(PROGRESS_IDLE_FACTOR * self.idle_timeout_s, MIN_PROGRESS_TIMEOUT_S)
 
 
 class RoundFigures:
@@ -215,6 +255,16 @@ class DestMigration:
         self._commit_ms = 0.0
         self._committed_at = 0.0
         self._backlog = False        # "backlog" agreed: report, no live flush
+        # Pages of the current round as they arrive (data, zero): the round
+        # figures count what came here, not what the source says it sent.
+        self._round_data = 0
+        self._round_zero = 0
+        self._freeze_bytes = 0        # the connection's frame_bytes after Freeze
+        self._accepted_at: float | None = None
+        self._commit_request_at: float | None = None
+        # When the source last sent more than a keepalive, or our disk last
+        # told it something (the progress rule, _progress_deadline).
+        self._progress_at = time.monotonic()
 
     def cancel(self, reason: str = "cancelled by operator") -> None:
         self._cancel.cancel(reason)
@@ -293,6 +343,8 @@ class DestMigration:
         quota = L.U63_MAX if quota is None else min(int(quota), L.U63_MAX)
         ch.send_event(ev.Accept(min(lim.max_batch_pages, L.MAX_BATCH_PAGES,
                                     L.MAX_BATCH_BYTES // start.page_size), quota))
+        self._accepted_at = time.perf_counter()
+        self._progress_at = time.monotonic()
         self._emit({"event": "start", "peer": self.peer, "source_node": hello.node,
                     "pid": start.pid, "tracker": start.tracker,
                     "estimated_bytes": start.estimated_bytes, "image_id": self.writer.image_id})
@@ -307,9 +359,12 @@ class DestMigration:
         frozen = False
         unflushed = 0              # page bytes since the last checkpoint or flush
         while True:
-            got = self._wait(lim.idle_timeout_s, "the next message", None)
+            got = self._wait(lim.idle_timeout_s, "the next message", None,
+                             progress_by=self._progress_deadline)
+            self._progress_at = time.monotonic()
             if isinstance(got, ev.Pages):
                 unflushed += len(got.data)
+                self._round_data += got.runs.total_pages()
                 w.write_pages(got.runs, got.data)
                 if frozen and checkpoint is not None:
                     if unflushed >= FROZEN_CHECKPOINT_BYTES:
@@ -321,6 +376,7 @@ class DestMigration:
             elif isinstance(got, ev.Dropped):      # (a subclass of Zeros: test first)
                 w.drop(got.runs)
             elif isinstance(got, ev.Zeros):
+                self._round_zero += got.runs.total_pages()
                 w.write_zeros(got.runs)
             elif isinstance(got, ev.Layout):
                 w.set_layout(mapping_record(m) for m in got.mappings)
@@ -332,10 +388,16 @@ class DestMigration:
                         "out-of-state", f"round-end of round {got.round}, the last round a "
                         f"migration may have (MAX_ROUND, SPEC.md 8): the source must "
                         "freeze in it")
-                fig = {"round": got.round, "pages": got.pages, "bytes": got.bytes,
-                       "duration_ms": round(got.duration_ms, 3),
+                # pages: data and zero pages that came in this round, as the
+                # source counts them in its own line (got.pages, data only,
+                # was checked by the connection); the rest are its figures.
+                fig = {"round": got.round, "pages": self._round_data + self._round_zero,
+                       "bytes": got.bytes, "duration_ms": round(got.duration_ms, 3),
                        "dirty_rate": round(got.dirty_rate, 1),
-                       "bandwidth": round(got.bandwidth, 1), "pause_ms": round(got.pause_ms, 3)}
+                       "bandwidth": round(got.bandwidth, 1), "pause_ms": round(got.pause_ms, 3),
+                       "data_pages": self._round_data, "zero_pages": self._round_zero,
+                       "final": False}
+                self._round_data = self._round_zero = 0
                 self.rounds.add(fig)
                 if checkpoint is not None:
                     checkpoint()
@@ -345,14 +407,74 @@ class DestMigration:
                 self._emit_round(fig)
             elif isinstance(got, ev.Freeze):
                 self._freeze_at = time.perf_counter()
+                self._freeze_bytes = ch.conn.frame_bytes
                 frozen, unflushed = True, 0
+                # (the connection starts the frozen round's count afresh too)
+                self._round_data = self._round_zero = 0
                 self._emit({"event": "freeze", "round": got.round})
             elif isinstance(got, ev.FinalEnd):
-                pass
+                self._final_round(got)
             elif isinstance(got, ev.CommitRequest):
+                self._commit_request_at = time.perf_counter()
                 return self._commit(got)
             else:
                 self._unexpected(got)
+
+    def _final_round(self, got: ev.FinalEnd) -> None:
+        """The frozen round's line, from our own counts (no round-end
+        carries the source's figures for it): pages and bytes received
+        since Freeze (the frames between Freeze and FinalEnd, as the
+        source counts what it sent), and the time since.  The source's
+        dirty rate and pause for it never cross the wire: those stay None
+        (left out of the log line)."""
+        t = time.perf_counter()
+        since = 0.0 if self._freeze_at is None else t - self._freeze_at
+        conn = self.channel.conn
+        nbytes = max(0, conn.frame_bytes - conn.last_frame_bytes - self._freeze_bytes)
+        fig = {"round": got.round, "pages": self._round_data + self._round_zero,
+               "bytes": nbytes, "duration_ms": round(since * 1000.0, 3),
+               "dirty_rate": None, "bandwidth": round(nbytes / max(since, 1e-6), 1),
+               "pause_ms": None, "data_pages": self._round_data,
+               "zero_pages": self._round_zero, "final": True}
+        self._round_data = self._round_zero = 0
+        self.rounds.add(fig)
+        # Never throttled: one per migration.
+        self._emit({"event": "round", **fig})
+
+    def _progress_deadline(self) -> float:
+        """When keepalives alone stop counting (module doc at
+        PROGRESS_IDLE_FACTOR): the last progress, plus the bound, plus what
+        our disk still needs for the page data it holds when the source
+        waits for it ("backlog")."""
+        extra = 0.0
+        if self._backlog and self.writer is not None:
+            extra = self._unflushed()[1]
+        return self._progress_at + self.limits.progress_s() + extra
+
+    def _timings(self) -> dict:
+        """The destination's timings for the image manifest (meta["timings"],
+        IMAGE.md): the figures of the rounds (at most TIMINGS_ROUNDS_FIRST
+        + TIMINGS_ROUNDS_LAST of them: a few KiB of JSON) and of the freeze
+        as seen here.  The time prepare() itself takes cannot be in what
+        it seals: it is the manifest's store_timings_ms, and the "commit"
+        event's commit_ms."""
+        kept = self.rounds.kept()
+        if len(kept) > TIMINGS_ROUNDS_FIRST + TIMINGS_ROUNDS_LAST:
+            kept = kept[:TIMINGS_ROUNDS_FIRST] + kept[-TIMINGS_ROUNDS_LAST:]
+        t_req = self._commit_request_at or time.perf_counter()
+
+        def ms(t0: float | None) -> float | None:
+            return None if t0 is None else round((t_req - t0) * 1000.0, 3)
+        return {"rounds": [{k: r[k] for k in TIMINGS_ROUND_KEYS if r.get(k) is not None}
+                           for r in kept],
+                "rounds_total": self.rounds.count,
+                "rounds_left_out": self.rounds.count - len(kept),
+                # Accept sent -> CommitRequest received: the whole transfer.
+                "receive_ms": ms(self._accepted_at),
+                # Freeze received -> CommitRequest received: the frozen
+                # part before the commit (the source adds the commit).
+                "frozen_receive_ms": ms(self._freeze_at),
+                "bytes_received": self.transport.bytes_received}
 
     def _emit_round(self, fig: dict) -> None:
         """The "round" event, throttled past ROUND_EVENTS_ALWAYS rounds (the
@@ -371,11 +493,17 @@ class DestMigration:
         included) not yet known durable, and how long flushing them should
         take at the rate background flushes achieved here; after the
         RoundEnd of the connection's last ended round."""
-        w, conn = self.writer, self.channel.conn
-        unflushed = max(0, conn.total_bytes - int(getattr(w, "flushed_bytes", 0)))
+        unflushed, flush_s = self._unflushed()
+        return ev.Backlog(self.channel.conn.round - 1, min(unflushed, L.U63_MAX),
+                          min(flush_s * 1000.0, L.MAX_FIGURE))
+
+    def _unflushed(self) -> tuple[int, float]:
+        """Page bytes received but not known durable, and the seconds
+        flushing them should take here."""
+        w = self.writer
+        unflushed = max(0, self.channel.conn.total_bytes - int(getattr(w, "flushed_bytes", 0)))
         rate = float(getattr(w, "flush_rate", 0.0)) or ASSUMED_FLUSH_RATE
-        return ev.Backlog(conn.round - 1, min(unflushed, L.U63_MAX),
-                          min(unflushed / rate * 1000.0, L.MAX_FIGURE))
+        return unflushed, unflushed / rate
 
     def _report_flushed(self) -> None:
         """After a background flush (in the flusher's thread): tell a source
@@ -387,7 +515,10 @@ class DestMigration:
         try:
             self.channel.send_event(self._backlog_report())
         except (MigratedError, OSError):
-            pass
+            return
+        # A source waiting for our disk hears from it now: the wait it
+        # spent with keepalives was ours (the progress rule).
+        self._progress_at = time.monotonic()
 
     def _withdraw(self, hello: ev.Hello, req: ev.Withdraw, result: dict) -> tuple[str, None]:
         """The other conversation (SPEC.md 9.2): a source that sent Release
@@ -428,7 +559,8 @@ class DestMigration:
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
         t0 = time.perf_counter()
         try:
-            image_id, digest = w.prepare({"migration_id": self.migration_id})
+            image_id, digest = w.prepare({"migration_id": self.migration_id,
+                                          "timings": self._timings()})
         finally:
             self.channel.stop_keepalive()
         self._commit_ms = (time.perf_counter() - t0) * 1000.0
@@ -531,7 +663,7 @@ class DestMigration:
                 self.writer.withdraw()
                 what = (f"error ({got.code}): {got.message}" if isinstance(got, ev.Error)
                         else f"cancel: {got.reason}")
-                raise _Abort("failed", got.code if isinstance(got, ev.Error) else "cancelled",
+                raise _Abort("failed", got.known_code if isinstance(got, ev.Error) else "cancelled",
                              f"the source gave up before Released for image {image_id} "
                              f"reached it and resumed its process ({what})")
             if not isinstance(got, ev.Keepalive):
@@ -540,10 +672,14 @@ class DestMigration:
     # -- waiting ----------------------------------------------------------------------
 
     def _wait(self, timeout: float, what: str, want: type | None, *,
-              deadline: float | None = None):
+              deadline: float | None = None,
+              progress_by: Callable[[], float] | None = None):
         """Next event of type ``want``.  Keepalives extend an idle wait, but
         never a fixed ``deadline`` (the handshake must finish in time, or a
-        peer could hold a session open with keepalives alone)."""
+        peer could hold a session open with keepalives alone), nor past
+        ``progress_by()`` (the progress rule while streaming).  A frame
+        under way when an idle wait ends gets the time its size needs
+        (Channel.next_event's frame_allowance); a fixed deadline is kept."""
         fixed = deadline is not None
         if deadline is None:
             deadline = time.monotonic() + timeout
@@ -556,18 +692,32 @@ class DestMigration:
                 raise TransportTimeout(self.peer, f"{self.peer} sent no {what} within "
                                                   f"{timeout:g} s")
             try:
-                got = self.channel.next_event(left)
+                got = self.channel.next_event(left, frame_allowance=not fixed)
             except TransportTimeout:
                 self._check_writer()        # the cause, if the writer failed meanwhile
                 raise
             self._check_writer()
             if isinstance(got, ev.Keepalive):
+                if progress_by is not None:
+                    self._check_progress(progress_by())
                 if not fixed:
                     deadline = time.monotonic() + timeout
                 continue
             if want is None or isinstance(got, want):
                 return got
             self._unexpected(got)
+
+    def _check_progress(self, by: float) -> None:
+        now = time.monotonic()
+        if now < by:
+            return
+        conn = self.channel.conn
+        raise _Abort("failed", "timeout",
+                     f"{self.peer} sent only keepalives for {now - self._progress_at:.0f} s "
+                     f"in state {conn.state.value} (round {conn.round}): no page data, "
+                     f"layout or round end within the progress bound of "
+                     f"{self.limits.progress_s():g} s (SPEC.md 14); the source is stuck, "
+                     "and its migration slot is freed")
 
     def _check_writer(self) -> None:
         """Raise the error the writer's thread hit, if any.  Checked on every
@@ -580,8 +730,10 @@ class DestMigration:
 
     def _unexpected(self, got) -> None:
         if isinstance(got, ev.Error):
-            raise _Abort("failed", got.code, f"the source reported an error ({got.code}): "
-                                             f"{got.message}")
+            # A code we do not know counts as "internal" (SPEC.md 13); the
+            # message keeps the source's own.
+            raise _Abort("failed", got.known_code, f"the source reported an error "
+                                                   f"({got.code}): {got.message}")
         if isinstance(got, ev.Cancel):
             raise _Abort("cancelled", "cancelled", f"the source cancelled: {got.reason}")
         if isinstance(got, ev.ConnectionClosed):

@@ -464,6 +464,10 @@ class SourceMigration:
         decision = self.policy.begin()
         stop_and_copy = decision.stop
         if stop_and_copy:
+            # Start (the destination's quota and space checks) before the
+            # freeze, on the size the process has now: not inside it.
+            with pm.Pagemap(self.pid) as pmap:
+                self._handshake_start(pmap.present_in(self._read_layout()).total_bytes())
             self._freeze()
         layout = self._read_layout()
         t_armed = time.perf_counter()      # the tracker records writes from here on
@@ -475,11 +479,14 @@ class SourceMigration:
             with pm.Pagemap(self.pid) as pmap:
                 present = pmap.present_in(layout)
             self._on_read = _nothing_to_track
-            self._collect_ms = (time.perf_counter() - t_armed) * 1000.0
         else:
             present = self.tracker.start(layout).dirty
-        self._handshake_start(present.total_bytes())
+            self._handshake_start(present.total_bytes())
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
+        if stop_and_copy:
+            # Its collection: from the freeze to here (layout, scan).
+            self._collect_ms = (time.perf_counter() - self._frozen_at) * 1000.0 \
+                - self._freeze_wait_ms
 
         rnd = 0
         t_last_collect = time.perf_counter()
@@ -916,8 +923,10 @@ class SourceMigration:
         if self._noted(got):
             return
         if isinstance(got, ev.Error):
-            raise PeerError(got.code, f"the destination {self.peer} reported an error "
-                                      f"({got.code}): {got.message}")
+            # A code we do not know counts as internal (SPEC.md 13); the
+            # peer's own code stays in the message.
+            raise PeerError(got.known_code, f"the destination {self.peer} reported an error "
+                                            f"({got.code}): {got.message}")
         if isinstance(got, ev.Cancel):
             raise PeerError("cancelled", f"the destination {self.peer} cancelled the "
                                          f"migration: {got.reason}", cancelled=True)

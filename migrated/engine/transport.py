@@ -631,8 +631,12 @@ class PeerClosed(TransportError):
     """The peer closed the connection in the middle of the protocol."""
 
 
-# Bytes/s below which page data spliced from a peer no longer counts as
-# arriving (Channel.next_event's deadline for a deferred batch): 1 Mbit/s.
+# Bytes/s below which a frame no longer counts as arriving: 1 Mbit/s.
+# A frame gets the idle timeout plus its length at this rate from its
+# first bytes (Channel.next_event), whether its page data is spliced from
+# the socket or the frame is read whole (TLS): a 4 MiB batch gets 32 s
+# more, so a link capped at --max-bandwidth of about 64 KiB/s or more is
+# slow, not a trickling peer.
 MIN_LINK_RATE = 128 * 1024
 
 
@@ -671,6 +675,9 @@ class Channel:
         # within next_event's timeout; the deadline of the one under way.
         self.frame_timeout: float | None = None
         self._deferred_deadline: float | None = None
+        # When the first bytes of the frame being received (read whole)
+        # came; None between frames (see next_event's frame_allowance).
+        self._frame_since: float | None = None
 
     # -- sending ----------------------------------------------------------------
 
@@ -685,31 +692,76 @@ class Channel:
 
     # -- receiving ----------------------------------------------------------------
 
-    def next_event(self, timeout: float | None = None) -> Any:
+    def next_event(self, timeout: float | None = None, *,
+                   frame_allowance: bool = False) -> Any:
         """The next event from the peer.  Waits at most ``timeout`` seconds
         in total (default: the transport's timeout per silent stretch).
-        Raises PeerClosed at EOF, TransportTimeout on silence."""
+        Raises PeerClosed at EOF, TransportTimeout on silence.
+
+        ``frame_allowance``: ``timeout`` bounds the wait for the next frame
+        to begin; a frame under way when it ends may go on until its own
+        deadline (``_frame_deadline``: the idle timeout plus its length at
+        MIN_LINK_RATE from its first bytes), as the page data of a spliced
+        batch may.  For idle waits only: a fixed deadline (the handshake,
+        the publish window) must not be stretched by a frame."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._conn_lock:
                 ev = self.conn.next_event()
+                if ev is self.need_data:
+                    self._note_frame()      # bytes of the next one came with the last
             if ev is not self.need_data:
+                self._frame_since = None
                 if type(ev) is Pages and type(ev.data) is DeferredData:
                     # The idle timeout, plus the batch's time at the slowest
                     # rate we still call a link (a 4 MiB batch over 1 Mbit/s
                     # takes 32 s): a slow link is not a trickling peer.
                     self._deferred_deadline = time.monotonic() + (
-                        self.transport.timeout if self.frame_timeout is None
-                        else self.frame_timeout) + ev.data.nbytes / MIN_LINK_RATE
+                        self._frame_idle_s() + ev.data.nbytes / MIN_LINK_RATE)
                     ev.data.bind(self._fill_deferred)
                 return ev
             if self._eof:
                 raise PeerClosed(self.transport.peer,
                                  f"{self.transport.peer} closed the connection mid-migration")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TransportTimeout(self.transport.peer,
-                                       f"no message from {self.transport.peer} within {timeout:g} s")
+            if deadline is not None:
+                now = time.monotonic()
+                if now >= deadline:
+                    frame_by = self._frame_deadline() if frame_allowance else None
+                    if frame_by is None or now >= frame_by:
+                        raise TransportTimeout(self.transport.peer,
+                                               self._timeout_message(timeout, frame_by))
             self._pull()
+
+    def _frame_idle_s(self) -> float:
+        return self.transport.timeout if self.frame_timeout is None else self.frame_timeout
+
+    def _frame_deadline(self) -> float | None:
+        """When the frame being received must be complete (its first bytes
+        plus the idle timeout plus its length at MIN_LINK_RATE); None
+        between frames.  Bounded by the frame's declared length, itself
+        bounded by the state's frame limit: a peer trickling bytes inside
+        one frame is cut within ~100 s at most (9 MiB layout)."""
+        n = getattr(self.conn, "pending_frame_bytes", None)
+        if n is None or self._frame_since is None:
+            return None
+        return self._frame_since + self._frame_idle_s() + n / MIN_LINK_RATE
+
+    def _timeout_message(self, timeout: float, frame_by: float | None) -> str:
+        peer = self.transport.peer
+        n = getattr(self.conn, "pending_frame_bytes", None)
+        if frame_by is None or n is None:
+            return f"no message from {peer} within {timeout:g} s"
+        took = time.monotonic() - (self._frame_since or 0.0)
+        return (f"{peer} did not complete a {n}-byte frame in {took:.1f} s (the idle timeout "
+                f"plus {MIN_LINK_RATE // 1024} KiB/s for its length): the peer is trickling, "
+                "or the link is too slow for the peer timeout (raise --peer-timeout)")
+
+    def _note_frame(self) -> None:
+        """After bytes came (caller holds the connection lock): the start
+        of a frame, if one began."""
+        if self._frame_since is None and \
+                getattr(self.conn, "pending_frame_bytes", None) is not None:
+            self._frame_since = time.monotonic()
 
     def _fill_deferred(self, data: Any, fd: int, stretches: list[tuple[int, int, int]]) -> None:
         """Put a deferred batch in place (class doc).  ``stretches``: (file
@@ -754,6 +806,7 @@ class Channel:
             with self._conn_lock:
                 if n:
                     self.conn.buffer_updated(n)
+                    self._note_frame()
                 else:
                     self._eof = True
                     self.conn.receive_data(b"")
@@ -763,6 +816,7 @@ class Channel:
             self._eof = True
         with self._conn_lock:
             self.conn.receive_data(data)
+            self._note_frame()
 
     def poll_event(self) -> Any:
         """An event already buffered or readable without blocking, else the
@@ -770,12 +824,17 @@ class Channel:
         with self._conn_lock:
             ev = self.conn.next_event()
         if ev is not self.need_data or self._eof:
+            if ev is not self.need_data:
+                self._frame_since = None
             return ev
         if not self.transport.readable_now():
             return self.need_data
         self._pull()
         with self._conn_lock:
-            return self.conn.next_event()
+            ev = self.conn.next_event()
+        if ev is not self.need_data:
+            self._frame_since = None
+        return ev
 
     # -- keepalives ---------------------------------------------------------------
 

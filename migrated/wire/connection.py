@@ -122,6 +122,22 @@ class _Connection:
         return self.accept.quota_bytes if self.accept else None
 
     @property
+    def frame_bytes(self) -> int:
+        """Bytes of the peer's frames decoded so far, length prefixes
+        included (not the preamble); ``last_frame_bytes``: of the last."""
+        return self._reader.frame_bytes
+
+    @property
+    def last_frame_bytes(self) -> int:
+        return self._reader.last_frame_bytes
+
+    @property
+    def pending_frame_bytes(self) -> int | None:
+        """Declared body length of the frame being received (its length
+        prefix is here and within limits), None between frames."""
+        return self._reader.pending_length
+
+    @property
     def error(self) -> ProtocolError | None:
         """The peer's protocol violation that put us in ERROR, if any."""
         return self._error

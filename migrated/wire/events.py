@@ -891,6 +891,13 @@ class Error(Event):
     message: str
     type_name: ClassVar[str] = "error"
 
+    @property
+    def known_code(self) -> str:
+        """``code`` if it is one of ERROR_CODES, else "internal": how a
+        receiver must treat a code it does not know (SPEC.md 13).  Keep
+        ``code`` itself in what you tell a human."""
+        return self.code if self.code in ERROR_CODES else "internal"
+
     def to_wire(self):
         return {"type": self.type_name, "code": self.code, "message": self.message}
 

@@ -132,6 +132,15 @@ def encode(event: E.Event) -> bytes:
 
 # -- decoding ------------------------------------------------------------------
 
+# Bytes of the entry count after a map16 / map32 header byte.
+_MAP_WIDTH = {0xDE: 2, 0xDF: 4}
+
+# The most bytes peek_type() reads: a map32 header (5), the key "type" as a
+# str32 (5 + 4) and the name as a str32 (5 + MAX_TYPE_NAME_BYTES).  SPEC.md
+# 4 states it (51).
+MAX_TYPE_PEEK_BYTES = 5 + (5 + 4) + (5 + L.MAX_TYPE_NAME_BYTES)
+
+
 def peek_type(body) -> str | None:
     """The message type from the first bytes of a body, None if more bytes
     are needed.  The body must be a map whose first key is "type"."""
@@ -141,12 +150,14 @@ def peek_type(body) -> str | None:
     b0 = body[0]
     if 0x81 <= b0 <= 0x8F:
         pos = 1
-    elif b0 == 0xDE:
-        if n < 3:
+    elif b0 in _MAP_WIDTH:
+        # map16 / map32: any map form is accepted (SPEC.md 4.1); the entry
+        # count is bounded per type when the body is decoded.
+        pos = 1 + _MAP_WIDTH[b0]
+        if n < pos:
             return None
-        if body[1] == 0 and body[2] == 0:
+        if not any(body[1:pos]):
             raise E.malformed("message body is an empty map")
-        pos = 3
     else:
         raise E.malformed(f"message body must be a msgpack map (first byte {b0:#04x})")
     key, pos = _peek_str(body, pos, 4)
@@ -463,6 +474,10 @@ class FrameReader:
         self._type: str | None = None   # type of the frame being received
         self._body_len = -1
         self.eof = False
+        # Bytes of the frames returned so far (length prefixes included;
+        # a deferred Pages frame counts whole), and of the last one.
+        self.frame_bytes = 0
+        self.last_frame_bytes = 0
 
     # -- input -----------------------------------------------------------------
 
@@ -618,6 +633,13 @@ class FrameReader:
                 or 0 < self._preamble_left < L.PREAMBLE_SIZE)
 
     @property
+    def pending_length(self) -> int | None:
+        """Body length of the frame being received once its length prefix
+        is here and checked, None between frames (the I/O layer gives a
+        frame time by its size: transport.Channel)."""
+        return self._body_len if self._body_len >= 0 else None
+
+    @property
     def received_anything(self) -> bool:
         return self._preamble_left < L.PREAMBLE_SIZE
 
@@ -688,7 +710,12 @@ class FrameReader:
             self._start = self._end = 0
         self._type, self._body_len = None, -1
         self._head_wanted = False
+        self._count_frame(n)
         return event
+
+    def _count_frame(self, body_len: int) -> None:
+        self.last_frame_bytes = L.LENGTH_PREFIX_SIZE + body_len
+        self.frame_bytes += self.last_frame_bytes
 
     def _pages_head(self, body_at: int, have: int, n: int) -> E.Event | None:
         """The head of a big Pages frame, its data deferred, once the head
@@ -709,6 +736,7 @@ class FrameReader:
             return None
         event = E.Pages.from_wire(fields)
         self._deferred = True
+        self._count_frame(n)                 # the whole frame: its data is on its way
         return event
 
     def _decode_pages(self, body_at: int, n: int) -> E.Event:

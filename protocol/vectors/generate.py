@@ -56,6 +56,14 @@ def raw(d: dict) -> bytes:
     return lp(msgpack.packb(d, use_bin_type=True))
 
 
+def map32(d: dict) -> bytes:
+    """A frame whose body is ``d`` as a msgpack map32 (0xdf + u32 count),
+    the widest map form, even for a few entries."""
+    body = b"\xdf" + struct.pack(">I", len(d)) + b"".join(
+        msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in d.items())
+    return lp(body)
+
+
 def runs_bin(pairs) -> bytes:
     return b"".join(struct.pack("<QQ", a, n) for a, n in pairs)
 
@@ -190,6 +198,44 @@ def build() -> None:
                      + msgpack.packb("capabilities") + msgpack.packb([])
                      + msgpack.packb("migration_id") + msgpack.packb("x")),
               [Hello((1,), "a", (), "x")])])
+    vec("hello-map32", "dest",
+        "a body encoded as a map32 (the widest map form) is accepted; the "
+        "type is read from its first 51 bytes at most",
+        [recv(P + map32({"type": "hello", "versions": [1], "node": "a",
+                         "capabilities": [], "migration_id": "x"}),
+              [Hello((1,), "a", (), "x")])])
+    vec("pages-map32", "dest",
+        "a pages body as a map32 is accepted (decoded whole, not by the "
+        "fast path for the usual shape)",
+        DEST_STREAMING + [recv(map32({"type": "pages", "round": 0,
+                                      "runs": runs_bin([(BASE, 1)]),
+                                      "digest": xxhash.xxh3_128_digest(data_of(1)),
+                                      "data": data_of(1)}),
+                               [Pages.build(0, PageRuns.from_pairs([(BASE, 1)]),
+                                            data_of(1))])])
+    dest_first("map32-empty", P + lp(b"\xdf\x00\x00\x00\x00"), "malformed",
+               "an empty map32 body")
+    dest_first("map32-count-over-fields",
+               P + lp(b"\xdf\x00\x01\x00\x00\xa4type\xa9keepalive\xa3seq\x01"),
+               "malformed", "a map32 declaring 65536 entries for a 2-field message: "
+               "refused from its count, before any entry is built")
+    vec("zeros-capability", "source",
+        "the zeros capability offered and echoed (informational in v1: zeros "
+        "is legal without it too)",
+        [send(Hello((1,), "node-a.example", ("zeros",), "mig-0003")),
+         okp(Welcome(1, "node-b.example", ("zeros",))), send(START), ok(ACCEPT),
+         send(LAYOUT0), send(ZEROS0)])
+    vec("error-unknown-code", "dest",
+        "an error with a code we do not know is decoded as it is; the "
+        "receiver treats it as internal (SPEC.md 13)",
+        DEST_STREAMING + [recv(raw({"type": "error", "code": "made-up-code",
+                                    "message": "bye"}),
+                               [Error("made-up-code", "bye")])])
+    vec("commit-request-digest-reserved", "dest",
+        "commit-request.digest is reserved: any 16 bytes are accepted "
+        "(never compared)",
+        DEST_STREAMING + [ok(Freeze(0), FinalEnd(0, 0),
+                             CommitRequest(0, b"\xff" * 16))])
     vec("adjacent-runs-merge", "dest", "adjacent runs are accepted and merged",
         DEST_STREAMING + [recv(raw({"type": "zeros", "round": 0,
                                     "runs": runs_bin([(BASE, 1), (BASE + pg(1), 2)])}),
@@ -471,6 +517,10 @@ def build() -> None:
              DEST_STREAMING + [ok(Freeze(0))])
     dest_bad("freeze-wrong-round", encode(Freeze(1)), "out-of-state",
              "freeze naming a round that is not next")
+    dest_bad("final-end-before-layout", encode(FinalEnd(0, 0)), "out-of-state",
+             "final-end needs a layout, like every message of a round "
+             "(stop-and-copy sends freeze, then its layout)",
+             [okp(HELLO), send(WELCOME), ok(START), send(ACCEPT), ok(Freeze(0))])
     dest_bad("final-end-wrong-total", encode(FinalEnd(0, 1)), "bad-pages",
              "final-end counting pages that never came",
              DEST_STREAMING + [ok(Freeze(0))])

@@ -5,6 +5,8 @@ store, the source played by hand (tests.hostile.peer.RawPeer).
 - round-end messages: the rounds kept in the summary and the "round"
   events are bounded, whatever the count; MAX_ROUND ends it clearly;
 - spliced page data has a deadline: trickling inside a big batch is cut;
+  so does a frame read whole (TLS), with the same allowance for a slow
+  link (review 16: --max-bandwidth below ~137 KiB/s failed over TLS);
 - an error of the writer's thread is reported (with its own code) even
   while the source sends only keepalives, or goes quiet;
 - any Start the protocol accepts fits the image metadata (the command
@@ -44,8 +46,9 @@ class DestRun:
     its events and summary kept for the test."""
 
     def __init__(self, store: ImageStore, *, limits: DestLimits | None = None,
-                 io_timeout: float = IO_S):
+                 io_timeout: float = IO_S, direct_receive: bool = True):
         self.store = store
+        self.direct_receive = direct_receive
         self.limits = limits or DestLimits(idle_timeout_s=IDLE_S, handshake_timeout_s=5.0)
         self.io_timeout = io_timeout
         self.events: list[dict] = []
@@ -64,7 +67,8 @@ class DestRun:
         finally:
             self._srv.close()
         self.dm = DestMigration(BlockingTransport(conn, timeout=self.io_timeout), self.store,
-                                node="dst", on_event=self.events.append, limits=self.limits)
+                                node="dst", on_event=self.events.append, limits=self.limits,
+                                direct_receive=self.direct_receive)
         self._ready.set()
         self.result = self.dm.run()
 
@@ -162,12 +166,13 @@ def test_a_round_end_of_the_last_nameable_round_is_a_clear_protocol_error(store)
 
 # -- 3. spliced page data has a deadline ---------------------------------------------
 
-def test_a_source_trickling_inside_a_spliced_batch_is_cut_after_the_idle_timeout(
-        store, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False], ids=["spliced", "read-whole"])
+def test_a_source_trickling_inside_a_batch_is_cut_after_the_idle_timeout(
+        store, monkeypatch, direct):
     # No allowance for a slow link here (test_a_batch_on_a_slow_link_is_not_cut):
     # the deadline is the idle timeout alone.
     monkeypatch.setattr(T, "MIN_LINK_RATE", 1 << 40)
-    run = DestRun(store)
+    run = DestRun(store, direct_receive=direct)
     p = run.peer()
     p.handshake(mid="bounds-trickle")
     p.send(anon_layout(0, 1024))
@@ -190,16 +195,19 @@ def test_a_source_trickling_inside_a_spliced_batch_is_cut_after_the_idle_timeout
     assert err is not None, f"still receiving after {took:.1f} s of trickling ({i - 200} bytes)"
     assert took < IDLE_S + IO_S + 2
     assert err.code == "timeout"
-    assert f"127.0.0.1:{p.sock.getsockname()[1]}" in err.message and "page data" in err.message
+    assert f"127.0.0.1:{p.sock.getsockname()[1]}" in err.message
+    assert ("page data" if direct else "frame") in err.message and "trickling" in err.message
     s = run.wait()
     assert s["status"] == "failed" and s["error_code"] == "timeout"
 
 
-def _one_batch_in_pieces(store, mid: str, pieces: int, gap_s: float) -> float:
-    """Send one 4 MiB batch (spliced from the socket) in ``pieces`` with
-    ``gap_s`` between them, then its round's end; check the destination
-    took all of it.  Returns how long the batch took to send."""
-    run = DestRun(store)
+def _one_batch_in_pieces(store, mid: str, pieces: int, gap_s: float,
+                         direct: bool = True) -> float:
+    """Send one 4 MiB batch (spliced from the socket, or read whole as over
+    TLS) in ``pieces`` with ``gap_s`` between them, then its round's end;
+    check the destination took all of it.  Returns how long the batch took
+    to send."""
+    run = DestRun(store, direct_receive=direct)
     p = run.peer()
     p.handshake(mid=mid)
     p.send(anon_layout(0, 1024))
@@ -214,17 +222,20 @@ def _one_batch_in_pieces(store, mid: str, pieces: int, gap_s: float) -> float:
     deadline = time.monotonic() + 10
     while run.dm.channel.conn.round < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert run.dm.channel.conn.round == 1 and run.dm.channel.direct_bytes == 1024 * PAGE_SIZE
+    assert run.dm.channel.conn.round == 1, run.result
+    assert run.dm.channel.direct_bytes == (1024 * PAGE_SIZE if direct else 0)
     p.send_raw(p.conn.send(Error("internal", "test over")))
     run.wait()
     return took
 
 
-def test_a_batch_on_a_slow_link_is_not_cut(store, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False], ids=["spliced", "read-whole"])
+def test_a_batch_on_a_slow_link_is_not_cut(store, monkeypatch, direct):
     """Slower than the idle timeout allows for the whole batch, but faster
-    than MIN_LINK_RATE: a slow link, not a trickling peer."""
+    than MIN_LINK_RATE: a slow link, not a trickling peer -- whether its
+    data is spliced or the frame is read whole (TLS)."""
     monkeypatch.setattr(T, "MIN_LINK_RATE", 1 << 20)     # 4 MiB: +4 s
-    assert _one_batch_in_pieces(store, "bounds-slow-link", 16, 0.2) > IDLE_S
+    assert _one_batch_in_pieces(store, "bounds-slow-link", 16, 0.2, direct) > IDLE_S
 
 
 def test_a_big_batch_that_arrives_in_time_is_still_spliced(store):

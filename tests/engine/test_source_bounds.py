@@ -16,6 +16,7 @@ from migrated.engine.withdraw import request_withdraw
 from migrated.wire import events as E
 from migrated.wire import limits as L
 from migrated.wire.connection import NEED_DATA, DestConnection
+from migrated.wire.frames import encode
 from tests.engine.procs import workload
 
 FLOOD_S = 20.0          # how long the destination floods (far past every bound)
@@ -176,3 +177,34 @@ def test_keepalives_do_not_restart_the_withdrawal_wait():
         stop.set()
         b.close()
         a.close()
+
+
+def test_an_error_code_the_source_does_not_know_counts_as_internal():
+    # SPEC.md 13: a receiver treats an unknown code as "internal" and keeps
+    # the peer's own code in what it tells a human.
+    a, b = _pair()
+
+    def dest() -> None:
+        conn = DestConnection()
+        b.settimeout(30)
+        try:
+            while data := b.recv(1 << 20):
+                conn.receive_data(data)
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    if isinstance(ev, E.Hello):
+                        b.sendall(conn.send(E.Welcome(1, "odd", ())))
+                    elif isinstance(ev, E.Start):
+                        # (our own state machine would not send an unknown code)
+                        b.sendall(encode(E.Error("made-up-code", "no such thing")))
+                        return
+        except Exception:  # noqa: BLE001 -- the test looks at the source
+            return
+
+    threading.Thread(target=dest, daemon=True).start()
+    with workload(mib=4) as w:
+        res, _, alive = _run_source(w.pid, a, SendOptions(then="resume"), 20)
+        assert not alive
+        assert res["status"] == "failed" and res["error_code"] == "internal", res
+        assert "made-up-code" in res["error"]
+        assert _state(w.pid) != "T"
+    b.close()
