@@ -127,6 +127,12 @@ class CancelLatch:
                 self._timer.cancel()
 
 
+class _Quiet(Exception):
+    """A receive given a shorter wait than the transport's timeout got no
+    data within it (BlockingTransport.recv_into; the caller's deadline
+    decides what that means)."""
+
+
 class TransportError(MigratedError):
     """The connection to the peer failed (reset, closed, shut down)."""
 
@@ -327,7 +333,7 @@ class BlockingTransport:
             self.bytes_sent += n
             view = view[n:]
 
-    def _ssl_call(self, op: str, *args):
+    def _ssl_call(self, op: str, *args, wait: float | None = None):
         """``op`` ("read" or "write") on the SSL object under the lock; when
         it wants the socket readable or writable, wait for that outside the
         lock (at most ``timeout`` seconds: TimeoutError) and call again.  A
@@ -345,7 +351,10 @@ class BlockingTransport:
                     if op == "read":
                         return 0
                     raise
-            if not self._wait_for(events, self.timeout):
+            limit = self.timeout if wait is None else min(wait, self.timeout)
+            if not self._wait_for(events, limit):
+                if limit < self.timeout:
+                    raise _Quiet()
                 raise TimeoutError(f"TLS {op} waited {self.timeout:g} s")
 
     def _ssl_once(self, op: str, *args):
@@ -402,18 +411,21 @@ class BlockingTransport:
         self.bytes_received += len(data)
         return data
 
-    def recv_into(self, buf) -> int:
+    def recv_into(self, buf, wait: float | None = None) -> int:
         """recv straight into ``buf``; 0 when the peer closed the connection.
 
         Over TLS one read returns at most one record (16 KiB): records that
         already arrived are read on in the same call, so the caller's
-        per-read work is paid per buffer, not per record."""
+        per-read work is paid per buffer, not per record.  ``wait`` (TLS):
+        when the records that came held no data (a session ticket), wait at
+        most this long for more, then raise _Quiet -- a caller with a
+        deadline shorter than the timeout keeps it."""
         self._check_open("receive")
         try:
             if self.is_ssl:
                 mv = memoryview(buf).cast("B")
                 try:
-                    n = self._ssl_call("read", len(mv), mv)
+                    n = self._ssl_call("read", len(mv), mv, wait=wait)
                     if n:
                         n += self._ssl_drain(mv, n)
                 finally:
@@ -725,11 +737,24 @@ class Channel:
                                  f"{self.transport.peer} closed the connection mid-migration")
             if deadline is not None:
                 now = time.monotonic()
+                until = deadline
                 if now >= deadline:
                     frame_by = self._frame_deadline() if frame_allowance else None
                     if frame_by is None or now >= frame_by:
                         raise TransportTimeout(self.transport.peer,
                                                self._timeout_message(timeout, frame_by))
+                    until = frame_by
+                # A receive blocks up to the transport's own timeout (the peer
+                # timeout): a shorter deadline -- the handshake's -- is kept
+                # by waiting for bytes first (a silent peer held a slot for
+                # 30 s against --handshake-timeout 2).
+                left = until - now
+                if left < self.transport.timeout:
+                    if not self.transport.readable_now() \
+                            and not self.transport.wait_readable(left):
+                        continue
+                    self._pull(left)
+                    continue
             self._pull()
 
     def _frame_idle_s(self) -> float:
@@ -793,14 +818,18 @@ class Channel:
             self.conn.deferred_done(h.digest())
         self.direct_bytes += data.nbytes
 
-    def _pull(self) -> None:
-        """One recv into the connection (zero-copy when it offers a buffer)."""
+    def _pull(self, wait: float | None = None) -> None:
+        """One recv into the connection (zero-copy when it offers a buffer).
+        ``wait``: see BlockingTransport.recv_into (nothing read when it
+        runs out)."""
         get_buffer = getattr(self.conn, "get_buffer", None)
         if get_buffer is not None:
             with self._conn_lock:
                 buf = get_buffer(RECV_BUFFER_HINT)
             try:
-                n = self.transport.recv_into(buf)
+                n = self.transport.recv_into(buf, wait)
+            except _Quiet:
+                return
             finally:
                 buf.release()
             with self._conn_lock:

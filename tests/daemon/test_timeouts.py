@@ -58,3 +58,73 @@ def test_status_shows_the_timeouts(daemons):
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "timeouts: peer 45 s, handshake 10 s, commit 120 s" in out.stdout, out.stdout
+
+
+def test_the_handshake_timeout_holds_after_tls_too(daemons, certdir):
+    """A CA-signed peer that completes TLS and then sends no Hello: the
+    handshake timeout (2 s) ends it, not the peer timeout (20 s) -- each
+    receive blocked for the peer timeout before its deadline was looked at
+    (a receive slot held for 30 s against --handshake-timeout 2)."""
+    import os
+    import ssl
+
+    d = daemons("b", certdir, ["--peer-timeout", "20", "--handshake-timeout", "2"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(os.path.join(certdir, "ca.pem"))
+    ctx.load_cert_chain(os.path.join(certdir, "a.pem"), os.path.join(certdir, "a.key"))
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", d.port)),
+                        server_hostname="127.0.0.1")
+    s.settimeout(60)
+    t0 = time.monotonic()
+    try:
+        while s.recv(65536):
+            pass
+    except (OSError, ssl.SSLError):
+        pass
+    took = time.monotonic() - t0
+    s.close()
+    assert took < 10.0, took        # 2 s and change; 20 s before
+
+
+def test_a_silent_destination_fails_the_send_at_the_handshake_timeout(daemons, certdir):
+    """The source side: a destination that completes TLS and never answers
+    Hello fails the send after --handshake-timeout, not --peer-timeout."""
+    import os
+    import ssl
+    import subprocess
+    import threading
+
+    from .conftest import PY, ROOT
+
+    a = daemons("a", certdir, ["--peer-timeout", "20", "--handshake-timeout", "2"])
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_verify_locations(os.path.join(certdir, "ca.pem"))
+    sctx.load_cert_chain(os.path.join(certdir, "b.pem"), os.path.join(certdir, "b.key"))
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list = []
+
+    def serve() -> None:
+        try:
+            c, _ = srv.accept()
+            held.append(sctx.wrap_socket(c, server_side=True))   # then silence
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    target = subprocess.Popen(["sleep", "600"])
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([PY, "-m", "migrated.cli", "--control", a.control, "send",
+                            str(target.pid), f"127.0.0.1:{srv.getsockname()[1]}",
+                            "--then", "resume"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        took = time.monotonic() - t0
+        assert r.returncode != 0
+        assert took < 12.0, (took, r.stderr)     # 2 s and change; 20 s before
+    finally:
+        target.kill()
+        target.wait()
+        srv.close()
+        for s in held:
+            s.close()
