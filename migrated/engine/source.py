@@ -421,6 +421,11 @@ class SourceMigration:
                 result["then_error"] = f"applying --then {self.options.then} to PID {self.pid}: {e}"
                 log.exception("migration %s: %s", self.migration_id, result["then_error"])
         except BaseException as e:  # noqa: BLE001 -- every failure becomes a summary
+            if isinstance(e, TransportError) and not isinstance(e, TransportTimeout):
+                # The link broke: the destination may have said why first
+                # (a cancel as its daemon shuts down, an error) -- that is
+                # the news, not "Broken pipe".
+                e = self._peer_said() or e
             status, code, message = self._classify(e)
             thawed = self._thaw_after_failure()
             result.update(status=status, error=self._human(status, code, message, thawed),
@@ -936,6 +941,25 @@ class SourceMigration:
                                             f"{self.peer} {when}")
 
     # -- failure handling ---------------------------------------------------------------
+
+    def _peer_said(self) -> PeerError | None:
+        """An Error or Cancel from the destination already in our socket
+        (read without waiting), as the PeerError it means; else None."""
+        try:
+            for _ in range(NOTED_PER_CHECK):
+                got = self.channel.poll_event()
+                if got is self.channel.need_data:
+                    return None
+                if isinstance(got, (ev.Error, ev.Cancel)):
+                    try:
+                        self._unexpected(got, "")
+                    except PeerError as said:
+                        return said
+                if not self._noted(got):
+                    return None
+        except Exception:  # noqa: BLE001 -- nothing readable: the failure stands
+            return None
+        return None
 
     def _classify(self, e: BaseException) -> tuple[str, str, str]:
         if self._cancel.reason is not None and not isinstance(e, PeerError):

@@ -58,3 +58,20 @@ def test_a_send_after_the_shutdown_began_is_refused():
             b.resume()
         assert a.proc.wait(30) == 0
         assert proc_state(w1.pid) != "T" and proc_state(w2.pid) != "T"
+
+
+def test_the_source_hears_why_a_stopping_destination_left():
+    # The destination cancels with its reason as its daemon stops; the
+    # source's next send then fails (the link is gone) -- its error must
+    # carry the destination's word, not just "Broken pipe".
+    with Cluster(tls=False) as c, workload(mib=64, rate=200) as w:
+        a, b = c.daemon("a"), c.daemon("b")
+        mid = a.send(w.pid, "127.0.0.1", b.port, max_bandwidth=8 * MIB, then="resume")
+        wait_until(lambda: b.partials(), 20, "the migration under way")
+        time.sleep(0.5)
+        b.signal(signal.SIGTERM)
+        st = a.wait_done(mid, 60)
+        assert st["state"] in ("failed", "cancelled"), st
+        err = (st.get("summary") or {}).get("error", "")
+        assert "shutting down" in err, err
+        assert proc_state(w.pid) != "T"
