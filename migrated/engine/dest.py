@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
-                                       TransportError, TransportTimeout, say_goodbye)
+                                       TransportError, TransportTimeout, WaitExpired,
+                                       say_goodbye)
 from migrated.errors import (ImageError, ImageWithdrawn, MigratedError, ProtocolError,
                              QuotaExceeded)
 from migrated.image.manifest import MetaTooLarge, check_image_id, clip_cmdline
@@ -693,6 +694,8 @@ class DestMigration:
                                                   f"{timeout:g} s")
             try:
                 got = self.channel.next_event(left, frame_allowance=not fixed)
+            except WaitExpired:
+                continue                    # the check above says what did not come
             except TransportTimeout:
                 self._check_writer()        # the cause, if the writer failed meanwhile
                 raise

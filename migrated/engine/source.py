@@ -43,7 +43,7 @@ import numpy as np
 from migrated.engine.policy import STOP_AND_COPY, TIMEOUT_MESSAGE, ConvergencePolicy
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
                                        TokenBucket, TransportError, TransportTimeout,
-                                       say_goodbye)
+                                       WaitExpired, say_goodbye)
 from migrated.errors import MigratedError, ProtocolError
 from migrated.kernel import procfs
 from migrated.kernel.freezer import Freezer
@@ -917,7 +917,10 @@ class SourceMigration:
                 continue
             if self._cancel.reason is not None:
                 raise MigrationAborted("cancelled", "cancelled", self._cancel.reason)
-            got = self.channel.next_event(left)
+            try:
+                got = self.channel.next_event(left)
+            except WaitExpired:
+                continue        # past the deadline: the branch above says what was missed
             if isinstance(got, want):
                 return got
             if self._noted(got):

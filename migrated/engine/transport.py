@@ -145,6 +145,11 @@ class TransportTimeout(TransportError):
     """The peer stayed silent (or did not drain) for longer than the timeout."""
 
 
+class WaitExpired(TransportTimeout):
+    """Channel.next_event's ``timeout`` ran out with no message (and no
+    frame under way): the caller knows what it waited for and says so."""
+
+
 class TransportClosed(TransportError):
     """The transport was shut down locally (cancel) or the peer closed it."""
 
@@ -741,8 +746,8 @@ class Channel:
                 if now >= deadline:
                     frame_by = self._frame_deadline() if frame_allowance else None
                     if frame_by is None or now >= frame_by:
-                        raise TransportTimeout(self.transport.peer,
-                                               self._timeout_message(timeout, frame_by))
+                        cls = TransportTimeout if frame_by is not None else WaitExpired
+                        raise cls(self.transport.peer, self._timeout_message(timeout, frame_by))
                     until = frame_by
                 # A receive blocks up to the transport's own timeout (the peer
                 # timeout): a shorter deadline -- the handshake's -- is kept

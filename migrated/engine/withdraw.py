@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from migrated.engine.transport import BlockingTransport, Channel, TransportTimeout
+from migrated.engine.transport import BlockingTransport, Channel, TransportTimeout, WaitExpired
 from migrated.errors import MigratedError
 from migrated.wire import events as ev
 from migrated.wire import limits as L
@@ -58,7 +58,10 @@ def _expect(ch: Channel, want: type, timeout: float, peer: str):
         if left <= 0:
             raise TransportTimeout(peer, f"{peer} did not answer the withdrawal "
                                          f"({want.__name__}) within {timeout:g} s")
-        got = ch.next_event(left)
+        try:
+            got = ch.next_event(left)
+        except WaitExpired:
+            continue                       # (said above, in our words)
         if isinstance(got, ev.Keepalive):
             continue
         if isinstance(got, want):
