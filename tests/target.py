@@ -574,14 +574,33 @@ class Target:
             self._readline(5)
         return self.proc.wait(10)
 
+    def _fifo_reader_may_come(self) -> bool:
+        """Whether a dwait child of ours may still open its FIFO: the target
+        still has a child process."""
+        try:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/children") as f:
+                    if f.read().split():
+                        return True
+        except OSError:
+            return False
+        return False
+
     def close(self) -> None:
         """Kill and reap the child (works even if it is stopped).  A dwait
         FIFO is opened first: the spawned child blocked on it is a process
         of its own (with every signal blocked until its exec) and would
         outlive us otherwise."""
         for fifo in getattr(self, "_fifos", ()):
-            with _suppress():
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            # (ENXIO: its child has not reached the open yet -- or is gone)
+            for _ in range(200):
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    break
+                except OSError:
+                    if not self._fifo_reader_may_come():
+                        break
+                    time.sleep(0.005)
         if self.proc.poll() is None:
             with _suppress():
                 os.kill(self.pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """freezer.py on real children: all threads stopped, thawed, left alone."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -222,12 +223,20 @@ def test_timeout_when_threads_cannot_stop(target, tmp_path):
         os.rmdir(cg)
 
 
-def _release(fifo):
-    """Let the target's thread out of its wait in the kernel (Target.dwait)."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:
-        pass        # no reader (any more): nothing waits on it
+def _release(fifo, timeout: float = 10.0):
+    """Let the target's thread out of its wait in the kernel (Target.dwait).
+    The spawned child may not have reached its open of the FIFO yet (its
+    parent thread is in D from the vfork on): until it has, an open for
+    writing finds no reader (ENXIO) and would release nothing -- retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                return      # no reader (any more): nothing waits on it
+        time.sleep(0.005)
 
 
 def test_stop_by_someone_else_not_yet_complete_is_not_ours(target, tmp_path, monkeypatch):
@@ -330,7 +339,8 @@ def test_a_process_sharing_the_address_space_is_refused(target, tmp_path):
     with pytest.raises(TargetSharesMemory):
         fz.check_alone()
     _release(fifo)
-    assert wait_for(lambda: not freezer._sharing_mm(target.pid))
+    assert wait_for(lambda: not freezer._sharing_mm(target.pid), 30.0), \
+        freezer._sharing_mm(target.pid)
     fz.check_alone()
     fz.close()
 
