@@ -19,18 +19,14 @@ import sys
 from dataclasses import dataclass, field
 
 from migrated.cli.client import ControlClient, ControlError
-from migrated.daemon.config import DEFAULT_PORT, ConfigError, parse_hostport, parse_size
+from migrated.daemon.config import (DEFAULT_PORT, OPTION_INT_MAX, ConfigError, parse_hostport,
+                                    parse_size)
 from migrated.errors import MigratedError
 
 MiB = 1024 * 1024
 ROW = "{:>5} {:>10} {:>9} {:>8} {:>12} {:>11} {:>8}"
 HEADER = ROW.format("round", "pages", "MiB", "ms", "dirty MiB/s", "MiB/s", "pause ms")
 
-
-# Ceiling of --downtime-ms and --max-rounds: the daemon refuses integer
-# send options above it (manager.validate_send_options); 10^7 ms is close
-# to three hours of freeze, 10^7 rounds more than any migration needs.
-OPTION_INT_MAX = 10**7
 
 
 def _rate(text: str) -> float:

@@ -25,6 +25,12 @@ DEFAULT_STATE_DIR = "/var/lib/migrated"
 # daemon needs no CAP_NET_BIND_SERVICE.  All interfaces: peers are other
 # nodes; mutual TLS decides who gets in.
 DEFAULT_PORT = 7420
+
+# Ceiling of the integer send options (--downtime-ms, --max-rounds,
+# plateau rounds), checked by migratectl and again by the daemon: 10^7 ms
+# is close to three hours of freeze, 10^7 rounds more than any migration
+# needs.
+OPTION_INT_MAX = 10**7
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 # Concurrent migrations per direction (sending, receiving).  Each one costs
 # a thread, a socket, buffers of a few MiB and, on the destination, disk

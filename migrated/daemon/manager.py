@@ -26,6 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from migrated.daemon.config import OPTION_INT_MAX
 from migrated.engine.transport import MIN_LINK_RATE
 from migrated.errors import MigratedError
 from migrated.threads import Thread
@@ -79,7 +80,7 @@ def validate_send_options(opts: Any) -> dict:
         if val is None:
             continue
         if key in ("downtime_ms", "max_rounds", "plateau_rounds"):
-            if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= 10**7:
+            if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= OPTION_INT_MAX:
                 raise MigratedError(f"{key} must be a non-negative integer, not {val!r}")
             if key == "plateau_rounds" and val < 1:
                 raise MigratedError("plateau_rounds must be at least 1")

@@ -22,6 +22,7 @@ from migrated.daemon import control
 from tests.cluster import Cluster
 
 from .conftest import control_request
+from .test_control import as_nobody
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = grp.getgrnam("nogroup").gr_gid
@@ -108,31 +109,6 @@ class _SlowDoor:
             s.close()
 
 
-def _as_nobody_send(path: str, req: dict) -> dict:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([NOGROUP])
-            os.setgid(NOGROUP)
-            os.setuid(NOBODY)
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(WAIT_S)
-                s.connect(path)
-                s.sendall(json.dumps(req).encode() + b"\n")
-                os.write(w, s.makefile("rb").readline())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)
-
-
 def _take_pid(pid: int) -> subprocess.Popen | None:
     """A root process at PID ``pid`` (just freed), or None if others keep
     taking it first."""
@@ -160,9 +136,9 @@ def test_a_pid_reused_while_the_daemon_connects_is_refused():
         mine = subprocess.Popen(["sleep", "600"], user=NOBODY, group=NOGROUP)
         victim = None
         try:
-            reply = _as_nobody_send(a.control, {"op": "send", "pid": mine.pid,
-                                                "host": "127.0.0.1", "port": door.port,
-                                                "options": {"then": "stop"}})
+            req = {"op": "send", "pid": mine.pid, "host": "127.0.0.1", "port": door.port,
+                   "options": {"then": "stop"}}
+            reply = as_nobody(lambda: control_request(a.control, req), with_group=True)
             mid = reply["result"]["id"]
             n = mine.pid
             mine.kill()

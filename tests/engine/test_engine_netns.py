@@ -29,18 +29,23 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+def _migrate_over(hosts, pid: int, state: str, options: SendOptions) -> tuple[dict, dict]:
+    """A migration of ``pid`` from host a to a destination on host b:
+    (source summary, destination summary)."""
+    dest = DestProcess(hosts.b, hosts.b_ip, state)
+    try:
+        sock = socket_in(hosts.a, hosts.b_ip, dest.port)
+        res = SourceMigration(pid, options, BlockingTransport(sock, timeout=30),
+                              on_event=lambda e: None).run()
+        return res, dest.result()
+    finally:
+        dest.close()
+
+
 def test_shaped_link_converges_and_is_exact(tmp_path):
     state = str(tmp_path / "dest")
     with netns.TwoHosts(rate=LINK_RATE) as hosts, workload(mib=16, rate=1000) as w:
-        dest = DestProcess(hosts.b, hosts.b_ip, state)
-        try:
-            sock = socket_in(hosts.a, hosts.b_ip, dest.port)
-            res = SourceMigration(w.pid, SendOptions(then="stop"),
-                                  BlockingTransport(sock, timeout=30),
-                                  on_event=lambda e: None).run()
-            d = dest.result()
-        finally:
-            dest.close()
+        res, d = _migrate_over(hosts, w.pid, state, SendOptions(then="stop"))
         assert res["status"] == "completed", res.get("error")
         assert d["status"] == "completed", d.get("error")
         assert _state(w.pid) == "T"
@@ -82,15 +87,7 @@ def test_round_figures_are_what_the_link_delivered(tmp_path):
     is the link's."""
     state = str(tmp_path / "dest")
     with netns.TwoHosts(rate=SLOW_LINK) as hosts, workload(mib=4, rate=50) as w:
-        dest = DestProcess(hosts.b, hosts.b_ip, state)
-        try:
-            sock = socket_in(hosts.a, hosts.b_ip, dest.port)
-            res = SourceMigration(w.pid, SendOptions(then="resume", timeout_s=120),
-                                  BlockingTransport(sock, timeout=30),
-                                  on_event=lambda e: None).run()
-            d = dest.result()
-        finally:
-            dest.close()
+        res, d = _migrate_over(hosts, w.pid, state, SendOptions(then="resume", timeout_s=120))
         assert res["status"] == "completed", res.get("error")
         assert d["status"] == "completed", d.get("error")
         live = [r for r in res["rounds"] if not r["final"]]
