@@ -10,16 +10,25 @@ image id -- durably, like the frozen-PID journal.  Then:
   destination may have published must go.  A resolver thread asks the
   destination to withdraw it (engine/withdraw.py), retrying with backoff
   while the peer is unreachable, and removes the record once answered.
+  Before the first attempt the record is rewritten, durably, with the
+  verdict "failed": the source has decided, once.
 - The daemon dies in between: at the next start each record is looked at
-  after the frozen-PID journal has thawed what we froze.  If the process
-  is still ours (same start time) and running, the source has it, so the
-  image is withdrawn.  If it is gone (killed by ``--then kill``) or
-  stopped (``--then stop`` had been applied), the migration had completed:
-  the image is the copy to keep, and the record is dropped.
+  after the frozen-PID journal has thawed what we froze.  A record with
+  the verdict "failed" is withdrawn whatever the process does meanwhile
+  (it ran on after the image was taken: exited or stopped since, it is
+  still not the image's process).  A record without one was left inside
+  the Release/Released window: if the process is still ours (same start
+  time) and running, the source has it, so the image is withdrawn; if it
+  is gone (killed by ``--then kill``) or stopped (``--then stop`` had been
+  applied), the migration had completed: the image is the copy to keep,
+  and the record is dropped.
 
 So the only lasting double copy left is a destination that stays
-unreachable until the resolver gives up (``GIVE_UP_S``), which is logged as
-an error naming the image.
+unreachable until the resolver gives up -- after ``GIVE_UP_S`` of trying
+in this run of the daemon and at least ``GIVE_UP_MIN_ATTEMPTS`` attempts,
+timed on the monotonic clock (a daemon down for a day, or a clock that
+stepped, gave up after one attempt) -- which is logged as an error naming
+the image.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from migrated.daemon.durable import fsync_dir, private_subdir, read_own_record, write_record
@@ -41,8 +50,12 @@ MAX_RECORD_BYTES = 4096
 # Backoff between attempts while the destination cannot be reached.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
-# After this long, stop trying (and say so loudly).
+# After this long trying in this run of the daemon, and at least this many
+# attempts, stop trying (and say so loudly).
 GIVE_UP_S = 24 * 3600.0
+GIVE_UP_MIN_ATTEMPTS = 10
+# The verdict a record carries once the migration failed after Release.
+VERDICT_FAILED = "failed"
 # Each attempt's waits (connect, handshake, answer).
 ATTEMPT_TIMEOUT_S = 10.0
 
@@ -55,7 +68,8 @@ class Pending:
     host: str
     port: int
     image_id: str
-    since: float
+    since: float            # wall clock when written (for people; never timed)
+    verdict: str = ""       # VERDICT_FAILED once the source decided it failed
 
 
 class InDoubt:
@@ -82,6 +96,9 @@ class InDoubt:
     def record(self, rec: Pending) -> None:
         """Durably note that Release is about to be sent.  Raises: the
         engine must not send Release without this record."""
+        self._write(rec)
+
+    def _write(self, rec: Pending) -> None:
         final = self._path(rec.mid)
         try:
             write_record(final, json.dumps(asdict(rec)).encode(), f"{final}.tmp")
@@ -107,6 +124,14 @@ class InDoubt:
         rec = self._load(self._path(mid))
         if rec is None:
             return False
+        if rec.verdict != VERDICT_FAILED:
+            rec = replace(rec, verdict=VERDICT_FAILED)
+            try:
+                self._write(rec)
+            except MigratedError as e:
+                # The withdrawal still goes ahead; only a restart before it
+                # ends could misjudge the record (as before the verdict).
+                self.log.error("indoubt_verdict_unsaved", mid, error=str(e))
         self._start(rec)
         return True
 
@@ -124,7 +149,7 @@ class InDoubt:
             rec = self._load(path)
             if rec is None:
                 continue
-            if _still_running_here(rec):
+            if rec.verdict == VERDICT_FAILED or _still_running_here(rec):
                 out["withdrawing"].append(rec.mid)
                 self._start(rec)
             else:
@@ -146,6 +171,9 @@ class InDoubt:
 
     def _start(self, rec: Pending) -> None:
         with self._lock:
+            # Finished resolvers go (the daemon runs for months).
+            for mid in [k for k, x in self._threads.items() if not x.is_alive()]:
+                del self._threads[mid]
             t = self._threads.get(rec.mid)
             if t is not None and t.is_alive():
                 return
@@ -157,11 +185,13 @@ class InDoubt:
     def _resolve(self, rec: Pending) -> None:
         from migrated.engine.withdraw import WithdrawRefused
         delay = RETRY_FIRST_S
+        began, attempts = time.monotonic(), 0
         peer = f"{rec.host}:{rec.port}"
         self.log.warning("withdraw_start", rec.mid, peer=peer, image_id=rec.image_id,
                          reason="Release was sent but the migration failed; asking the "
                                 "destination to withdraw the image")
         while not self._stop.is_set():
+            attempts += 1
             try:
                 outcome = self.attempt(rec)
             except WithdrawRefused as e:
@@ -171,7 +201,7 @@ class InDoubt:
                 self.settle(rec.mid)
                 return
             except Exception as e:  # noqa: BLE001 -- unreachable peer: retry
-                if time.time() - rec.since > GIVE_UP_S:
+                if time.monotonic() - began > GIVE_UP_S and attempts >= GIVE_UP_MIN_ATTEMPTS:
                     self.log.error("withdraw_gave_up", rec.mid, peer=peer,
                                    image_id=rec.image_id, error=str(e),
                                    hint="the destination may hold a second copy: remove "
@@ -195,7 +225,7 @@ class InDoubt:
             rec = Pending(mid=str(d["mid"]), pid=int(d["pid"]),
                           starttime=int(d["starttime"]), host=str(d["host"]),
                           port=int(d["port"]), image_id=str(d["image_id"]),
-                          since=float(d["since"]))
+                          since=float(d["since"]), verdict=str(d.get("verdict", "")))
             if len(raw) > MAX_RECORD_BYTES or os.path.basename(path) != f"{rec.mid}.json":
                 raise ValueError("not an in-doubt record")
         except FileNotFoundError:

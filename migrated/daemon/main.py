@@ -127,10 +127,13 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         cfg = self.cfg
-        server_ctx, client_ctx = self._contexts()
+        # The journal first: whatever else fails to start (certificates that
+        # do not load, a port in use), a target an earlier run left frozen
+        # is thawed.
         replay = self.journal.replay()
         if any(replay.as_dict().values()):
             self.log.warning("journal_replayed", **{k: len(v) for k, v in replay.as_dict().items()})
+        server_ctx, client_ctx = self._contexts()
         store = self._open_store()
         self.indoubt = self._indoubt(client_ctx)
         resumed = self.indoubt.resume()

@@ -396,14 +396,21 @@ class ImageStore:
         if not isinstance(expected_bytes, int) or expected_bytes < 0:
             raise ImageError(f"expected image size {expected_bytes!r} is not a "
                              "non-negative integer")
-        free = self._free_bytes()
-        if expected_bytes + self.min_free_bytes > free:
-            raise DiskFull(
-                f"not enough free space in {self.state_dir}: the image needs "
-                f"{_mib(expected_bytes)} and {_mib(self.min_free_bytes)} must stay "
-                f"free, but only {_mib(free)} is available; free some space or "
-                "remove old images (`migratectl images rm ID`)")
         with self._lock:
+            # Free space is promised to the images being received too: what
+            # each still expects to write is not free (three receives at
+            # once each saw the same free space and ran the disk full).
+            promised = sum(max(0, w._charge() - w._alloc_pages * PAGE_SIZE)
+                           for w in self._writers)
+            free = self._free_bytes() - promised
+            if expected_bytes + self.min_free_bytes > free:
+                raise DiskFull(
+                    f"not enough free space in {self.state_dir}: the image needs "
+                    f"{_mib(expected_bytes)} and {_mib(self.min_free_bytes)} must stay "
+                    f"free, but only {_mib(max(free, 0))} is available"
+                    + (f" ({_mib(promised)} more is promised to images being received)"
+                       if promised else "")
+                    + "; free some space or remove old images (`migratectl images rm ID`)")
             self._committed_bytes(fresh=True)     # images rm'd by others count no more
             self._check_room(None, expected_bytes, 0)
             image_id = mf.new_image_id()

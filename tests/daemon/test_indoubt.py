@@ -174,3 +174,67 @@ def test_pending_lists_withdrawals_in_progress_until_closed(tmp_path, children, 
     while d.pending() and time.monotonic() < end:
         time.sleep(0.02)
     assert d.pending() == [] and d.has("m1")
+
+
+def test_a_failed_verdict_is_withdrawn_after_a_restart_whatever_the_process_does(
+        tmp_path, children, monkeypatch):
+    """The migration failed after Release (the process was thawed and ran
+    on); the destination was unreachable, then the process stopped (or
+    exited) and the daemon restarted.  The record's verdict says the source
+    decided "failed": the image must still go (it was kept, "the migration
+    completed", because the process looked like --then had run)."""
+    monkeypatch.setattr(ind, "RETRY_FIRST_S", 30.0)     # the first attempt fails, then waits
+    stopped, gone = children(), children()
+    first = Attempts(failures=10)
+    d = InDoubt(str(tmp_path), Log(), first)
+    for mid, p in (("stop", stopped), ("gone", gone)):
+        d.record(_rec(p.pid, mid))
+        assert d.resolve(mid) is True
+    end = time.monotonic() + 10
+    while len(first.calls) < 2 and time.monotonic() < end:
+        time.sleep(0.02)
+    d.close()                                   # the daemon goes away, records stay
+    for mid in ("stop", "gone"):
+        assert json.load(open(os.path.join(d.dir, f"{mid}.json")))["verdict"] == "failed"
+    os.kill(stopped.pid, signal.SIGSTOP)
+    assert wait_state(stopped.pid, "T")
+    gone.kill()
+    gone.wait()
+    att = Attempts()
+    d2 = InDoubt(str(tmp_path), Log(), att)
+    out = d2.resume()
+    assert out == {"withdrawing": ["gone", "stop"], "completed": []}
+    _wait_settled(d2, "gone")
+    _wait_settled(d2, "stop")
+    assert sorted(att.calls) == ["gone", "stop"]
+    os.kill(stopped.pid, signal.SIGCONT)
+
+
+def test_giving_up_is_timed_in_this_run_not_from_the_record(tmp_path, children, monkeypatch):
+    """A record written more than GIVE_UP_S ago (a daemon down for a day, a
+    clock that stepped): the resolver still tries, and retries, in this run
+    -- it gave up after its first failed attempt."""
+    monkeypatch.setattr(ind, "RETRY_FIRST_S", 0.02)
+    p = children()
+    log, att = Log(), Attempts(failures=3)
+    d = InDoubt(str(tmp_path), log, att)
+    rec = _rec(p.pid)
+    d.record(Pending(**{**rec.__dict__, "since": time.time() - ind.GIVE_UP_S - 3600}))
+    assert d.resolve("m1") is True
+    _wait_settled(d, "m1")
+    assert "withdraw_gave_up" not in log.events() and "withdraw_done" in log.events()
+    assert len(att.calls) == 4
+
+
+def test_giving_up_needs_time_and_attempts(tmp_path, children, monkeypatch):
+    monkeypatch.setattr(ind, "RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(ind, "RETRY_MAX_S", 0.01)
+    monkeypatch.setattr(ind, "GIVE_UP_S", 0.0)
+    p = children()
+    log, att = Log(), Attempts(failures=10**6)
+    d = InDoubt(str(tmp_path), log, att)
+    d.record(_rec(p.pid))
+    d.resolve("m1")
+    _wait_settled(d, "m1")
+    assert "withdraw_gave_up" in log.events()
+    assert len(att.calls) == ind.GIVE_UP_MIN_ATTEMPTS
