@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, PeerClosed,
                                        TransportError, TransportTimeout, WaitExpired,
-                                       say_goodbye)
+                                       clip_text, say_goodbye)
 from migrated.errors import (ImageError, ImageWithdrawn, MigratedError, ProtocolError,
                              QuotaExceeded)
 from migrated.image.manifest import MetaTooLarge, check_image_id, clip_cmdline
@@ -69,6 +69,9 @@ ASSUMED_FLUSH_RATE = 100 * 1024 * 1024
 
 # How long we try to tell the source why we stop before closing anyway.
 GOODBYE_TIMEOUT_S = 2.0
+# A cancel the engine could not act on within the grace (stuck receiving a
+# large frame): the Cancel goes out from the latch's timer, within this.
+CANCEL_GOODBYE_S = 0.5
 
 # While the source is frozen, checkpoint the image every this many bytes of
 # page data (besides each RoundEnd): the final delta's chunks are then
@@ -251,7 +254,9 @@ class DestMigration:
         self.rounds = RoundFigures()
         self._round_event_at = 0.0
         self._rounds_unreported = 0     # rounds since the last "round" event
-        self._cancel = CancelLatch(transport)
+        self._cancel = CancelLatch(
+            transport, goodbye=lambda reason: self.channel.try_send_event(
+                ev.Cancel(clip_text(reason)), CANCEL_GOODBYE_S))
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
         self._committed_at = 0.0

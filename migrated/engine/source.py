@@ -100,6 +100,11 @@ INLINE_MIN_ROUND_BYTES = 64 * 1024 * 1024
 FIRST_READ_BYTES = 512 * 1024
 
 
+# Without PAGEMAP_SCAN, a mapping with no access rights larger than this is
+# not checked for data at the freeze (reading its pagemap word by word
+# would cost more than the freeze: a reservation of a TiB is 2 GiB of it).
+NO_ACCESS_SCAN_MAX_BYTES = 1 << 30
+
 # The freeze must take hold within this (threads in D state may delay it);
 # longer means something is wrong with the target: fail and thaw.
 FREEZE_TIMEOUT_S = 5.0
@@ -533,6 +538,7 @@ class SourceMigration:
         self.freezer.mark_quiescent()
         t_final = time.perf_counter()
         layout = self._read_layout()
+        self._check_no_hidden_data(layout)
         final_rate = 0.0
         if stop_and_copy:
             final_dirty, final_dropped, pause = PageRuns.empty(), PageRuns.empty(), 0.0
@@ -854,6 +860,32 @@ class SourceMigration:
         self.freezer.check_alone()
         self._frozen_at = time.perf_counter()
         self._freeze_wait_ms = self.freezer.freeze(FREEZE_TIMEOUT_S)
+
+    def _check_no_hidden_data(self, layout: KLayout) -> None:
+        """Fail (frozen, before anything is sent) if a private mapping
+        without access rights holds data: such mappings are not migrated
+        (guard pages, reservations -- nothing to read there), but one that
+        a GC, JIT or sanitizer protected with its data in it would be
+        zeros in the image, which would still have been "completed"."""
+        hidden = [m for m in layout if m.perms[:3] == "---" and m.perms[3] == "p"
+                  and not m.migrates]
+        if not hidden:
+            return
+        with pm.Pagemap(self.pid) as pmap:
+            for m in hidden:
+                if pmap.has_scan:
+                    got = pmap.present_runs_scan((m.start, m.end))   # file pages left out
+                elif m.size <= NO_ACCESS_SCAN_MAX_BYTES:
+                    got = pmap.present_runs((m.start, m.end))
+                else:
+                    continue    # no PAGEMAP_SCAN: a huge reservation is not read page by page
+                if got:
+                    raise MigrationAborted(
+                        "failed", "internal",
+                        f"PID {self.pid} holds {got.total_pages()} page(s) of data in a "
+                        f"mapping with no access rights ({m.start:#x}-{m.end:#x} {m.perms} "
+                        f"{m.path or '[anon]'}): they cannot be read, so the image would "
+                        "not be exact; migrate it when that memory is accessible again")
 
     def _check_still_frozen(self, when: str) -> None:
         """Fail if the target runs again behind our back (a SIGCONT from a

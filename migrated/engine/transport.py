@@ -41,7 +41,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import xxhash
 
@@ -106,8 +106,13 @@ class CancelLatch:
     wins, and the transport is shut down after CANCEL_GRACE_S unless the
     engine finished (``disarm``) first."""
 
-    def __init__(self, transport: "BlockingTransport"):
+    def __init__(self, transport: "BlockingTransport",
+                 goodbye: "Callable[[str], object] | None" = None):
+        """``goodbye(reason)``: tells the peer, best effort and bounded,
+        before the shutdown -- an engine stuck receiving a large frame over
+        TLS never reaches its own goodbye, and the peer heard only EOF."""
         self._transport = transport
+        self._goodbye = goodbye
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self.reason: str | None = None
@@ -117,9 +122,18 @@ class CancelLatch:
             if self.reason is not None:
                 return
             self.reason = reason or "cancelled"
-            self._timer = threading.Timer(CANCEL_GRACE_S, self._transport.shutdown)
+            self._timer = threading.Timer(CANCEL_GRACE_S, self._expire)
             self._timer.daemon = True
             self._timer.start()
+
+    def _expire(self) -> None:
+        try:
+            if self._goodbye is not None and self.reason is not None:
+                self._goodbye(self.reason)
+        except Exception:  # noqa: BLE001 -- best effort: the shutdown follows
+            pass
+        finally:
+            self._transport.shutdown()
 
     def disarm(self) -> None:
         with self._lock:
@@ -277,6 +291,34 @@ class BlockingTransport:
                     "the peer stopped reading (stalled or link down)") from e
             except (OSError, ssl.SSLError, ValueError) as e:
                 raise self._failure("sending to", e) from e
+
+    def send_now(self, parts: Sequence[bytes | bytearray | memoryview], wait: float) -> bool:
+        """Write a small message within ``wait`` seconds or not at all
+        (False): another thread's send holds the lock, or the socket has no
+        room.  A TLS write cut short by the wait leaves the stream
+        unusable: only for last words before a shutdown."""
+        data = b"".join(bytes(p) for p in parts)
+        if not self._send_lock.acquire(timeout=wait):
+            return False
+        try:
+            if self._shut or self._closed:
+                return False
+            if self.is_ssl:
+                view = memoryview(data)
+                while view:
+                    n = self._ssl_call("write", view, wait=wait)
+                    self.bytes_sent += n
+                    view = view[n:]
+                return True
+            if not self._wait_for(select.POLLOUT, wait):
+                return False
+            n = self.sock.send(data, socket.MSG_DONTWAIT)
+            self.bytes_sent += n
+            return n == len(data)
+        except (_Quiet, OSError, ssl.SSLError, ValueError):
+            return False
+        finally:
+            self._send_lock.release()
 
     def _sendmsg_all(self, views: list[memoryview]) -> None:
         i = 0
@@ -706,6 +748,21 @@ class Channel:
             # state machine's order when the keepalive thread also sends.
             self.transport.send(parts)
             self._last_send = time.monotonic()
+
+    def try_send_event(self, event: Any, wait: float) -> bool:
+        """send_event bounded by ``wait`` (CancelLatch's last words): False
+        when another send holds the connection, the state machine refuses
+        the event, or the socket takes too long."""
+        if not self._conn_lock.acquire(timeout=wait):
+            return False
+        try:
+            send_parts = getattr(self.conn, "send_parts", None)
+            parts = send_parts(event) if send_parts is not None else [self.conn.send(event)]
+            return self.transport.send_now(parts, wait)
+        except (MigratedError, ProtocolError):
+            return False
+        finally:
+            self._conn_lock.release()
 
     # -- receiving ----------------------------------------------------------------
 

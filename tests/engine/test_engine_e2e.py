@@ -324,3 +324,24 @@ def test_concurrent_cancel_is_idempotent(store):
         out = migrate(w.pid, store, SendOptions(), max_bandwidth=4 * MIB, on_source=cancel_many)
         assert out.source["status"] == "cancelled"
         assert _state(w.pid) != "T"
+
+
+def test_data_in_a_mapping_without_access_rights_fails_the_migration(store, target):
+    """A private mapping protected PROT_NONE with its data in it (a GC, a
+    JIT, a sanitizer) is not migrated -- nothing can read it -- and the
+    image had zeros there while the migration "completed".  Now the freeze
+    finds the data and fails clearly; the target runs on."""
+    target.map("a", 64)
+    target.write("a", 0, 64, seed=3)
+    target.protect("a", 0, 64, "none")
+    target.map("guard", 16, guard=True)        # no data: no reason to fail
+    out = migrate(target.pid, store, SendOptions(then="stop"))
+    s = out.source
+    assert s["status"] == "failed", s
+    assert "no access rights" in s["error"] and "64 page(s)" in s["error"], s["error"]
+    assert store.list() == []
+    assert _state(target.pid) != "T"
+    # Accessible again: it migrates.
+    target.protect("a", 0, 64, "rw")
+    s = migrate(target.pid, store, SendOptions(then="resume")).source
+    assert s["status"] == "completed", s.get("error")
