@@ -71,7 +71,15 @@ unmap, or exit, between two collects, and pwrite needs no mapping).
 
 Limits (shared with soft-dirty): DMA into long-term pinned pages (RDMA,
 io_uring fixed buffers) is not seen in private memory; THP is tracked
-per 2 MiB page.  Shared pages this mm has no entry for (never touched
+per 2 MiB page.  Short pins too (session 16 review, reproduced): an
+O_DIRECT read or a process_vm_writev pins the target's pages (clearing
+their write-protection), a collect's scan reports and re-protects them,
+and the kernel's write through the pin lands after it -- no fault, so no
+later scan sees it; 3 of 9 live migrations of a target starting 64 MiB
+O_DIRECT reads at a collect committed stale pages.  The digest tracker
+(``--tracker digest``) sees them; a fix by content (digests of what the
+last rounds sent, checked at the next and the frozen collect) is noted
+for a later session.  Shared pages this mm has no entry for (never touched
 through its mappings) are not migrated, as with every tracker; and
 processes sharing memory with the target are not frozen with it: what
 they write after the final read is not in the image.  An exec(2) of the
