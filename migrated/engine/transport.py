@@ -127,16 +127,20 @@ class CancelLatch:
             self._timer.start()
 
     def _expire(self) -> None:
+        goodbye = self._goodbye
         try:
-            if self._goodbye is not None and self.reason is not None:
-                self._goodbye(self.reason)
+            if goodbye is not None and self.reason is not None:
+                goodbye(self.reason)
         except Exception:  # noqa: BLE001 -- best effort: the shutdown follows
             pass
         finally:
             self._transport.shutdown()
 
     def disarm(self) -> None:
+        """The engine finished: no shutdown, no last words (dropping the
+        goodbye also drops its hold on the engine: no reference cycle)."""
         with self._lock:
+            self._goodbye = None
             if self._timer is not None:
                 self._timer.cancel()
 
