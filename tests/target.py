@@ -35,6 +35,9 @@ Region pages are numbered from 0 within the region; NAME is any word.
                                   blocks opening it.  -> ok TID of a new thread;
                                   with "main" the command loop itself waits,
                                   after replying ok
+  dread NAME PATH                 an O_DIRECT read of PATH (%-quoted) into NAME,
+                                  in a thread (the kernel pins the pages first)
+  djoin                           wait for it -> ok BYTES
   exit [CODE]
 
 The target never imports migrated: it is the process under test.
@@ -364,6 +367,32 @@ class _Child:
         threading.Thread(target=runner, daemon=True).start()
         started.wait()
         return str(tid[0])
+
+    def cmd_dread(self, name, path):
+        """Start an O_DIRECT read of the file at PATH (%-quoted) into region
+        NAME in a thread: the kernel pins the pages, then the disk writes
+        them.  djoin waits for it and replies the byte count."""
+        addr, n = self.regions[name]
+        fname = urllib.parse.unquote(path)
+        out = []
+
+        def read():
+            fd = os.open(fname, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            try:
+                out.append(self.libc.pread(fd, ctypes.c_void_p(addr),
+                                           ctypes.c_size_t(n * PAGE), ctypes.c_long(0)))
+            finally:
+                os.close(fd)
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        self._dread = (t, out)
+        return ""
+
+    def cmd_djoin(self):
+        t, out = self._dread
+        t.join()
+        return str(out[0] if out else -1)
 
     def cmd_exit(self, code="0"):
         sys.stdout.flush()

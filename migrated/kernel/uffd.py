@@ -71,15 +71,16 @@ unmap, or exit, between two collects, and pwrite needs no mapping).
 
 Limits (shared with soft-dirty): DMA into long-term pinned pages (RDMA,
 io_uring fixed buffers) is not seen in private memory; THP is tracked
-per 2 MiB page.  Short pins too (session 16 review, reproduced): an
-O_DIRECT read or a process_vm_writev pins the target's pages (clearing
-their write-protection), a collect's scan reports and re-protects them,
-and the kernel's write through the pin lands after it -- no fault, so no
-later scan sees it; 3 of 9 live migrations of a target starting 64 MiB
-O_DIRECT reads at a collect committed stale pages.  The digest tracker
-(``--tracker digest``) sees them; a fix by content (digests of what the
-last rounds sent, checked at the next and the frozen collect) is noted
-for a later session.  Shared pages this mm has no entry for (never touched
+per 2 MiB page.  Short pins (session 16 review, reproduced): an O_DIRECT
+read or a process_vm_writev pins the target's pages (clearing their
+write-protection), a collect's scan reports and re-protects them, and the
+kernel's write through the pin lands after it, with no fault -- 3 of 9 live
+migrations of a target doing 64 MiB O_DIRECT reads committed stale pages.
+So each collect also compares by content the private pages the previous
+collect reported written and now finds clean, against digests of what was
+sent for them (``_recheck``; the frozen collect too).  Still missed: a pin
+held across more than one round, or one already in place when the tracker
+started (``--tracker digest`` compares everything).  Shared pages this mm has no entry for (never touched
 through its mappings) are not migrated, as with every tracker; and
 processes sharing memory with the target are not frozen with it: what
 they write after the final read is not in the image.  An exec(2) of the
@@ -358,6 +359,13 @@ class UffdWpTracker(Tracker):
         self._pending = PageRuns.empty()    # reported dirty, not yet sent
         self._shared = PageRuns.empty()     # shared-anon mappings of the last layout
         self._sent_digests = PageDigests()  # of shared pages, as sent
+        # Short pins (module doc, "Limits"): the private pages the last
+        # collect reported written, and digests of them as sent since; the
+        # next collect re-checks by content those it finds clean.
+        self._recheck = PageRuns.empty()
+        self._recheck_digests = PageDigests()
+        self.recheck_ms = 0.0               # the last collect's content check of them
+        self.recheck_pages = 0
         self._content_reader: MemReader | None = None
         self.skipped: dict[tuple[int, int], str] = {}
         self.scan_calls = 0
@@ -558,13 +566,14 @@ class UffdWpTracker(Tracker):
         self._armed = self._armed.intersect(layout.runs())
         return PageRuns.concat(resident), PageRuns.concat(send)
 
-    def _shared_changed(self, todo: PageRuns) -> PageRuns:
+    def _shared_changed(self, todo: PageRuns, digests: PageDigests | None = None) -> PageRuns:
         """Pages of ``todo`` (resident shared memory no write bit reported)
         whose content is not what was sent: digest differs, never sent, or
         unreadable (content unknown: the engine cannot read it either and
         its final round says so).  One process_vm_readv per buffer, digests
-        in bulk (page_digests), never a loop per page."""
-        self.content_pages = 0
+        in bulk (page_digests), never a loop per page.  ``digests``: what
+        to compare with (default: the shared pages' as sent)."""
+        digests = self._sent_digests if digests is None else digests
         if not todo:
             return PageRuns.empty()
         if self._content_reader is None:
@@ -576,7 +585,7 @@ class UffdWpTracker(Tracker):
                 failed.append(chunk.failed)
             if not chunk.runs:
                 continue
-            diff = self._sent_digests.changed(chunk.runs.page_addresses(), chunk.data)
+            diff = digests.changed(chunk.runs.page_addresses(), chunk.data)
             if diff.size:
                 changed.append(diff)
             self.content_pages += chunk.runs.total_pages()
@@ -614,12 +623,26 @@ class UffdWpTracker(Tracker):
         dirty = written.union(resident.subtract(self._known))
         if self._pending:
             dirty = dirty.union(self._pending.intersect(resident))
+        self.content_ms = 0.0
+        self.content_pages = 0
+        self.recheck_ms = 0.0
+        self.recheck_pages = 0
+        # Short pins: what the last collect reported written and the scan
+        # now finds clean may have been written through a pin after that
+        # scan re-protected it -- compare with what was sent.
+        recheck = self._recheck.intersect(resident).subtract(dirty)
+        if recheck:
+            t1 = time.perf_counter()
+            with self._zombie_gone("collect (content check of the last round)"):
+                dirty = dirty.union(self._shared_changed(recheck, self._recheck_digests))
+            self.recheck_ms = (time.perf_counter() - t1) * 1000.0
+            self.recheck_pages, self.content_pages = self.content_pages, 0
         # Shared memory: the write bits only see stores through this
         # mapping's page table; compare the content of the rest with what
         # was sent (module docstring, "Shared memory").
         self._shared = _shared_runs(layout)
-        self.content_ms = 0.0
-        self.content_pages = 0
+        self._recheck = written.subtract(self._shared) if self._shared else written
+        self._recheck_digests = PageDigests()
         if self._shared or len(self._sent_digests):
             t1 = time.perf_counter()
             shared_resident = resident.intersect(self._shared)
@@ -658,12 +681,21 @@ class UffdWpTracker(Tracker):
                     rows = np.frombuffer(mv, np.uint8).reshape(-1, PAGE_SIZE)[inside]
                     digs = page_digests(rows)
                 self._sent_digests.update(addrs[inside], digs)
+        if self._recheck and data is not None and runs.intersect(self._recheck):
+            addrs = runs.page_addresses()
+            inside = addrs_in(addrs, self._recheck)
+            mv = memoryview(data)
+            if inside.any() and mv.nbytes == addrs.size * PAGE_SIZE:
+                rows = np.frombuffer(mv, np.uint8).reshape(-1, PAGE_SIZE)
+                self._recheck_digests.update(addrs[inside], page_digests(
+                    rows if inside.all() else rows[inside]))
         if self._pending:
             self._pending = self._pending.subtract(runs)
 
     def close(self) -> None:
         self._content_reader = None         # its buffer is unmapped when collected
         self._sent_digests = PageDigests()
+        self._recheck_digests = PageDigests()
         try:
             if self._uffd is not None:
                 self._uffd.close()
