@@ -36,6 +36,7 @@ is cut after a bound (PROGRESS_IDLE_FACTOR), so it cannot hold a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import socket
@@ -254,9 +255,10 @@ class DestMigration:
         self.rounds = RoundFigures()
         self._round_event_at = 0.0
         self._rounds_unreported = 0     # rounds since the last "round" event
-        self._cancel = CancelLatch(
-            transport, goodbye=lambda reason: self.channel.try_send_event(
-                ev.Cancel(clip_text(reason)), CANCEL_GOODBYE_S))
+        # (The goodbye holds the channel, not this engine: a timer still
+        # saying it as run() returns must not keep the engine alive.)
+        self._cancel = CancelLatch(transport, goodbye=functools.partial(
+            _say_cancel, self.channel))
         self._freeze_at: float | None = None
         self._commit_ms = 0.0
         self._committed_at = 0.0
@@ -813,6 +815,11 @@ class DestMigration:
             self.on_event(event)
         except Exception:  # noqa: BLE001
             log.exception("on_event callback failed")
+
+
+def _say_cancel(channel: Channel, reason: str) -> bool:
+    """CancelLatch's last words for a destination engine (see there)."""
+    return channel.try_send_event(ev.Cancel(clip_text(reason)), CANCEL_GOODBYE_S)
 
 
 def _is_disk_full(e: BaseException) -> bool:

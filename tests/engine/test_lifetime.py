@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -74,6 +75,12 @@ def test_engines_are_freed_without_the_cycle_collector(tmp_path, link, end):
                 limits=DestLimits(quota_bytes=1 << 20) if end == "failed" else None)
             assert sres["status"] == end, sres.get("error")
             assert dres["status"] in (end, "failed"), dres.get("error")
+            # A background thread finishing its last step (a flush's report,
+            # a cancel's last words) may hold an engine a moment longer; a
+            # cycle holds it for good (the collector is off).
+            deadline = time.monotonic() + 5.0
+            while (dest() is not None or source() is not None) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert dest() is None, "the destination engine outlived its run (a reference cycle)"
             assert source() is None, "the source engine outlived its run (a reference cycle)"
         finally:
