@@ -50,7 +50,7 @@ another process's mapping.  None of these is reported, and
 the image would keep the old bytes.  So each collect also compares the
 content of the resident shared pages that no write bit reported with
 digests of what was *sent* (``sent`` records them; the digest tracker's
-page_digests, in bulk: ``_shared_changed``).  A change at any time before
+page_digests, in bulk: ``_content_changed``).  A change at any time before
 the read is seen now, one after it next round -- the stored digest stays
 that of the sent bytes -- and the frozen final collect is exact.  A shared
 page that cannot be read is reported dirty: its content is unknown, and
@@ -162,7 +162,7 @@ _SPAN_JOIN_BYTES = 2 << 20
 # Pages read at a time to settle ambiguous entries of private file
 # mappings (_file_pages); normally there are none.
 _SETTLE_READ_PAGES = 256
-# Buffer of the content check of shared memory (_shared_changed), 4 MiB:
+# Buffer of the content check of shared memory (_content_changed), 4 MiB:
 # 256 MiB checked in 111-123 ms with it, the same as with MemReader's
 # 16 MiB default (hashing, not reading, dominates).  Allocated only for a
 # target that has shared memory.
@@ -566,9 +566,10 @@ class UffdWpTracker(Tracker):
         self._armed = self._armed.intersect(layout.runs())
         return PageRuns.concat(resident), PageRuns.concat(send)
 
-    def _shared_changed(self, todo: PageRuns, digests: PageDigests | None = None) -> PageRuns:
-        """Pages of ``todo`` (resident shared memory no write bit reported)
-        whose content is not what was sent: digest differs, never sent, or
+    def _content_changed(self, todo: PageRuns, digests: PageDigests | None = None) -> PageRuns:
+        """Pages of ``todo`` (resident pages no write bit reported: shared
+        memory, or the last round's pages re-checked for short pins) whose
+        content is not what was sent: digest differs, never sent, or
         unreadable (content unknown: the engine cannot read it either and
         its final round says so).  One process_vm_readv per buffer, digests
         in bulk (page_digests), never a loop per page.  ``digests``: what
@@ -634,7 +635,7 @@ class UffdWpTracker(Tracker):
         if recheck:
             t1 = time.perf_counter()
             with self._zombie_gone("collect (content check of the last round)"):
-                dirty = dirty.union(self._shared_changed(recheck, self._recheck_digests))
+                dirty = dirty.union(self._content_changed(recheck, self._recheck_digests))
             self.recheck_ms = (time.perf_counter() - t1) * 1000.0
             self.recheck_pages, self.content_pages = self.content_pages, 0
         # Shared memory: the write bits only see stores through this
@@ -648,7 +649,7 @@ class UffdWpTracker(Tracker):
             shared_resident = resident.intersect(self._shared)
             self._sent_digests.keep_only(shared_resident)
             with self._zombie_gone("collect (content check of shared memory)"):
-                dirty = dirty.union(self._shared_changed(shared_resident.subtract(dirty)))
+                dirty = dirty.union(self._content_changed(shared_resident.subtract(dirty)))
             self.content_ms = (time.perf_counter() - t1) * 1000.0
         dropped = self._known.subtract(resident)
         self._known = resident

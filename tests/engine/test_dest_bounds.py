@@ -89,16 +89,17 @@ def store(tmp_path):
     return ImageStore(str(tmp_path / "state"), min_free_bytes=0)
 
 
-def _wait_error(p: RawPeer, timeout: float, keepalives: bool = False) -> tuple[Error | None, float]:
+def _wait_error(p: RawPeer, timeout: float, keepalives: bool = False,
+                every: float = 0.25) -> tuple[Error | None, float]:
     """The daemon's Error (or None when it did not come within ``timeout``),
-    and how long it took; with ``keepalives`` we send one every 0.25 s."""
+    and how long it took; with ``keepalives`` we send one every ``every`` s."""
     t0 = time.monotonic()
     seq = 0
     while time.monotonic() - t0 < timeout:
         if keepalives and not p.closed:
             p.send_raw(encode(Keepalive(seq)))
             seq += 1
-        p._pull(0.25)
+        p._pull(every)
         errs = [e for e in p.events if isinstance(e, Error)]
         if errs:
             return errs[0], time.monotonic() - t0

@@ -18,10 +18,10 @@ import pytest
 
 from migrated.engine import dest as D
 from migrated.engine.dest import DestLimits
-from migrated.wire import Error, Freeze, Keepalive, Zeros
+from migrated.wire import Error, Freeze, Zeros
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.wire.frames import encode
-from tests.engine.test_dest_bounds import IO_S, DestRun, store  # noqa: F401 -- fixture
+from tests.engine.test_dest_bounds import IO_S, DestRun, _wait_error, store  # noqa: F401 -- fixture
 from tests.hostile.peer import BASE, anon_layout, frame, raw_msg
 
 IDLE_S = 1.0          # the destination's idle timeout here
@@ -33,22 +33,10 @@ def _limits() -> DestLimits:
                       progress_timeout_s=PROGRESS_S)
 
 
-def _keepalives_until_error(p, seconds: float, every: float = 0.2):
-    """Send keepalives every ``every`` s for at most ``seconds``; the
-    destination's Error (or None) and when it came."""
-    t0 = time.monotonic()
-    seq = 0
-    while time.monotonic() - t0 < seconds:
-        if not p.closed:
-            p.send_raw(encode(Keepalive(seq)))
-            seq += 1
-        p._pull(every)
-        errs = [e for e in p.events if isinstance(e, Error)]
-        if errs:
-            return errs[0], time.monotonic() - t0
-        if p.closed:
-            break
-    return None, time.monotonic() - t0
+def _keepalives_until_error(p, seconds: float):
+    """Keepalives every 0.2 s for at most ``seconds``: the destination's
+    Error (or None) and when it came."""
+    return _wait_error(p, seconds, keepalives=True, every=0.2)
 
 
 def test_the_default_bound_is_far_above_what_a_real_source_spends_on_keepalives():
