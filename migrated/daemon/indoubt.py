@@ -21,7 +21,11 @@ image id -- durably, like the frozen-PID journal.  Then:
   time) and running, the source has it, so the image is withdrawn; if it
   is gone (killed by ``--then kill``) or stopped (``--then stop`` had been
   applied), the migration had completed: the image is the copy to keep,
-  and the record is dropped.
+  and the record is dropped.  A record written before the machine last
+  booted (its boot id differs) is such a record too: the reboot ended the
+  process, so the destination's image is the only copy left -- and a new
+  process that happens to have the old PID and start time (counted from
+  boot, so early-boot services repeat them) is not ours.
 
 So the only lasting double copy left is a destination that stays
 unreachable until the resolver gives up -- after ``GIVE_UP_S`` of trying
@@ -41,6 +45,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from migrated.daemon.durable import fsync_dir, private_subdir, read_own_record, write_record
+from migrated.daemon.journal import boot_id
 from migrated.errors import MigratedError, NoSuchProcess
 from migrated.kernel import procfs
 from migrated.threads import Thread
@@ -70,6 +75,7 @@ class Pending:
     image_id: str
     since: float            # wall clock when written (for people; never timed)
     verdict: str = ""       # VERDICT_FAILED once the source decided it failed
+    boot_id: str = ""       # the boot the record was written in ("" = unknown)
 
 
 class InDoubt:
@@ -155,8 +161,9 @@ class InDoubt:
             else:
                 out["completed"].append(rec.mid)
                 self.log.info("indoubt_settled", rec.mid, pid=rec.pid, image_id=rec.image_id,
-                              reason="the process is gone or stopped here: the migration "
-                                     "completed; the destination's image is the copy")
+                              reason="the process is gone or stopped here (or the machine "
+                                     "rebooted since): the migration completed; the "
+                                     "destination's image is the copy")
                 self.settle(rec.mid)
         return out
 
@@ -225,7 +232,8 @@ class InDoubt:
             rec = Pending(mid=str(d["mid"]), pid=int(d["pid"]),
                           starttime=int(d["starttime"]), host=str(d["host"]),
                           port=int(d["port"]), image_id=str(d["image_id"]),
-                          since=float(d["since"]), verdict=str(d.get("verdict", "")))
+                          since=float(d["since"]), verdict=str(d.get("verdict", "")),
+                          boot_id=str(d.get("boot_id", "")))
             if len(raw) > MAX_RECORD_BYTES or os.path.basename(path) != f"{rec.mid}.json":
                 raise ValueError("not an in-doubt record")
         except FileNotFoundError:
@@ -237,7 +245,11 @@ class InDoubt:
 
 
 def _still_running_here(rec: Pending) -> bool:
-    """The process of ``rec`` exists (same start time) and is not stopped."""
+    """The process of ``rec`` exists (same boot, same start time) and is not
+    stopped."""
+    now = boot_id()
+    if rec.boot_id and now and rec.boot_id != now:
+        return False
     try:
         st = procfs.read_stat(rec.pid)
     except (NoSuchProcess, MigratedError, OSError):

@@ -142,6 +142,27 @@ def test_a_recycled_pid_is_not_our_process(tmp_path, children):
     assert out == {"withdrawing": [], "completed": ["m1"]}
 
 
+def test_a_record_from_an_earlier_boot_keeps_the_image(tmp_path, children):
+    """The machine rebooted inside the Release/Released window: the process
+    is gone, so the destination's image is the only copy.  A process now
+    running with the record's PID and start time (both repeat across boots
+    for early services) is someone else's and must not make us withdraw."""
+    p = children()
+    d = InDoubt(str(tmp_path), Log(), Attempts())
+    rec = _rec(p.pid)
+    assert rec.boot_id == ""                    # unknown boot: judged by the process
+    d.record(Pending(**{**rec.__dict__, "boot_id": "0" * 8 + "-0000-4000-8000-" + "0" * 12}))
+    att = Attempts()
+    log = Log()
+    out = InDoubt(str(tmp_path), log, att).resume()
+    assert out == {"withdrawing": [], "completed": ["m1"]}
+    assert att.calls == []
+    assert "rebooted" in [f for _, e, _, f in log.lines if e == "indoubt_settled"][0]["reason"]
+    # The same record written in this boot is judged by the process: withdrawn.
+    d.record(Pending(**{**rec.__dict__, "boot_id": ind.boot_id()}))
+    assert InDoubt(str(tmp_path), Log(), Attempts()).resume()["withdrawing"] == ["m1"]
+
+
 @pytest.mark.parametrize("content", [b"{", b"[]", b'{"mid": "other", "pid": 1}', b"x" * 5000])
 def test_bad_records_are_reported_not_trusted(tmp_path, content):
     log = Log()
