@@ -255,6 +255,8 @@ class BlockingTransport:
         self._ssl_lock = threading.Lock()   # one thread at a time in the SSL object
         self._shut = False
         self._closed = False
+        # A TLS send that failed part way (see _cut): later sends raise this.
+        self._cut_by: TransportError | None = None
         self._pipe: tuple[int, int] | None = None    # splice_into's (read, write) ends
         self._splicing = False
         self.can_splice = (not self.is_ssl and hasattr(os, "splice")
@@ -282,6 +284,7 @@ class BlockingTransport:
             return
         with self._send_lock:
             self._check_open("send")
+            self._check_uncut()
             try:
                 if self.bucket is not None:
                     self._send_paced(views)
@@ -290,11 +293,30 @@ class BlockingTransport:
                 else:
                     self._sendmsg_all(views)
             except (socket.timeout, TimeoutError) as e:
-                raise TransportTimeout(
+                raise self._cut(TransportTimeout(
                     self.peer, f"sending to {self.peer} timed out after {self.timeout:g} s: "
-                    "the peer stopped reading (stalled or link down)") from e
+                    "the peer stopped reading (stalled or link down)")) from e
             except (OSError, ssl.SSLError, ValueError) as e:
-                raise self._failure("sending to", e) from e
+                raise self._cut(self._failure("sending to", e)) from e
+
+    def _cut(self, err: TransportError) -> TransportError:
+        """A TLS send failed part way: OpenSSL keeps the unsent rest of its
+        record and accepts only that same write again.  Any other write --
+        a keepalive's, a goodbye's -- fails with "bad length" and leaves
+        the SSL object failed for good: its reads then return nothing,
+        though the peer's last words (a Cancel or an Error sent before it
+        left) are in our socket.  So later sends fail at once, as this one
+        did, without going near the SSL object.  (A plain socket keeps no
+        such state: its later sends just fail on their own.)"""
+        if self.is_ssl and self._cut_by is None:
+            self._cut_by = err
+        return err
+
+    def _check_uncut(self) -> None:
+        cut = self._cut_by
+        if cut is not None:
+            raise type(cut)(cut.peer, f"{cut} (an earlier send failed; nothing more "
+                            "can be sent on this connection)")
 
     def send_now(self, parts: Sequence[bytes | bytearray | memoryview], wait: float) -> bool:
         """Write a small message within ``wait`` seconds or not at all
@@ -305,7 +327,7 @@ class BlockingTransport:
         if not self._send_lock.acquire(timeout=wait):
             return False
         try:
-            if self._shut or self._closed:
+            if self._shut or self._closed or self._cut_by is not None:
                 return False
             if self.is_ssl:
                 view = memoryview(data)
@@ -319,7 +341,10 @@ class BlockingTransport:
             n = self.sock.send(data, socket.MSG_DONTWAIT)
             self.bytes_sent += n
             return n == len(data)
-        except (_Quiet, OSError, ssl.SSLError, ValueError):
+        except (_Quiet, OSError, ssl.SSLError, ValueError) as e:
+            self._cut(TransportTimeout(self.peer, f"sending to {self.peer} timed out after "
+                                                  f"{wait:g} s") if isinstance(e, _Quiet)
+                      else self._failure("sending to", e))
             return False
         finally:
             self._send_lock.release()

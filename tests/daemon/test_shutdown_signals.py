@@ -77,14 +77,16 @@ def test_the_source_hears_why_a_stopping_destination_left():
         assert proc_state(w.pid) != "T"
 
 
-def test_a_cancel_on_the_destination_reaches_the_source_with_its_reason():
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_cancel_on_the_destination_reaches_the_source_with_its_reason(tls):
     # On a slow link the destination engine is still inside a page batch
     # when the cancel's grace runs out and the link is shut: the source
     # heard only that the link broke.  The latch now says Cancel first.
-    # (Over TLS the source still reads only EOF after its failed write:
-    # left, see docs/HISTORY.md, session 16.)
+    # Over TLS the source's keepalive, sent right after its failed send,
+    # left its SSL object failed for good and the Cancel unread (see
+    # BlockingTransport._cut).
     from tests.cluster import FAST_TIMEOUTS
-    with Cluster(tls=False, timeouts=FAST_TIMEOUTS) as c, workload(mib=16, rate=200) as w:
+    with Cluster(tls=tls, timeouts=FAST_TIMEOUTS) as c, workload(mib=16, rate=200) as w:
         a, b = c.daemon("a"), c.daemon("b")
         mid = a.send(w.pid, "127.0.0.1", b.port, then="resume", max_bandwidth=MIB // 2)
         wait_until(lambda: b.partials(), 20, "the receive under way")

@@ -397,3 +397,38 @@ def test_tls_bulk_send_is_corked_while_it_runs_and_uncorked_after():
         assert out[1] == data
         assert sent <= 2, f"{sent} data segments for 3 TLS records"
         assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls"])
+def test_last_words_stay_readable_after_a_send_failed(kind):
+    # A destination that cancels says Cancel (send_now) and closes the
+    # link while the source is inside a large send.  The source's send
+    # fails; at once its keepalive thread, which waited for the channel
+    # during that send, sends too.  Over TLS that second write used to
+    # reach OpenSSL, which still held the rest of the failed record: "bad
+    # length", the SSL object failed for good, and the read that looks
+    # for the destination's reason got nothing although the Cancel was in
+    # the socket.  The second send must fail without spoiling the read.
+    a, b = {"tcp": tcp_pair, "tls": tls_pair}[kind]()
+    with _transports(a, b, 10) as (ta, tb):
+        failed: list = []
+
+        def flood() -> None:
+            try:
+                while True:
+                    ta.send([b"\0" * (1 << 20)])
+            except TransportError as e:
+                failed.append(e)
+
+        sender = threading.Thread(target=flood)
+        sender.start()
+        assert tb.recv_into(bytearray(1 << 16))
+        time.sleep(0.3)                     # b reads no more: a's send waits
+        assert tb.send_now([b"last words"], 1.0)
+        tb.close()                          # unread data: the peer gets a reset
+        sender.join(10)
+        assert not sender.is_alive() and failed
+        with pytest.raises(TransportError):
+            ta.send([b"keepalive"])
+        assert ta.recv(100) == b"last words"
+        assert ta.recv(100) == b""
