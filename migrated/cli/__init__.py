@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import os
+import re
 import signal
 import sys
 
@@ -48,6 +50,50 @@ class CtlParser(argparse.ArgumentParser):
         super().error(message)
 
 
+# What never reaches the operator's terminal as it is: C0 controls but tab
+# and newline, DEL, C1 controls (escape sequences), and surrogates (bytes
+# that were not UTF-8, kept by surrogateescape; a strict UTF-8 stdout
+# cannot even encode them).
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:               # an undecodable byte, as such
+        return f"\\x{c - 0xDC00:02x}"
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+class PrintableStream(io.TextIOBase):
+    """stdout/stderr as migratectl's commands write to them.  Much of what
+    they show came from a peer or an image: process command lines and
+    paths from the source node, error messages from the other daemon.
+    Their control characters and undecodable bytes are written escaped
+    (``\\x1b``, ``\\xff``): a process named with escape sequences cannot
+    drive the operator's terminal, and a command line that is not UTF-8
+    cannot make `images list` fail under a strict UTF-8 locale."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> int:
+        self.stream.write(_UNPRINTABLE.sub(_escape, s))
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CtlParser(
         prog="migratectl",
@@ -68,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(out), PrintableStream(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

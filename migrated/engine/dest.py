@@ -367,7 +367,7 @@ class DestMigration:
         frozen = False
         unflushed = 0              # page bytes since the last checkpoint or flush
         while True:
-            got = self._wait(lim.idle_timeout_s, "the next message", None,
+            got = self._wait(lim.idle_timeout_s, "message", None,
                              progress_by=self._progress_deadline)
             self._progress_at = time.monotonic()
             if isinstance(got, ev.Pages):

@@ -49,6 +49,33 @@ def test_configured_timeouts_apply(daemons):
     assert "peer_timeout_s=2" in d.log()
 
 
+def test_the_idle_timeout_error_reads_as_english(daemons):
+    """The error a silent source gets names what did not come in words
+    (it said "sent no the next message within 2 s")."""
+    import struct
+
+    import msgpack
+    d = daemons("idle-words", None, ["--peer-timeout", "2"])
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.settimeout(30)
+    conn = SourceConnection()
+    s.sendall(conn.send(Hello(L.SUPPORTED_VERSIONS, "quiet", (), "quiet-2")))
+    s.sendall(encode(Start(4242, ("x",), "/x", PAGE_SIZE, "digest", 0, {})))
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    data = data[len(L.PREAMBLE):]
+    bodies = []
+    while data:
+        (n,) = struct.unpack(">I", data[:4])
+        bodies.append(msgpack.unpackb(data[4:4 + n]))
+        data = data[4 + n:]
+    err = bodies[-1]
+    assert err["type"] == "error" and err["code"] == "timeout", bodies
+    assert err["message"].endswith("sent no message within 2 s"), err["message"]
+
+
 def test_status_shows_the_timeouts(daemons):
     import subprocess
 

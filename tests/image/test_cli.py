@@ -107,3 +107,34 @@ def test_subprocess_json(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert [x["image_id"] for x in json.loads(r.stdout)] == [image_id]
+
+
+def _hostile_image(state: str) -> str:
+    """An image as a source can make it: the process's command line, exe
+    and a mapping path carry terminal escape sequences and bytes that are
+    not UTF-8 (both legal in a Linux argv and path)."""
+    store = ImageStore(state, min_free_bytes=0)
+    w = store.begin({"pid": 99, "cmdline": ["prog\x1b]0;owned\x07", "\x1b[2J\udcff"],
+                     "exe": "/usr/bin/\x1b[31mprog", "source_node": "node-a"}, 0)
+    w.set_layout([mapping(BASE, 64, path="/lib/\x1b[31m\udcfe.so")])
+    write_pattern(w, BASE, 4, 1)
+    return w.commit({})[0]
+
+
+def test_text_from_the_source_reaches_the_terminal_escaped(tmp_path, capsys):
+    state = str(tmp_path / "state")
+    image_id = _hostile_image(state)
+    rc, out, _ = run(capsys, "images", "list", "--state-dir", state)
+    assert rc == 0 and "\x1b" not in out and "\x07" not in out
+    assert "prog\\x1b]0;owned\\x07 \\x1b[2J\\xff" in out
+    rc, out, _ = run(capsys, "images", "show", image_id, "--state-dir", state)
+    assert rc == 0 and "\x1b" not in out
+    assert "/usr/bin/\\x1b[31mprog" in out and "/lib/\\x1b[31m\\xfe.so" in out
+    # A strict UTF-8 stdout (the usual en_US.UTF-8 locale) could not even
+    # encode the undecodable byte: list failed with a traceback.
+    for cmd in (["list"], ["show", image_id]):
+        r = subprocess.run([sys.executable, "-m", "migrated.cli", "images", *cmd,
+                            "--state-dir", state], capture_output=True,
+                           env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))
+        assert r.returncode == 0, r.stderr.decode()
+        assert b"\x1b" not in r.stdout
