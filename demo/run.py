@@ -155,4 +155,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # main's finally has stopped the daemons and the workload and removed
+        # the throwaway directory; a traceback would only hide that.
+        print("\ndemo: interrupted; daemons and workload stopped, temporary files removed",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import signal
 import sys
 import time
 
@@ -105,4 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:     # Ctrl-C in a terminal (make demo): no traceback
+        sys.exit(128 + signal.SIGINT)

@@ -68,6 +68,7 @@ def register(sub) -> None:
 
     s = csub.add_parser("show", help="print a certificate's names and validity")
     s.add_argument("file", metavar="FILE")
+    s.add_argument("--json", action="store_true", help="accepted: the output is JSON already")
     s.set_defaults(func=run_show)
 
 

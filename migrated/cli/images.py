@@ -199,13 +199,20 @@ def _cmd_export(args) -> int:
 
 def _cmd_rm(args) -> int:
     store = _store(args)
-    for image_id in args.image_ids:
-        try:
-            store.remove(image_id)
-        except FileNotFoundError:
-            # Another rm (or a withdrawal) moved it out first.
-            raise ImageNotFound(f"image {image_id} not found (removed?)") from None
-        print(f"removed {image_id}")
+    removed: list[str] = []
+    try:
+        for image_id in args.image_ids:
+            try:
+                store.remove(image_id)
+            except FileNotFoundError:
+                # Another rm (or a withdrawal) moved it out first.
+                raise ImageNotFound(f"image {image_id} not found (removed?)") from None
+            removed.append(image_id)
+            if not args.json:
+                print(f"removed {image_id}")
+    finally:
+        if args.json:       # also when one failed: what did go (the error is on stderr)
+            _dump({"removed": removed})
     return 0
 
 
@@ -250,6 +257,6 @@ def register(subparsers) -> None:
                         "the files on this node; leave them to the NT_FILE note")
     s.set_defaults(func=_os_errors(_cmd_export))
 
-    s = sub.add_parser("rm", parents=[common], help="remove images")
+    s = sub.add_parser("rm", parents=[common, as_json], help="remove images")
     s.add_argument("image_ids", metavar="ID", nargs="+")
     s.set_defaults(func=_os_errors(_cmd_rm))

@@ -133,9 +133,14 @@ def summary_lines(s: dict) -> list[str]:
            + (f" -- {s['error']}" if s.get("error") and s.get("status") != "completed" else "")]
     for key, label in (("migration_id", "migration"), ("image_id", "image"),
                        ("digest", "digest"), ("tracker", "tracker"),
-                       ("stop_reason", "pre-copy ended"), ("then", "source then")):
+                       ("stop_reason", "pre-copy ended")):
         if s.get(key):
             out.append(f"{label}: {s[key]}")
+    # --then is applied only once the image is committed: after a failure or
+    # a cancel the process was thawed (or left as it was), whatever it said.
+    if s.get("then") and s.get("status") == "completed":
+        note = s.get("then_note")
+        out.append(f"source then: {s['then']}" + (f" ({note})" if note else ""))
     figs = []
     if s.get("freeze_ms") is not None:
         figs.append(f"freeze {s['freeze_ms']:.1f} ms")

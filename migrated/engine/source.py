@@ -109,6 +109,10 @@ NO_ACCESS_SCAN_MAX_BYTES = 1 << 30
 # longer means something is wrong with the target: fail and thaw.
 FREEZE_TIMEOUT_S = 5.0
 
+# Under --max-bandwidth, page batches carry about this many seconds of the
+# cap, so that the timeout, checked between batches, is kept to about this.
+BATCH_GRAIN_S = 0.5
+
 # Past a wait's deadline, how long we still read what the peer already
 # sent in search of the answer (SourceMigration._wait).
 PAST_DEADLINE_DRAIN_S = 1.0
@@ -422,6 +426,11 @@ class SourceMigration:
             # Committed: the migration succeeded whatever happens next.
             try:
                 self._apply_then()
+                if self.options.then == "resume" and self.freezer is not None \
+                        and self.freezer.was_stopped:
+                    result["then_note"] = (
+                        f"PID {self.pid} was stopped before the final freeze, not by us, "
+                        "so it stays stopped: send it SIGCONT if it should run")
             except Exception as e:  # noqa: BLE001 -- reported, not a failure
                 result["then_error"] = f"applying --then {self.options.then} to PID {self.pid}: {e}"
                 log.exception("migration %s: %s", self.migration_id, result["then_error"])
@@ -631,6 +640,13 @@ class SourceMigration:
         accept = self._wait(L.HANDSHAKE_TIMEOUT_S, "the destination's Accept", ev.Accept)
         self.max_batch = min(accept.max_batch_pages, L.MAX_BATCH_PAGES,
                              L.MAX_BATCH_BYTES // PAGE_SIZE)
+        bucket = self.transport.bucket
+        if bucket is not None:
+            # A batch is the grain at which --timeout is seen (_stream_pages):
+            # under a cap, about BATCH_GRAIN_S of it.  At 128K a 4 MiB batch
+            # took 32 s, and --timeout 5 gave up after 12 s.
+            self.max_batch = max(1, min(self.max_batch,
+                                        int(bucket.rate * BATCH_GRAIN_S) // PAGE_SIZE))
 
     # -- rounds --------------------------------------------------------------------------
 
@@ -638,6 +654,8 @@ class SourceMigration:
                     pause_ms: float, dirty_rate: float, t_collect: float,
                     final: bool = False, expected_ms: float | None = None,
                     wait_ms: float = 0.0) -> None:
+        # The round's figures are timed from here: the cap holds from here.
+        self.transport.restart_pacing()
         st = _RoundStats(rnd, time.perf_counter(), self.transport.bytes_sent)
         ch = self.channel
         if layout != self._sent_layout:

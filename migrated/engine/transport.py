@@ -222,6 +222,15 @@ class TokenBucket:
             # Interruptible sleep: close() sets the event.
             self._wake.wait(-self.tokens / self.rate)
 
+    def empty(self) -> None:
+        """From now on, no credit: what was saved up while idle is gone.
+        The source empties it as each round starts, so that no round can
+        carry more than ``rate`` times its length (a full bucket let short
+        rounds, the frozen final delta among them, open with a burst: 1.4x
+        the cap for a 260 KiB final delta at 4 MiB/s)."""
+        self.tokens = 0.0
+        self.last = self.clock()
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -317,6 +326,13 @@ class BlockingTransport:
         if cut is not None:
             raise type(cut)(cut.peer, f"{cut} (an earlier send failed; nothing more "
                             "can be sent on this connection)")
+
+    def restart_pacing(self) -> None:
+        """Under --max-bandwidth: pace from now on as if the link had been
+        busy until now (TokenBucket.empty); nothing without a cap."""
+        if self.bucket is not None:
+            with self._send_lock:
+                self.bucket.empty()
 
     def send_now(self, parts: Sequence[bytes | bytearray | memoryview], wait: float) -> bool:
         """Write a small message within ``wait`` seconds or not at all

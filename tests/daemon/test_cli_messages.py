@@ -297,3 +297,39 @@ def test_send_reports_what_it_saw_when_the_daemon_dies(daemons):
         for words in (f"migration {mid}", f"process {w2.pid}", f"Check process {w2.pid}",
                       f"migratectl status {mid}", "journal"):
             assert words in err_h, err_h
+
+
+def test_source_then_line_tells_what_happened_to_the_process(daemons):
+    """`source then: stop` used to close the summary of a cancelled or
+    failed migration whose process had just been thawed, and `source then:
+    resume` that of one whose process, stopped before we came, stayed
+    stopped.  The line is printed only for a completed migration, and says
+    so when --then resume left the process stopped."""
+    a, b = daemons("a"), daemons("b")
+    with workload(mib=16, rate=200) as w:
+        p = subprocess.Popen([PY, "-m", "migrated.cli", "--control", a.control, "send",
+                              str(w.pid), f"127.0.0.1:{b.port}", "--max-bandwidth", "1M"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ms = wait_migration(a.control, lambda ms: any(m["state"] == "running" for m in ms))
+            mid = [m["migration_id"] for m in ms if m["state"] == "running"][0]
+            assert ctl(a.control, "cancel", mid).returncode == 0
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 1 and "status: cancelled" in out, out + err
+        assert "source then" not in out, out
+
+        os.kill(w.pid, signal.SIGSTOP)
+        r = ctl(a.control, "send", str(w.pid), f"127.0.0.1:{b.port}", "--then", "resume")
+        assert r.returncode == 0, r.stdout + r.stderr
+        line = [x for x in r.stdout.splitlines() if x.startswith("source then:")]
+        assert line and "stays stopped" in line[0] and str(w.pid) in line[0], r.stdout
+        r = ctl(a.control, "send", str(w.pid), f"127.0.0.1:{b.port}", "--then", "resume",
+                "--json")
+        s = json.loads(r.stdout)
+        assert s["status"] == "completed" and "stays stopped" in s["then_note"], s
+        with open(f"/proc/{w.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "T"

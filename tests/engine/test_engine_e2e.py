@@ -18,6 +18,7 @@ from migrated.runs import PAGE_SIZE
 from tests.engine.harness import CuttingProxy, migrate
 from tests.engine.imagecheck import compare
 from tests.engine.procs import workload
+from tests.engine.tlspair import tls_pair
 
 MIB = 1024 * 1024
 
@@ -123,6 +124,26 @@ def test_the_first_collections_dirty_rate_is_over_the_whole_time_tracked(store):
         _thaw(w.pid)
 
 
+def test_max_bandwidth_caps_every_round_short_ones_too(store):
+    # A quiet writer and --downtime-ms 1: after round 0 every round is a few
+    # hundred KiB, a fraction of a second at the cap.  Each must still read
+    # at or under the cap -- the frozen final delta too (README: the cap
+    # holds for every round).  A bucket that filled up between rounds let
+    # such rounds open with a burst: 1.16x and 1.43x the cap.
+    cap = 4 * MIB
+    with workload(mib=4, rate=100) as w:
+        opts = SendOptions(then="stop", downtime_ms=1, max_rounds=5)
+        out = migrate(w.pid, store, opts, max_bandwidth=cap)
+        s = out.source
+        assert s["status"] == "completed", s.get("error")
+        assert len(s["rounds"]) >= 3 and s["rounds"][-1]["final"]
+        over = [(r["round"], r["bytes"], r["bandwidth"]) for r in s["rounds"]
+                if r["bandwidth"] > cap]
+        assert not over, f"rounds above the {cap} B/s cap: {over}"
+        compare(store, s["image_id"], w.pid)
+        _thaw(w.pid)
+
+
 def test_writer_hotter_than_the_link_stops_at_plateau_and_is_exact(store):
     # 8 MiB hot set rewritten 50x a second; the link carries 24 MiB/s, so a
     # round can never get under the 20 ms target: the policy must give up
@@ -155,6 +176,23 @@ def test_timeout_fails_cleanly_before_freezing(store):
         assert d["status"] == "failed" and d["error_code"] == "timeout"
         assert store.list() == [] and _no_partials(store)
         assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_timeout_is_kept_under_a_low_bandwidth_cap(store, tls):
+    # The timeout is seen between page batches, and at the lowest cap (128K)
+    # a 4 MiB batch takes 32 s: --timeout 6 gave up after 12 s (over TCP and
+    # TLS alike).  Batches under a cap are about half a second of it now.
+    with workload(mib=8, rate=100) as w:
+        t0 = time.monotonic()
+        out = migrate(w.pid, store, SendOptions(timeout_s=6.0), max_bandwidth=128 * 1024,
+                      sockets=tls_pair() if tls else None)
+        took = time.monotonic() - t0
+        s = out.source
+        assert s["status"] == "failed" and "did not converge within timeout" in s["error"], s
+        assert took < 6.0 + 3.0, took     # was 12 s; slack for a loaded machine
+        assert _state(w.pid) != "T"
+        assert store.list() == [] and _no_partials(store)
 
 
 def test_max_rounds_zero_is_stop_and_copy(store):

@@ -127,6 +127,30 @@ def test_max_bandwidth_paces_sends():
     assert dt >= 0.4
 
 
+def test_restart_pacing_drops_the_credit_saved_while_idle():
+    # The source restarts pacing as each round starts: after a pause, 256 KiB
+    # at 1 MiB/s then takes a quarter of a second -- the bucket, full after
+    # the pause, sent its first 50 ms worth at once, and a short round read
+    # above the cap.
+    a, b = tcp_pair()
+    rate = 1024 * 1024
+    ta, tb = BlockingTransport(a, timeout=10, max_bandwidth=rate), BlockingTransport(b, timeout=10)
+    n = 256 * 1024
+    out: list = []
+    t = threading.Thread(target=_drain, args=(tb, n, out))
+    t.start()
+    time.sleep(0.3)
+    ta.restart_pacing()
+    t0 = time.monotonic()
+    ta.send([b"\1" * n])
+    dt = time.monotonic() - t0
+    t.join(10)
+    ta.close()
+    tb.close()
+    assert len(out[0]) == n
+    assert dt >= n / rate, dt
+
+
 def test_shutdown_interrupts_a_paced_sender():
     a, b = tcp_pair()
     ta = BlockingTransport(a, timeout=10, max_bandwidth=64 * 1024)

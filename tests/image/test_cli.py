@@ -138,3 +138,26 @@ def test_text_from_the_source_reaches_the_terminal_escaped(tmp_path, capsys):
                            env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))
         assert r.returncode == 0, r.stderr.decode()
         assert b"\x1b" not in r.stdout
+
+
+def test_json_is_accepted_where_the_readme_shows_it(tmp_path, capsys):
+    """README: `migratectl images ... rm ID [--state-dir DIR] [--json]`; and
+    an operator who scripts one command with --json tries it on the others.
+    `images rm --json`, `cancel --json` and `certs show --json` were usage
+    errors (exit 2)."""
+    state = str(tmp_path / "state")
+    first, second = _image(state), _image(state)
+    rc, out, _ = run(capsys, "images", "rm", first, second, "--json", "--state-dir", state)
+    assert rc == 0 and json.loads(out) == {"removed": [first, second]}
+    rc, out, err = run(capsys, "images", "rm", "20250101-000000.000-0123456789", "--json",
+                       "--state-dir", state)
+    assert rc == 1 and json.loads(out) == {"removed": []} and "no image" in err
+
+    rc, _, err = run(capsys, "--control", str(tmp_path / "none.sock"), "cancel", "abc",
+                     "--json")
+    assert rc == 1 and "cannot reach" in err
+
+    pki = str(tmp_path / "pki")
+    assert run(capsys, "certs", "make", "--dir", pki, "--nodes", "n1")[0] == 0
+    rc, out, _ = run(capsys, "certs", "show", os.path.join(pki, "n1.pem"), "--json")
+    assert rc == 0 and "n1" in json.loads(out)["names"]
