@@ -73,6 +73,17 @@ class TargetSharesMemory(ProcessError):
         self.others = others
 
 
+class TargetPinsMemory(ProcessError):
+    """The target holds memory pinned for the kernel at addresses we cannot
+    locate (RDMA, VFIO, iommufd; migrated/kernel/pins.py): the kernel
+    writes there without a page fault, which the page-table trackers
+    (uffd-wp, soft-dirty) never see."""
+
+    def __init__(self, pid: int, problem: str, tracker: str, what: str = ""):
+        super().__init__(pid, f"tracker {tracker} cannot see every write of process {pid}: "
+                              f"{problem}; use --tracker digest (it compares content)", what)
+
+
 class KernelUnsupported(MigratedError):
     """The running kernel lacks a feature the chosen path needs."""
 

@@ -38,6 +38,19 @@ Region pages are numbered from 0 within the region; NAME is any word.
   dread NAME PATH                 an O_DIRECT read of PATH (%-quoted) into NAME,
                                   in a thread (the kernel pins the pages first)
   djoin                           wait for it -> ok BYTES
+  uring NAME PATH [hidden]        an io_uring with region NAME registered as its
+                                  fixed buffer (the kernel pins it for the ring's
+                                  life), reading the file PATH (%-quoted); hidden:
+                                  its fd registered with IORING_REGISTER_RING_FDS
+                                  and closed (no io_uring fd in /proc/PID/fd;
+                                  uread only: that registration is per thread)
+  uread                           one IORING_OP_READ_FIXED of the file's first
+                                  bytes into the whole buffer -> ok BYTES
+  uloop                           a thread doing uread flat out, every word of the
+                                  file set to a new count before each read (the new
+                                  bytes land in the buffer only through the pin)
+  ustop                           stop it -> ok READS
+  openfd PATH                     open PATH (%-quoted) read-write, keep it -> ok FD
   exit [CODE]
 
 The target never imports migrated: it is the process under test.
@@ -114,6 +127,100 @@ def _libc():
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                            ctypes.c_ulong, ctypes.c_ulong]
     return libc
+
+
+# -- io_uring (include/uapi/linux/io_uring.h), raw system calls ---------------------
+
+SYS_IO_URING_SETUP, SYS_IO_URING_ENTER, SYS_IO_URING_REGISTER = 425, 426, 427
+IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
+IORING_REGISTER_BUFFERS = 0
+IORING_REGISTER_RING_FDS = 20
+IORING_OP_READ_FIXED = 4
+IORING_ENTER_GETEVENTS = 1
+IORING_ENTER_REGISTERED_RING = 1 << 4
+
+
+class _Uring:
+    """The smallest io_uring: submit one SQE, wait for its CQE.  Rings
+    mapped with libc's mmap (Python's mmap keeps a dup of the fd)."""
+
+    def __init__(self, libc, entries):
+        import struct
+        self.libc = libc
+        self.struct = struct
+        libc.syscall.restype = ctypes.c_long
+        params = ctypes.create_string_buffer(120)      # struct io_uring_params
+        fd = libc.syscall(ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_uint(entries), params)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"io_uring_setup: {os.strerror(e)}")
+        self.fd = fd
+        self.enter_fd, self.enter_flags = fd, IORING_ENTER_GETEVENTS
+        p = params.raw
+        sq_entries, cq_entries = struct.unpack_from("=II", p, 0)
+        # struct io_sqring_offsets at 40, io_cqring_offsets at 80
+        self.sq = dict(zip(("head", "tail", "mask", "entries", "flags", "dropped", "array"),
+                           struct.unpack_from("=7I", p, 40)))
+        self.cq = dict(zip(("head", "tail", "mask", "entries", "overflow", "cqes"),
+                           struct.unpack_from("=6I", p, 80)))
+        self.sq_ring = self._map(self.sq["array"] + sq_entries * 4, IORING_OFF_SQ_RING)
+        self.cq_ring = self._map(self.cq["cqes"] + cq_entries * 16, IORING_OFF_CQ_RING)
+        self.sqes = self._map(sq_entries * 64, IORING_OFF_SQES)
+
+    def _map(self, size, offset):
+        addr = self.libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                              self.fd, offset)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            e = ctypes.get_errno()
+            raise OSError(e, f"mmap of the io_uring: {os.strerror(e)}")
+        return (ctypes.c_char * size).from_address(addr)
+
+    def _sys(self, nr, *args):
+        rc = self.libc.syscall(ctypes.c_long(nr), *args)
+        if rc < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"io_uring syscall {nr}: {os.strerror(e)}")
+        return rc
+
+    def register_buffer(self, addr, length):
+        iov = (ctypes.c_uint64 * 2)(addr, length)
+        self._sys(SYS_IO_URING_REGISTER, ctypes.c_int(self.fd),
+                  ctypes.c_uint(IORING_REGISTER_BUFFERS), iov, ctypes.c_uint(1))
+        self._buf_addr = addr
+
+    def hide(self):
+        """Register the ring fd with the task (IORING_REGISTER_RING_FDS) and
+        close it: the ring keeps working, with no fd in /proc/PID/fd."""
+        upd = (ctypes.c_uint32 * 4)(0xFFFFFFFF, 0, self.fd, 0)  # offset=-1 (any), data=fd
+        self._sys(SYS_IO_URING_REGISTER, ctypes.c_int(self.fd),
+                  ctypes.c_uint(IORING_REGISTER_RING_FDS), upd, ctypes.c_uint(1))
+        os.close(self.fd)
+        self.enter_fd = upd[0]
+        self.enter_flags = IORING_ENTER_GETEVENTS | IORING_ENTER_REGISTERED_RING
+
+    def read_fixed(self, fd, length):
+        st = self.struct
+        tail = st.unpack_from("=I", self.sq_ring, self.sq["tail"])[0]
+        mask = st.unpack_from("=I", self.sq_ring, self.sq["mask"])[0]
+        i = tail & mask
+        sqe = bytearray(64)
+        # opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data, buf_index
+        st.pack_into("=BBHiQQIIQH", sqe, 0, IORING_OP_READ_FIXED, 0, 0, fd, 0,
+                     self._buf_addr, length, 0, 7, 0)
+        self.sqes[i * 64:(i + 1) * 64] = bytes(sqe)
+        st.pack_into("=I", self.sq_ring, self.sq["array"] + i * 4, i)
+        st.pack_into("=I", self.sq_ring, self.sq["tail"], (tail + 1) & 0xFFFFFFFF)
+        self._sys(SYS_IO_URING_ENTER, ctypes.c_int(self.enter_fd), ctypes.c_uint(1),
+                  ctypes.c_uint(1), ctypes.c_uint(self.enter_flags), None,
+                  ctypes.c_size_t(0))
+        head = st.unpack_from("=I", self.cq_ring, self.cq["head"])[0]
+        cmask = st.unpack_from("=I", self.cq_ring, self.cq["mask"])[0]
+        off = self.cq["cqes"] + (head & cmask) * 16
+        _, res, _ = st.unpack_from("=QiI", self.cq_ring, off)
+        st.pack_into("=I", self.cq_ring, self.cq["head"], (head + 1) & 0xFFFFFFFF)
+        if res < 0:
+            raise OSError(-res, f"READ_FIXED: {os.strerror(-res)}")
+        return res
 
 
 class _Child:
@@ -321,6 +428,10 @@ class _Child:
         t.join()
         return str(count[0])
 
+    def cmd_openfd(self, path):
+        fd = os.open(urllib.parse.unquote(path), os.O_RDWR)
+        return str(fd)
+
     def cmd_comm(self, name):
         # %-quoted so a test can use spaces and parentheses.
         PR_SET_NAME = 15
@@ -393,6 +504,43 @@ class _Child:
         t, out = self._dread
         t.join()
         return str(out[0] if out else -1)
+
+    # io_uring by raw system calls (no liburing): one ring, one fixed buffer.
+    def cmd_uring(self, name, path, hidden=None):
+        addr, n = self.regions[name]
+        self._uring = _Uring(self.libc, 4)
+        self._uring.register_buffer(addr, n * PAGE)
+        if hidden == "hidden":
+            self._uring.hide()
+        self._ufd = os.open(urllib.parse.unquote(path), os.O_RDWR)
+        self._ulen = n * PAGE
+        return ""
+
+    def cmd_uread(self):
+        return str(self._uring.read_fixed(self._ufd, self._ulen))
+
+    def cmd_uloop(self):
+        stop = threading.Event()
+        count = [0]
+
+        def loop():
+            while not stop.is_set():
+                count[0] += 1
+                os.pwrite(self._ufd, count[0].to_bytes(8, "little") * (self._ulen // 8), 0)
+                got = self._uring.read_fixed(self._ufd, self._ulen)
+                if got != self._ulen:
+                    raise OSError(f"READ_FIXED read {got} of {self._ulen} bytes")
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        self._uloop = (stop, count, t)
+        return ""
+
+    def cmd_ustop(self):
+        stop, count, t = self._uloop
+        stop.set()
+        t.join()
+        return str(count[0])
 
     def cmd_exit(self, code="0"):
         sys.stdout.flush()

@@ -35,19 +35,23 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from migrated.errors import KernelUnsupported, NoSuchProcess, ZombieProcess
+from migrated.errors import KernelUnsupported, NoSuchProcess, TargetPinsMemory, ZombieProcess
 from migrated.kernel import pagemap as pm
+from migrated.kernel import pins
 from migrated.kernel import probe as kprobe
 from migrated.kernel.freezer import Freezer
 from migrated.kernel.maps import Layout, Mapping
 from migrated.kernel.reader import MemReader
 from migrated.runs import PAGE_SIZE, PageRuns
+
+log = logging.getLogger("migrated.kernel.trackers")
 
 _U64 = np.uint64
 _PAGE = _U64(PAGE_SIZE)
@@ -378,6 +382,11 @@ class SoftDirtyTracker(Tracker):
             dirty |= ~pm.is_exclusive(words)
         dirty_runs = runs_from_addrs(addrs[dirty])
         present = runs_from_addrs(addrs)
+        # Long-term pins: the kernel writes there with no soft-dirty bit;
+        # every such page counts as written in every collect.
+        pinned = pinned_runs(self)
+        if pinned:
+            dirty_runs = dirty_runs.union(pinned.intersect(present))
         if self._pending:
             dirty_runs = dirty_runs.union(self._pending.intersect(present))
         still, _ = _member(addrs, self._addrs)
@@ -519,6 +528,32 @@ class DigestTracker(Tracker):
             super().close()
 
 
+# -- long-term pins (migrated/kernel/pins.py) ----------------------------------------------
+
+# The trackers that see writes only through the target's page tables.
+PAGE_TABLE_TRACKERS = (kprobe.UFFD_WP, kprobe.SOFT_DIRTY)
+
+
+@contextlib.contextmanager
+def _pins_of(pid: int) -> Iterator[None]:
+    try:
+        yield
+    except ZombieProcess as e:
+        raise NoSuchProcess(pid, "checking pinned memory (exited, not yet reaped)") from e
+
+
+def pinned_runs(tracker: Tracker) -> PageRuns:
+    """The long-term pinned pages of the tracker's target that it can
+    locate (io_uring fixed buffers), read now: buffers can be registered
+    at any time.  TargetPinsMemory if some pins cannot be located (an RDMA
+    or VFIO fd opened since the tracker was chosen)."""
+    with tracker._gone_is_no_such_process("checking pinned memory"):
+        got = pins.read_pins(tracker.pid)
+    if got.problem is not None:
+        raise TargetPinsMemory(tracker.pid, got.problem, tracker.name)
+    return got.runs
+
+
 # -- factory --------------------------------------------------------------------------------
 
 TRACKER_CLASSES: dict[str, type[Tracker]] = {
@@ -535,13 +570,27 @@ def make_tracker(name: str, pid: int, freezer: Freezer | None = None,
     this kernel cannot run raises KernelUnsupported explaining why.
     """
     chosen = kprobe.select_tracker(name, probe_result)
+    auto = (name or kprobe.AUTO).strip().lower() == kprobe.AUTO
+    if chosen in PAGE_TABLE_TRACKERS:
+        # Memory pinned at addresses we cannot locate (RDMA, VFIO) is
+        # written unseen by the page tables: only digest is exact there.
+        # "auto" means "the best tracker that works", so it takes digest
+        # (the result names the tracker used); a tracker the operator
+        # named is refused, saying why.
+        with _pins_of(pid):
+            problem = pins.read_pins(pid).problem
+        if problem is not None:
+            if not auto:
+                raise TargetPinsMemory(pid, problem, chosen)
+            log.warning("process %d: %s; tracker digest chosen", pid, problem)
+            chosen = kprobe.select_tracker(kprobe.DIGEST, probe_result)
     if chosen == kprobe.UFFD_WP:
         # Imported here: uffd.py imports this module (Tracker, Collected).
         from migrated.kernel.uffd import UffdWpTracker, uffd_wp_target_problem
         problem = uffd_wp_target_problem(pid)
         if problem is None:
             return UffdWpTracker(pid, freezer)
-        if (name or kprobe.AUTO).strip().lower() != kprobe.AUTO:
+        if not auto:
             raise KernelUnsupported(f"tracker uffd-wp on process {pid}: {problem}; "
                                     "use --tracker digest")
         # auto: this target cannot take an injection (seccomp, traced).
