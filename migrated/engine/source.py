@@ -499,7 +499,8 @@ class SourceMigration:
                 present = pmap.present_in(layout)
             self._on_read = _nothing_to_track
         else:
-            present = self.tracker.start(layout).dirty
+            armed = self.tracker.start(layout)
+            present, start_pause_ms = armed.dirty, armed.pause_ms
             self._handshake_start(present.total_bytes())
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
         if stop_and_copy:
@@ -514,7 +515,9 @@ class SourceMigration:
             pending = present
             pending_dropped = PageRuns.empty()
         else:
-            self._send_round(rnd, layout, present, PageRuns.empty(), pause_ms=0.0,
+            # Round 0's pause: arming soft-dirty stops the target to read
+            # and clear the bits, like every collect after it.
+            self._send_round(rnd, layout, present, PageRuns.empty(), pause_ms=start_pause_ms,
                              dirty_rate=0.0, t_collect=t_last_collect)
             # The first collection reports every write since the tracker
             # started, round 0's included: its rate is over that time.

@@ -297,6 +297,18 @@ class SoftDirtyTracker(Tracker):
       cannot be compared: every page not mapped exclusively (zero page, KSM,
       COW-shared after fork) is counted dirty instead.
 
+    * it is resident shared memory (memfd, MAP_SHARED anonymous, SysV)
+      whose content differs from what was sent: the bit lives in this
+      mapping's page-table entry, and shared memory also changes through
+      a second mapping, pwrite(2) or another process (uffd-wp has the same
+      check, uffd.py "Shared memory").  Compared outside the freeze: a
+      change before the read is seen now, one after it next round, and the
+      caller's frozen final collect is exact.
+
+    If the target ran inside the window anyway (someone else's SIGCONT),
+    a write between the read and the clear may have been cleared unseen:
+    that collect reports every present page dirty.
+
     Dropped = present at the last collect, not present now.  Pages reported
     dirty but never confirmed by sent() are reported again.
     """
@@ -311,6 +323,10 @@ class SoftDirtyTracker(Tracker):
         self._keys = np.empty(0, _U64)      # their frame keys
         self._pending = PageRuns.empty()    # reported dirty, not yet sent
         self._pfn_visible: bool | None = None
+        self._shared = PageRuns.empty()     # shared-anon mappings of the last layout
+        self._sent_digests = PageDigests()  # their pages, as sent
+        self._content_reader: MemReader | None = None
+        self.ran_in_window = 0              # collects the target ran inside (SIGCONT)
 
     @contextlib.contextmanager
     def _window(self) -> Iterator[list[float]]:
@@ -325,14 +341,18 @@ class SoftDirtyTracker(Tracker):
         t0 = time.perf_counter()
         fz.freeze()
         try:
+            fz.mark_quiescent()
             yield pause
+            if not fz.still_frozen():
+                pause.append(True)      # it ran between the read and the clear
         finally:
             fz.thaw()
             pause[0] = (time.perf_counter() - t0) * 1000.0
 
-    def _read_and_clear(self, layout: Layout) -> tuple[np.ndarray, np.ndarray, float]:
+    def _read_and_clear(self, layout: Layout) -> tuple[np.ndarray, np.ndarray, float, bool]:
         """Inside one freeze: pagemap words of present pages of migratable
-        mappings, then clear_refs 4.  Returns (addresses, words, pause)."""
+        mappings, then clear_refs 4.  Returns (addresses, words, pause,
+        whether the target ran inside the window)."""
         addr_parts: list[np.ndarray] = []
         word_parts: list[np.ndarray] = []
         with self._gone_is_no_such_process("collect"), self._window() as pause:
@@ -353,16 +373,17 @@ class SoftDirtyTracker(Tracker):
             words = np.concatenate(word_parts)
         else:
             addrs, words = np.empty(0, _U64), np.empty(0, _U64)
-        return addrs, words, pause[0]
+        return addrs, words, pause[0], len(pause) > 1
 
     def start(self, layout: Layout) -> Collected:
         t0 = time.perf_counter()
-        addrs, words, pause = self._read_and_clear(layout)
+        addrs, words, pause, _ = self._read_and_clear(layout)
         present_frames = (words & _U64(pm.PM_PRESENT | pm.PM_PFN_MASK))[pm.is_present(words)]
         self._pfn_visible = bool((present_frames & _U64(pm.PM_PFN_MASK)).any())
         self._addrs, self._keys = addrs, words & _U64(_FRAME_KEY)
         everything = runs_from_addrs(addrs)
         self._pending = everything
+        self._shared = shared_anon_runs(layout)
         self.rounds = 1
         return Collected(everything, PageRuns.empty(), pause,
                          (time.perf_counter() - t0) * 1000.0)
@@ -371,10 +392,12 @@ class SoftDirtyTracker(Tracker):
         if self._pfn_visible is None:
             raise RuntimeError("SoftDirtyTracker.collect() before start()")
         t0 = time.perf_counter()
-        addrs, words, pause = self._read_and_clear(layout)
+        addrs, words, pause, ran = self._read_and_clear(layout)
+        if ran:
+            self.ran_in_window += 1
         keys = words & _U64(_FRAME_KEY)
         found, idx = _member(self._addrs, addrs)
-        dirty = pm.is_soft_dirty(words) | ~found
+        dirty = pm.is_soft_dirty(words) | ~found | ran
         if self._pfn_visible:
             if self._keys.size:
                 dirty |= found & (self._keys[idx] != keys)
@@ -389,6 +412,13 @@ class SoftDirtyTracker(Tracker):
             dirty_runs = dirty_runs.union(pinned.intersect(present))
         if self._pending:
             dirty_runs = dirty_runs.union(self._pending.intersect(present))
+        self._shared = shared_anon_runs(layout)
+        if self._shared or len(self._sent_digests):
+            shared_resident = present.intersect(self._shared)
+            self._sent_digests.keep_only(shared_resident)
+            with self._gone_is_no_such_process("collect (content check of shared memory)"):
+                dirty_runs = dirty_runs.union(
+                    self._content_changed(shared_resident.subtract(dirty_runs)))
         still, _ = _member(addrs, self._addrs)
         dropped = runs_from_addrs(self._addrs[~still])
         self._addrs, self._keys = addrs, keys
@@ -396,15 +426,83 @@ class SoftDirtyTracker(Tracker):
         self.rounds += 1
         return Collected(dirty_runs, dropped, pause, (time.perf_counter() - t0) * 1000.0)
 
+    def _content_changed(self, todo: PageRuns) -> PageRuns:
+        """Pages of ``todo`` whose content is not what was sent (digest
+        differs, never sent, or unreadable: content unknown)."""
+        if not todo:
+            return PageRuns.empty()
+        if self._content_reader is None:
+            self._content_reader = MemReader(self.pid)
+        return content_changed(self._content_reader, self._sent_digests, todo)[0]
+
     def sent(self, runs: PageRuns, data=None) -> None:
-        if self._pending and runs:
+        if not runs:
+            return
+        if self._shared and runs.intersect(self._shared):
+            record_sent_digests(self._sent_digests, self._shared, runs, data,
+                                f"soft-dirty tracker of process {self.pid}")
+        if self._pending:
             self._pending = self._pending.subtract(runs)
 
     def close(self) -> None:
+        self._content_reader = None
+        self._sent_digests = PageDigests()
         try:
             self._pm.close()
         finally:
             super().close()
+
+
+def shared_anon_runs(layout: Layout) -> PageRuns:
+    """Address ranges of ``layout``'s migrated shared-anon mappings (memfd,
+    MAP_SHARED anonymous, SysV): memory that changes without a write
+    through the target's own page-table entry -- what the content checks
+    of soft-dirty and uffd-wp cover."""
+    maps = [m for m in layout if m.migrates and m.kind == "shared-anon"]
+    return PageRuns(np.array([m.start for m in maps], _U64),
+                    np.array([m.npages for m in maps], _U64))
+
+
+def content_changed(reader: MemReader, digests: PageDigests,
+                    todo: PageRuns) -> tuple[PageRuns, int]:
+    """(pages of ``todo`` whose content now differs from ``digests`` or has
+    none recorded, plus those that cannot be read -- content unknown;
+    pages read).  One read per buffer, digests in bulk, never a loop per
+    page."""
+    changed: list[np.ndarray] = []
+    failed: list[PageRuns] = []
+    nread = 0
+    for chunk in reader.read(todo):
+        if chunk.failed:
+            failed.append(chunk.failed)
+        if not chunk.runs:
+            continue
+        diff = digests.changed(chunk.runs.page_addresses(), chunk.data)
+        if diff.size:
+            changed.append(diff)
+        nread += chunk.runs.total_pages()
+    out = runs_from_addrs(np.concatenate(changed)) if changed else PageRuns.empty()
+    return (out.union(PageRuns.concat(failed)) if failed else out), nread
+
+
+def record_sent_digests(digests: PageDigests, region: PageRuns, runs: PageRuns, data,
+                        who: str) -> None:
+    """Record in ``digests`` the pages of ``runs`` inside ``region``, as
+    sent (``data``: the bytes of ``runs``, concatenated)."""
+    addrs = runs.page_addresses()
+    inside = addrs_in(addrs, region)
+    if not inside.any():
+        return
+    if data is None:
+        raise ValueError(f"{who}: sent() of shared memory pages needs their data")
+    mv = memoryview(data)
+    if mv.nbytes != addrs.size * PAGE_SIZE:
+        raise ValueError(f"{who}: sent() of {addrs.size} pages with {mv.nbytes} bytes of data")
+    if inside.all():
+        digests.update(addrs, page_digests(mv))
+    else:
+        rows = np.frombuffer(mv, np.uint8).reshape(-1, PAGE_SIZE)[inside]
+        digests.update(addrs[inside], page_digests(rows))
 
 
 # -- digest -------------------------------------------------------------------------------

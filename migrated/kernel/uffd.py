@@ -125,7 +125,8 @@ from migrated.kernel.ptrace_inject import (SYS_CLOSE, SYS_USERFAULTFD, Injection
                                            Injector, check_arch, pidfd_getfd)
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import (Collected, PageDigests, Tracker, addrs_in,
-                                      page_digests, pinned_runs, runs_from_addrs)
+                                      content_changed, page_digests, pinned_runs,
+                                      record_sent_digests, runs_from_addrs, shared_anon_runs)
 from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 _U64 = np.uint64
@@ -301,12 +302,6 @@ def _gone(pid: int, pidfd: int, what: str) -> None:
     r, _, _ = select.select([pidfd], [], [], 0)
     if r:
         raise NoSuchProcess(pid, f"uffd-wp tracker: {what}")
-
-
-def _shared_runs(layout: Layout) -> PageRuns:
-    """The address ranges of ``layout``'s migrated shared-anon mappings
-    (memfd, MAP_SHARED anonymous, SysV): what the content check covers."""
-    return _runs_of([m for m in layout if m.migrates and m.kind == "shared-anon"])
 
 
 def _runs_of(maps: list[Mapping]) -> PageRuns:
@@ -591,19 +586,9 @@ class UffdWpTracker(Tracker):
             return PageRuns.empty()
         if self._content_reader is None:
             self._content_reader = MemReader(self.pid, buffer_pages=_CONTENT_READ_PAGES)
-        changed: list[np.ndarray] = []
-        failed: list[PageRuns] = []
-        for chunk in self._content_reader.read(todo):
-            if chunk.failed:
-                failed.append(chunk.failed)
-            if not chunk.runs:
-                continue
-            diff = digests.changed(chunk.runs.page_addresses(), chunk.data)
-            if diff.size:
-                changed.append(diff)
-            self.content_pages += chunk.runs.total_pages()
-        out = runs_from_addrs(np.concatenate(changed)) if changed else PageRuns.empty()
-        return out.union(PageRuns.concat(failed)) if failed else out
+        changed, nread = content_changed(self._content_reader, digests, todo)
+        self.content_pages += nread
+        return changed
 
     # -- Tracker ------------------------------------------------------------------
 
@@ -619,7 +604,7 @@ class UffdWpTracker(Tracker):
             resident, _ = self._round(layout)
         self._known = resident
         self._pending = resident
-        self._shared = _shared_runs(layout).union(pinned_runs(self))
+        self._shared = shared_anon_runs(layout).union(pinned_runs(self))
         self.rounds = 1
         return Collected(resident, PageRuns.empty(), 0.0, (time.perf_counter() - t0) * 1000.0)
 
@@ -656,7 +641,7 @@ class UffdWpTracker(Tracker):
         # pins (io_uring fixed buffers, read again each collect: they can
         # be registered at any time): the kernel writes them without a
         # fault ("Limits").
-        self._shared = _shared_runs(layout).union(pinned_runs(self))
+        self._shared = shared_anon_runs(layout).union(pinned_runs(self))
         self._recheck = written.subtract(self._shared) if self._shared else written
         self._recheck_digests = PageDigests()
         if self._shared or len(self._sent_digests):
@@ -681,22 +666,8 @@ class UffdWpTracker(Tracker):
         # Most buffers hold no shared memory: one run intersection says so,
         # before any per-page array.
         if self._shared and runs.intersect(self._shared):
-            addrs = runs.page_addresses()
-            inside = addrs_in(addrs, self._shared)
-            if inside.any():
-                if data is None:
-                    raise ValueError(f"uffd-wp tracker of process {self.pid}: sent() of "
-                                     "shared memory pages needs their data")
-                mv = memoryview(data)
-                if mv.nbytes != addrs.size * PAGE_SIZE:
-                    raise ValueError(f"uffd-wp tracker of process {self.pid}: sent() of "
-                                     f"{addrs.size} pages with {mv.nbytes} bytes of data")
-                if inside.all():
-                    digs = page_digests(mv)
-                else:
-                    rows = np.frombuffer(mv, np.uint8).reshape(-1, PAGE_SIZE)[inside]
-                    digs = page_digests(rows)
-                self._sent_digests.update(addrs[inside], digs)
+            record_sent_digests(self._sent_digests, self._shared, runs, data,
+                                f"uffd-wp tracker of process {self.pid}")
         if self._recheck and data is not None and runs.intersect(self._recheck):
             addrs = runs.page_addresses()
             inside = addrs_in(addrs, self._recheck)

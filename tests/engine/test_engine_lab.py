@@ -32,6 +32,9 @@ def test_soft_dirty_migration_is_exact(tmp_path):
         s = out.source
         assert s["status"] == "completed", s.get("error")
         assert s["tracker"] == "soft-dirty"
+        # arming the tracker stopped the target (read and clear): round 0
+        # reports that pause like every later round
+        assert s["rounds"][0]["pause_ms"] > 0
         assert _state(w.pid) == "T"
         compare(store, s["image_id"], w.pid)
         assert store.verify(s["image_id"]).ok

@@ -26,7 +26,7 @@ from migrated.engine.source import SendOptions
 from migrated.image.store import ImageStore
 from migrated.kernel import probe as kprobe
 from migrated.kernel.freezer import Freezer
-from migrated.kernel.trackers import DigestTracker
+from migrated.kernel.trackers import DigestTracker, SoftDirtyTracker
 from migrated.kernel.uffd import UffdWpTracker
 from migrated.runs import PAGE_SIZE, PageRuns
 from tests.engine.harness import migrate
@@ -310,3 +310,111 @@ def test_digest_migration_fails_when_a_sent_page_turns_unreadable(target, tmp_pa
     assert not store.list()
     with open(f"/proc/{target.pid}/stat") as f:
         assert f.read().rsplit(")", 1)[1].split()[0] != "T", "left stopped"
+
+
+# -- soft-dirty: the same shared memory, and a target that runs in the window ---------
+# (lab: tests/lab/run.py boots a kernel with CONFIG_MEM_SOFT_DIRTY)
+
+
+def _soft_dirty_engine(pid):
+    fz = Freezer(pid)
+    tr = SoftDirtyTracker(pid, fz)
+    return fz, tr, MiniEngine(tr, pid)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("op", ["w", "pw"], ids=["other-view", "pwrite"])
+def test_soft_dirty_shared_page_changed_outside_its_pte_is_sent_again(ring, op):
+    """The soft-dirty bit is per page-table entry too: a store through
+    view 1 or a pwrite(2) must still be reported for both views."""
+    fz, tr, eng = _soft_dirty_engine(ring.pid)
+    try:
+        eng.start()
+        ring.cmd(op, 5, 0x5A)
+        c = eng.round()
+        assert not ring.page(ring.v2, 5).subtract(c.dirty)
+        assert not ring.page(ring.v1, 5).subtract(c.dirty)
+        ring.cmd(op, 9, 0x6B)           # right before the freeze
+        final_round(fz, eng)            # mirror == memory, page for page
+    finally:
+        tr.close()
+        fz.close()
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("mem", ["memfd", "shared", "sysv"])
+def test_soft_dirty_shared_memory_written_by_another_process(target, mem):
+    target.map("warmup", 1, guard=True)
+    target.cmd("write", "warmup", 0, 1, 1, timeout=300)   # numpy import, slow in the lab
+    if mem == "sysv":
+        target.sysv("s", 16)
+    else:
+        target.map("s", 16, mem)
+    target.write("s", 0, 16, seed=2)
+    lo, hi = region(target, "s")
+    fd = os.open(f"/proc/{target.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR)
+    fz, tr, eng = _soft_dirty_engine(target.pid)
+    try:
+        eng.start()
+        os.pwrite(fd, b"\x77" * P, 3 * P)
+        c = eng.round()
+        assert not pages(target, "s", (3, 1)).subtract(c.dirty)
+        os.pwrite(fd, b"\x78" * P, 11 * P)
+        final_round(fz, eng)
+    finally:
+        os.close(fd)
+        tr.close()
+        fz.close()
+
+
+@pytest.mark.lab
+def test_soft_dirty_migration_of_a_double_mapped_memfd_is_exact(ring, tmp_path):
+    store = ImageStore(str(tmp_path / "state"))
+    done = []
+
+    def after_round_0(sm, e):
+        if e["event"] == "round" and e["round"] == 0 and not done:
+            ring.cmd("w", 5, 0x5A)
+            ring.cmd("pw", 40, 0x6B)
+            done.append(True)
+
+    out = migrate(ring.pid, store, SendOptions(then="stop", tracker="soft-dirty"),
+                  on_event=after_round_0, timeout=120)
+    s = out.source
+    assert done and s["status"] == "completed", s.get("error")
+    assert store.read_memory(s["image_id"], ring.v2 + 5 * P, 4) == b"\x5a" * 4
+    compare(store, s["image_id"], ring.pid)
+
+
+@pytest.mark.lab
+def test_soft_dirty_target_run_inside_the_window_loses_nothing(target, monkeypatch):
+    """Someone else's SIGCONT lands inside the read-and-clear window (here
+    right before the clear): the target runs, and what it writes between
+    the read and the clear would be cleared unseen.  The collect notices
+    it ran and reports every present page."""
+    from migrated.kernel import pagemap as pm
+    target.map("warmup", 1, guard=True)
+    target.cmd("write", "warmup", 0, 1, 1, timeout=300)
+    target.map("a", 16, guard=True)
+    target.write("a", 0, 16, seed=1)
+    fz, tr, eng = _soft_dirty_engine(target.pid)
+    real_clear = pm.clear_soft_dirty
+    hit = []
+
+    def clear_after_a_sigcont(pid):
+        if not hit:
+            os.kill(pid, signal.SIGCONT)        # a third party's
+            target.write("a", 3, 2, seed=9)     # the target runs and writes
+            hit.append(True)
+        real_clear(pid)
+    try:
+        eng.start()
+        monkeypatch.setattr(pm, "clear_soft_dirty", clear_after_a_sigcont)
+        c = eng.round()
+        monkeypatch.setattr(pm, "clear_soft_dirty", real_clear)
+        assert hit and tr.ran_in_window == 1
+        assert c.dirty.contains(pages(target, "a", (3, 2)))
+        final_round(fz, eng)
+    finally:
+        tr.close()
+        fz.close()

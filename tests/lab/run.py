@@ -200,7 +200,10 @@ def main(argv: list[str]) -> int:
                   f"--junitxml={junit}", "-o", "junit_family=xunit2", "--durations=5",
                   *argv, *files]
     simd_off = numpy_simd_off()
+    # The guest's /tmp has no O_DIRECT; the shared results directory has
+    # (test_a_write_through_a_short_pin_is_not_lost needs it).
     guest = (f"cd {shlex.quote(str(REPO))} && export MIGRATED_LAB=1 && "
+             f"export MIGRATED_LAB_DIRECT_DIR={shlex.quote(str(out))} && "
              + (f"export NPY_DISABLE_CPU_FEATURES={shlex.quote(simd_off)} && " if simd_off else "")
              + f"export PATH={shlex.quote(str(python.parent))}:$PATH && "
              f"{shlex.join(pytest_cmd)}; rc=$?; echo $rc > {shlex.quote(str(rcfile))}; "
