@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -382,6 +384,7 @@ class SoftDirtyTracker(Tracker):
         self._pfn_visible = bool((present_frames & _U64(pm.PM_PFN_MASK)).any())
         self._addrs, self._keys = addrs, words & _U64(_FRAME_KEY)
         everything = runs_from_addrs(addrs)
+        everything = everything.union(hidden_shared_runs(self.pid, layout, everything))
         self._pending = everything
         self._shared = shared_anon_runs(layout)
         self.rounds = 1
@@ -405,6 +408,10 @@ class SoftDirtyTracker(Tracker):
             dirty |= ~pm.is_exclusive(words)
         dirty_runs = runs_from_addrs(addrs[dirty])
         present = runs_from_addrs(addrs)
+        # Shared pages pagemap does not list (swapped out, never mapped
+        # here): present, and content-checked below with the rest.
+        hidden = hidden_shared_runs(self.pid, layout, present)
+        present = present.union(hidden)
         # Long-term pins: the kernel writes there with no soft-dirty bit;
         # every such page counts as written in every collect.
         pinned = pinned_runs(self)
@@ -420,7 +427,7 @@ class SoftDirtyTracker(Tracker):
                 dirty_runs = dirty_runs.union(
                     self._content_changed(shared_resident.subtract(dirty_runs)))
         still, _ = _member(addrs, self._addrs)
-        dropped = runs_from_addrs(self._addrs[~still])
+        dropped = runs_from_addrs(self._addrs[~still]).subtract(hidden)
         self._addrs, self._keys = addrs, keys
         self._pending = dirty_runs
         self.rounds += 1
@@ -461,6 +468,69 @@ def shared_anon_runs(layout: Layout) -> PageRuns:
     maps = [m for m in layout if m.migrates and m.kind == "shared-anon"]
     return PageRuns(np.array([m.start for m in maps], _U64),
                     np.array([m.npages for m in maps], _U64))
+
+
+# Data extents listed per shared-anon object and collect; a file more
+# fragmented than this fails the collect rather than loop without bound.
+MAX_SHARED_EXTENTS = 1 << 16
+
+
+def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
+    """Pages of ``layout``'s shared-anon mappings that hold data though the
+    target's page tables do not show them, so pagemap (and PAGEMAP_SCAN)
+    never lists them: a shmem page swapped out leaves no swap entry in
+    the page table (its swap slot is kept in the object), and a page
+    written only by pwrite(2) or another process was never mapped here.
+    Both read fine with process_vm_readv (it faults them in).
+
+    Per mapping one open of /proc/PID/map_files and one fstat: the object's
+    allocated blocks (resident and swapped pages) against the pages
+    ``present`` shows in the mapping; only when there are more are its data
+    extents listed (SEEK_DATA/SEEK_HOLE over the mapped window, at most
+    MAX_SHARED_EXTENTS).  Returns them as address runs (``present`` may
+    overlap them)."""
+    starts: list[int] = []
+    counts: list[int] = []
+    for m in layout:
+        if not (m.migrates and m.kind == "shared-anon"):
+            continue
+        try:
+            fd = os.open(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", os.O_RDONLY)
+        except FileNotFoundError:
+            continue                    # unmapped since the layout was read (or exited:
+                                        # the tracker's own checks say so)
+        try:
+            allocated = os.fstat(fd).st_blocks * 512 // PAGE_SIZE
+            if allocated <= present.clip(m.start, m.end).total_pages():
+                continue                # every page it holds is mapped here
+            lo = m.offset
+            hi = m.offset + m.size
+            pos, n = lo, 0
+            while pos < hi:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break           # no data past pos
+                    raise
+                if data >= hi:
+                    break
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+                starts.append(m.start + (data - lo))
+                counts.append((hole - data + PAGE_SIZE - 1) // PAGE_SIZE)
+                pos = hole
+                n += 1
+                if n > MAX_SHARED_EXTENTS:
+                    raise KernelUnsupported(
+                        f"process {pid}: shared memory {m.path or 'anonymous'} at "
+                        f"{m.start:#x} holds data in more than {MAX_SHARED_EXTENTS} "
+                        "separate pieces not mapped by the process (swapped out or "
+                        "written by another process); they cannot all be listed")
+        finally:
+            os.close(fd)
+    if not starts:
+        return PageRuns.empty()
+    return PageRuns(np.array(starts, _U64), np.array(counts, _U64))
 
 
 def content_changed(reader: MemReader, digests: PageDigests,
@@ -547,7 +617,9 @@ class DigestTracker(Tracker):
         parts = []
         for m in _migratable(layout):
             parts.append(self._pm.present_runs_scan(m) if use_scan else self._pm.present_runs(m))
-        return PageRuns.concat(parts)
+        present = PageRuns.concat(parts)
+        # Shared pages pagemap does not list (swapped out, never mapped here).
+        return present.union(hidden_shared_runs(self.pid, layout, present))
 
     def _still_present(self, layout: Layout, failed: PageRuns) -> PageRuns:
         """Those of ``failed`` (pages whose read just failed) that pagemap

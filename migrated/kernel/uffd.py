@@ -93,8 +93,9 @@ sent for them (``_recheck``; the frozen collect too).  Still missed: a
 short pin (not in VmPin) held across more than one round, and what
 pins.py lists as not detected (``--tracker digest`` compares
 everything).  Shared pages this mm has no entry for (never touched
-through its mappings) are not migrated, as with every tracker; and
-processes sharing memory with the target are not frozen with it: what
+through its mappings, or swapped out: a shmem page leaves no swap entry)
+are found from the object's data extents (trackers.hidden_shared_runs)
+and migrated as resident; and processes sharing memory with the target are not frozen with it: what
 they write after the final read is not in the image.  An exec(2) of the
 target ends the migration (the fd belongs to the old mm).
 """
@@ -125,8 +126,9 @@ from migrated.kernel.ptrace_inject import (SYS_CLOSE, SYS_USERFAULTFD, Injection
                                            Injector, check_arch, pidfd_getfd)
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import (Collected, PageDigests, Tracker, addrs_in,
-                                      content_changed, page_digests, pinned_runs,
-                                      record_sent_digests, runs_from_addrs, shared_anon_runs)
+                                      content_changed, hidden_shared_runs, page_digests,
+                                      pinned_runs, record_sent_digests, runs_from_addrs,
+                                      shared_anon_runs)
 from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 _U64 = np.uint64
@@ -571,7 +573,11 @@ class UffdWpTracker(Tracker):
         # Forget ranges that are no longer mapped: a mapping re-created
         # there later must be armed again.
         self._armed = self._armed.intersect(layout.runs())
-        return PageRuns.concat(resident), PageRuns.concat(send)
+        resident = PageRuns.concat(resident)
+        # Shared pages the page tables do not show (swapped out, written
+        # by pwrite or another process) are resident for us too.
+        return resident.union(hidden_shared_runs(self.pid, layout, resident)), \
+            PageRuns.concat(send)
 
     def _content_changed(self, todo: PageRuns, digests: PageDigests | None = None) -> PageRuns:
         """Pages of ``todo`` (resident pages no write bit reported: shared
