@@ -60,7 +60,7 @@ from migrated.wire.state import State
 log = logging.getLogger("migrated.engine.dest")
 
 # Capabilities this destination understands (echoed if the source offers them).
-CAPABILITIES = ("zeros", "backlog")
+CAPABILITIES = ("zeros", "backlog", "final-figures")
 
 # With "backlog": the flush rate assumed until a background flush measured
 # one (bytes/s).  Low on purpose: a source that believes the disk faster
@@ -432,17 +432,18 @@ class DestMigration:
         """The frozen round's line, from our own counts (no round-end
         carries the source's figures for it): pages and bytes received
         since Freeze (the frames between Freeze and FinalEnd, as the
-        source counts what it sent), and the time since.  The source's
-        dirty rate and pause for it never cross the wire: those stay None
-        (left out of the log line)."""
+        source counts what it sent), and the time since; the source's
+        dirty rate and pause come in FinalEnd ("final-figures"
+        capability; from a source without it they stay None and are left
+        out of the log line)."""
         t = time.perf_counter()
         since = 0.0 if self._freeze_at is None else t - self._freeze_at
         conn = self.channel.conn
         nbytes = max(0, conn.frame_bytes - conn.last_frame_bytes - self._freeze_bytes)
         fig = {"round": got.round, "pages": self._round_data + self._round_zero,
                "bytes": nbytes, "duration_ms": round(since * 1000.0, 3),
-               "dirty_rate": None, "bandwidth": round(nbytes / max(since, 1e-6), 1),
-               "pause_ms": None, "data_pages": self._round_data,
+               "dirty_rate": got.dirty_rate, "bandwidth": round(nbytes / max(since, 1e-6), 1),
+               "pause_ms": got.pause_ms, "data_pages": self._round_data,
                "zero_pages": self._round_zero, "final": True}
         self._round_data = self._round_zero = 0
         self.rounds.add(fig)

@@ -125,7 +125,7 @@ NOTED_PER_CHECK = 256
 GOODBYE_TIMEOUT_S = 2.0
 
 # Capabilities this engine offers in Hello (the destination picks).
-CAPABILITIES = ("zeros", "backlog")
+CAPABILITIES = ("zeros", "backlog", "final-figures")
 
 # With "backlog" (the destination reports the page data it has not made
 # durable yet, SPEC.md 7), before each collection: first its answer to our
@@ -383,6 +383,7 @@ class SourceMigration:
         self._sent_layout: KLayout | None = None
         self._last_layout: KLayout | None = None
         self._backlog_on = False           # the destination reports its backlog
+        self._final_figures = False        # FinalEnd carries the frozen round's figures
         self._dest: ev.Backlog | None = None   # its latest report ...
         self._dest_at = 0.0                # ... and when it arrived (monotonic)
         self._on_read: Callable[[PageRuns, Any], None] | None = None   # else tracker.sent
@@ -579,7 +580,9 @@ class SourceMigration:
                          expected_ms=None if stop_and_copy else self.policy.expected_downtime_ms,
                          wait_ms=wait_ms)
         self._check_still_frozen("while its final delta was read")
-        self.channel.send_event(ev.FinalEnd(rnd, self.pages_sent))
+        self.channel.send_event(
+            ev.FinalEnd(rnd, self.pages_sent, round(final_rate, 1), round(pause, 3))
+            if self._final_figures else ev.FinalEnd(rnd, self.pages_sent))
         self.channel.send_event(ev.CommitRequest(self._held.total_pages()))
         t_commit = time.perf_counter()
         reply = self._wait(L.COMMIT_TIMEOUT_S, "the commit acknowledgement", ev.Committed)
@@ -626,6 +629,7 @@ class SourceMigration:
         welcome = self._wait(L.HANDSHAKE_TIMEOUT_S, "the handshake (Welcome)", ev.Welcome)
         self.peer_node = welcome.node
         self._backlog_on = "backlog" in welcome.capabilities
+        self._final_figures = "final-figures" in welcome.capabilities
 
     def _handshake_start(self, estimated: int) -> None:
         try:

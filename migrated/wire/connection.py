@@ -428,6 +428,9 @@ class _Connection:
 
     def _on_final_end(self, ev: E.FinalEnd, sender: Role):
         self._check_round(ev, "final-end")
+        if ev.has_figures and "final-figures" not in self.capabilities:
+            raise E.malformed("final-end carries dirty_rate/pause_ms without the "
+                              "final-figures capability in welcome")
         if ev.total_pages != self.total_pages:
             raise ProtocolError("bad-pages", f"final-end says {ev.total_pages} pages "
                                 f"were sent in all, {self.total_pages} arrived")

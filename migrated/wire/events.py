@@ -108,6 +108,12 @@ class _Fields:
             raise malformed(f"{self.t}.{key}={v} is outside [{lo}, {hi}]")
         return v
 
+    def optional_number(self, key: str) -> float | None:
+        if key not in self.d:
+            self.used.add(key)
+            return None
+        return self.number(key)
+
     def number(self, key: str) -> float:
         v = self._get(key)
         if type(v) not in (int, float):
@@ -715,18 +721,34 @@ class Freeze(Event):
 
 @dataclass(frozen=True, slots=True)
 class FinalEnd(Event):
-    """source -> dest: the final delta is complete."""
+    """source -> dest: the final delta is complete.  With the
+    "final-figures" capability it also carries the frozen round's
+    ``dirty_rate`` and ``pause_ms`` as the source measured them (the
+    figures a live round's RoundEnd carries), so that the destination's
+    log line for it is complete."""
     round: int
     total_pages: int      # pages carried by Pages messages in all rounds
+    dirty_rate: float | None = None
+    pause_ms: float | None = None
     type_name: ClassVar[str] = "final-end"
 
+    @property
+    def has_figures(self) -> bool:
+        return self.dirty_rate is not None or self.pause_ms is not None
+
     def to_wire(self):
-        return {"type": self.type_name, "round": self.round, "total_pages": self.total_pages}
+        d = {"type": self.type_name, "round": self.round, "total_pages": self.total_pages}
+        if self.dirty_rate is not None:
+            d["dirty_rate"] = self.dirty_rate
+        if self.pause_ms is not None:
+            d["pause_ms"] = self.pause_ms
+        return d
 
     @classmethod
     def from_wire(cls, d):
         f = _Fields(d, cls.type_name)
-        ev = cls(f.int("round", 0, L.MAX_ROUND), f.int("total_pages", 0, L.MAX_TOTAL_PAGES))
+        ev = cls(f.int("round", 0, L.MAX_ROUND), f.int("total_pages", 0, L.MAX_TOTAL_PAGES),
+                 f.optional_number("dirty_rate"), f.optional_number("pause_ms"))
         f.done()
         return ev
 

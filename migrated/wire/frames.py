@@ -58,7 +58,7 @@ TYPE_LIMITS: dict[str, TypeLimits] = {
     "dropped": TypeLimits(L.MAX_RUNS_FRAME, 3, 0, _SMALL_STR, 16 * L.MAX_RUNS, 1, 0),
     "round-end": TypeLimits(_C, 8, 0, _SMALL_STR, 0, 1, 0),
     "freeze": TypeLimits(_C, 2, 0, _SMALL_STR, 0, 1, 0),
-    "final-end": TypeLimits(_C, 3, 0, _SMALL_STR, 0, 1, 0),
+    "final-end": TypeLimits(_C, 5, 0, _SMALL_STR, 0, 1, 0),
     "commit-request": TypeLimits(_C, 3, 0, _SMALL_STR, L.DIGEST_SIZE, 1, 0),
     "committed": TypeLimits(_C, 3, 0, L.MAX_DIGEST_STR_BYTES, 0, 1, 0),
     "release": TypeLimits(_C, 2, 0, L.MAX_TOKEN_BYTES, 0, 1, 0),

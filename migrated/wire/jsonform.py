@@ -15,12 +15,19 @@ from . import events as E
 _BYTES_FIELDS = {"data", "digest"}
 
 
+# Optional fields left out of the JSON form when absent (a capability's
+# additions), so that the vectors written before them stay as they were.
+_OMIT_WHEN_ABSENT = {("final-end", "dirty_rate"), ("final-end", "pause_ms")}
+
+
 def event_to_json(ev) -> dict:
     if isinstance(ev, E.ConnectionClosed):
         return {"type": "connection-closed", "clean": ev.clean}
     out = {"type": ev.type_name}
     for f in dataclasses.fields(ev):
         v = getattr(ev, f.name)
+        if v is None and (ev.type_name, f.name) in _OMIT_WHEN_ABSENT:
+            continue
         if isinstance(v, PageRuns):
             v = [list(p) for p in v.pairs()]
         elif isinstance(v, (bytes, bytearray, memoryview)):

@@ -667,9 +667,32 @@ def build_backlog() -> None:
               ok(RoundEnd(0, 0, 0, 1.0, 0.0, 0.0, 0.0))])
 
 
+def build_final_figures() -> None:
+    """The frozen round's figures in final-end (capability "final-figures")."""
+    hello = Hello((1,), "node-a.example", ("final-figures",), "mig-0003")
+    welcome = Welcome(1, "node-b.example", ("final-figures",))
+    frozen = [ok(PAGES0), ok(ROUNDEND0), ok(FREEZE1)]
+    with_cap = [okp(hello), send(welcome), ok(START), send(ACCEPT), ok(LAYOUT0)] + frozen
+    vec("final-figures-dest", "dest",
+        "with the final-figures capability final-end carries the frozen round's "
+        "dirty_rate and pause_ms",
+        with_cap + [ok(FinalEnd(1, 4, 1234.5, 0.25)), ok(CommitRequest(4))])
+    vec("final-figures-without-capability", "dest",
+        "final-end with figures when welcome did not accept the capability",
+        DEST_STREAMING + frozen + [recv(encode(FinalEnd(1, 4, 1234.5, 0.25)), (), "malformed")])
+    fe = lambda **kw: raw({"type": "final-end", "round": 1, "total_pages": 4, **kw})  # noqa: E731
+    for name, frame, what in (
+            ("final-figures-negative", fe(dirty_rate=-1.0), "negative dirty_rate"),
+            ("final-figures-nan", fe(pause_ms=float("nan")), "NaN pause_ms"),
+            ("final-figures-str", fe(pause_ms="1"), "pause_ms as a string"),
+            ("final-end-extra-field", fe(rate=1.0), "unknown field in final-end")):
+        vec(name, "dest", what, with_cap + [recv(frame, (), "malformed")])
+
+
 def main() -> None:
     build()
     build_backlog()
+    build_final_figures()
     names = [v["name"] for v in VECTORS]
     assert len(names) == len(set(names)), "duplicate vector name"
     out_bin = HERE / "bin"

@@ -111,6 +111,15 @@ def test_source_and_destination_log_the_same_pages_for_every_round(store):
     assert [e["bytes"] for e in live] == [e["bytes"] for e in out.rounds() if not e["final"]]
     meta = store.show(out.dest["image_id"])["meta"]
     assert [(r["round"], r["pages"], r["final"]) for r in meta["timings"]["rounds"]] == dst
+    # Every round's line carries every figure (issue 4), the frozen one too:
+    # its dirty rate and pause come in final-end ("final-figures").
+    keys = ("round", "pages", "bytes", "duration_ms", "dirty_rate", "bandwidth", "pause_ms")
+    for e in (e for e in out.dest_events if e["event"] == "round"):
+        assert all(isinstance(e.get(k), (int, float)) for k in keys), e
+    final_src = out.rounds()[-1]
+    final_dst = [e for e in out.dest_events if e["event"] == "round"][-1]
+    assert (final_dst["dirty_rate"], final_dst["pause_ms"]) == \
+        (round(final_src["dirty_rate"], 1), round(final_src["pause_ms"], 3))
 
 
 def test_the_timings_stay_a_few_kib_whatever_the_round_count():
