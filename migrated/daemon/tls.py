@@ -218,11 +218,20 @@ def client_connect(host: str, port: int, ctx: ssl.SSLContext | None, allow: list
     return tls, who
 
 
+# OpenSSL's reasons when the other end does not speak TLS at all.
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE",
+                    "PACKET_LENGTH_TOO_LONG")
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"certificate rejected: {e.verify_message}"
     if isinstance(e, ssl.SSLError):
-        return e.reason or str(e)
+        reason = e.reason or str(e)
+        if any(r in reason.upper() for r in _NOT_TLS_REASONS):
+            reason += (" -- the peer does not speak TLS: is it run with --insecure? "
+                       "Run both daemons with TLS, or both with --insecure")
+        return reason
     if isinstance(e, TimeoutError):
         return "timed out"
     return getattr(e, "strerror", None) or str(e)

@@ -626,7 +626,15 @@ class SourceMigration:
     def _handshake_hello(self) -> None:
         self.channel.send_event(ev.Hello(L.SUPPORTED_VERSIONS, self.node, CAPABILITIES,
                                          self.migration_id))
-        welcome = self._wait(L.HANDSHAKE_TIMEOUT_S, "the handshake (Welcome)", ev.Welcome)
+        try:
+            welcome = self._wait(L.HANDSHAKE_TIMEOUT_S, "the handshake (Welcome)", ev.Welcome)
+        except TransportError as e:
+            if self.transport.is_ssl or isinstance(e, TransportTimeout):
+                raise
+            # A destination with TLS drops our plaintext preamble at once.
+            raise type(e)(e.peer, f"{e} (before the handshake: if the destination runs "
+                                  "with TLS, this daemon must not run with --insecure -- "
+                                  "run both daemons with TLS, or both with --insecure)") from e
         self.peer_node = welcome.node
         self._backlog_on = "backlog" in welcome.capabilities
         self._final_figures = "final-figures" in welcome.capabilities

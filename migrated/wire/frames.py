@@ -619,6 +619,12 @@ class FrameReader:
                     "version", f"peer speaks framing version "
                     f"{got[magic_len - done]} of {L.PREAMBLE_MAGIC.decode()}, "
                     f"we speak {L.FRAMING_VERSION}")
+            if done == 0 and got[:2] == b"\x16\x03":
+                # A TLS record header (handshake, version 3.x): a peer
+                # whose daemon uses TLS talking to one run with --insecure.
+                raise E.malformed("peer started a TLS handshake, but this end speaks "
+                                  "plaintext (--insecure): run both daemons with TLS, "
+                                  "or both with --insecure")
             raise E.malformed(f"peer did not start with the {L.PREAMBLE!r} preamble "
                               f"(got {got!r}): not a migrated peer")
         self._start += avail

@@ -207,3 +207,22 @@ def test_connect_refused_is_clear():
     s.close()
     with pytest.raises(MigratedError, match=f"cannot connect to peer 127.0.0.1:{port}"):
         tls.client_connect("127.0.0.1", port, None, [], timeout=2)
+
+
+@pytest.mark.parametrize("tls_end", ["dest", "source"])
+def test_tls_against_insecure_says_so_at_both_ends(tls_end):
+    """One daemon with TLS, the other run with --insecure: the errors said
+    "WRONG_VERSION_NUMBER" and "Connection reset by peer".  Now the end
+    that can tell names the mismatch and what to do."""
+    from tests.cluster import Cluster
+    from tests.engine.procs import workload
+    with Cluster(tls=True) as c, workload(mib=4, rate=10) as w:
+        a = c.daemon("a", tls=(tls_end == "source"))
+        b = c.daemon("b", tls=(tls_end == "dest"))
+        mid = a.send(w.pid, "127.0.0.1", b.port, then="resume")
+        st = a.wait_done(mid, 60)
+        assert st["status"] == "failed", st
+        # The operator who ran send reads the source's error; both logs say it.
+        assert "or both with --insecure" in st["error"], st["error"]
+        for d in (a, b):
+            assert "or both with --insecure" in d.log_text(), d.log_tail()
