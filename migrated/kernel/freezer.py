@@ -56,6 +56,10 @@ STOPPED_STATES = frozenset("Tt")
 # /proc re-reads cheap while a thread sits in uninterruptible sleep.
 POLL_FIRST_S = 0.0001
 POLL_MAX_S = 0.005
+# mark_quiescent: how often, and how long at most, to wait for stopped
+# threads to be off their CPUs.
+QUIESCE_POLL_S = 0.0005
+QUIESCE_MAX_S = 0.05
 
 
 class Freezer:
@@ -145,7 +149,25 @@ class Freezer:
             raise TargetSharesMemory(self.pid, others, what)
 
     def mark_quiescent(self) -> None:
-        """Note every thread's CPU time now, frozen (``still_frozen``)."""
+        """Note every thread's CPU time now, frozen (``still_frozen``).
+
+        A thread shows state T a moment before it is off its CPU: its run
+        time grows once more when it is switched out -- much later if it
+        was preempted on the way (a busy machine), since it stays queued
+        in state T.  Noted too early, that looked like a thread resumed
+        behind our back (a follow-up migration failed so in CI).  So wait
+        until every thread is off the run queue (its wchan names where it
+        sleeps: the kernel shows 0 for a task still queued), or, where
+        wchan tells nothing, until two reads QUIESCE_POLL_S apart agree;
+        at most QUIESCE_MAX_S (past it, still_frozen judges as before)."""
+        end = time.monotonic() + QUIESCE_MAX_S
+        quiet = _thread_cpu(self.pid)
+        while not _all_descheduled(self.pid) and time.monotonic() < end:
+            time.sleep(QUIESCE_POLL_S)
+            now = _thread_cpu(self.pid)
+            if now == quiet and not _wchan_known(self.pid):
+                break
+            quiet = now
         self._quiet = _thread_cpu(self.pid)
 
     def still_frozen(self) -> bool:
@@ -287,6 +309,35 @@ def _sharing_mm(pid: int) -> list[int]:
         elif r < 0 and ctypes.get_errno() == errno.ENOSYS:
             return []
     return out
+
+
+def _wchans(pid: int) -> list[str]:
+    out = []
+    for tid in procfs.list_tasks(pid):
+        try:
+            with open(procfs.proc_path(pid, f"task/{tid}/wchan")) as f:
+                out.append(f.read().strip())
+        except FileNotFoundError:
+            continue            # exited between the listing and the read
+    return out
+
+
+def _all_descheduled(pid: int) -> bool:
+    """Every thread of ``pid`` is off the run queue (its wchan is known)."""
+    try:
+        w = _wchans(pid)
+    except OSError:
+        return False
+    return bool(w) and all(x not in ("", "0") for x in w)
+
+
+def _wchan_known(pid: int) -> bool:
+    """Whether this kernel names where a thread sleeps (wchan other than 0
+    for at least one thread: the rest are still queued)."""
+    try:
+        return any(x not in ("", "0") for x in _wchans(pid))
+    except OSError:
+        return False
 
 
 def _thread_cpu(pid: int) -> dict[int, int]:

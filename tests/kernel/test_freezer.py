@@ -359,3 +359,31 @@ def test_still_frozen_sees_a_thread_that_ran_and_stopped_again(target):
     assert wait_for(lambda: set(states(target.pid).values()) == {"T"})
     assert not fz.still_frozen()
     fz.close()
+
+
+def test_a_thread_just_stopped_is_not_taken_for_one_that_ran(target):
+    """A thread shows state T a moment before it is off its CPU (and, if
+    preempted on the way, stays queued in state T): its run time grows
+    once more when it is switched out.  Noted right after the freeze, that
+    looked like a thread resumed behind our back -- a follow-up migration
+    of a busy target failed so in CI ("resumed by another process
+    (SIGCONT) while its final delta was read").  mark_quiescent now waits
+    until every thread is off the run queue: a spinning thread is on it
+    (wchan 0), a stopped one is not.  (The race itself is rare: the loop
+    below is a stress check, the wchan checks are what can fail.)"""
+    target.map("a", 64)
+    target.threads(2)
+    target.spin("a")
+    assert not freezer._all_descheduled(target.pid)     # the spinner runs
+    fz = Freezer(target.pid)
+    try:
+        for _ in range(30):
+            fz.freeze()
+            fz.mark_quiescent()
+            assert freezer._all_descheduled(target.pid)
+            time.sleep(0.002)
+            assert fz.still_frozen()
+            fz.thaw()
+            time.sleep(0.002)
+    finally:
+        fz.close()
