@@ -108,14 +108,17 @@ def test_peer_reset_is_a_transport_error():
     ta.close()
 
 
-def test_max_bandwidth_paces_sends():
+def _paced_send(rate: int, n: int, idle_s: float = 0.0) -> float:
+    """Seconds one send of ``n`` bytes takes under a ``rate`` cap, after
+    ``idle_s`` of idle link and, if given, a restart_pacing()."""
     a, b = tcp_pair()
-    rate = 4 * 1024 * 1024
     ta, tb = BlockingTransport(a, timeout=10, max_bandwidth=rate), BlockingTransport(b, timeout=10)
-    n = 2 * 1024 * 1024
     out: list = []
     t = threading.Thread(target=_drain, args=(tb, n, out))
     t.start()
+    if idle_s:
+        time.sleep(idle_s)
+        ta.restart_pacing()
     t0 = time.monotonic()
     ta.send([b"\1" * n])
     dt = time.monotonic() - t0
@@ -123,8 +126,12 @@ def test_max_bandwidth_paces_sends():
     ta.close()
     tb.close()
     assert len(out[0]) == n
+    return dt
+
+
+def test_max_bandwidth_paces_sends():
     # Expected ~0.5 s (minus the small initial burst); a lower bound only.
-    assert dt >= 0.4
+    assert _paced_send(4 * 1024 * 1024, 2 * 1024 * 1024) >= 0.4
 
 
 def test_restart_pacing_drops_the_credit_saved_while_idle():
@@ -132,22 +139,8 @@ def test_restart_pacing_drops_the_credit_saved_while_idle():
     # at 1 MiB/s then takes a quarter of a second -- the bucket, full after
     # the pause, sent its first 50 ms worth at once, and a short round read
     # above the cap.
-    a, b = tcp_pair()
-    rate = 1024 * 1024
-    ta, tb = BlockingTransport(a, timeout=10, max_bandwidth=rate), BlockingTransport(b, timeout=10)
-    n = 256 * 1024
-    out: list = []
-    t = threading.Thread(target=_drain, args=(tb, n, out))
-    t.start()
-    time.sleep(0.3)
-    ta.restart_pacing()
-    t0 = time.monotonic()
-    ta.send([b"\1" * n])
-    dt = time.monotonic() - t0
-    t.join(10)
-    ta.close()
-    tb.close()
-    assert len(out[0]) == n
+    rate, n = 1024 * 1024, 256 * 1024
+    dt = _paced_send(rate, n, idle_s=0.3)
     assert dt >= n / rate, dt
 
 
