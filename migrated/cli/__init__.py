@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = PrintableStream(out), PrintableStream(err)
+    # None when started with the descriptor closed: print() then writes
+    # nothing, as it should go on doing.
+    sys.stdout = PrintableStream(out) if out is not None else None
+    sys.stderr = PrintableStream(err) if err is not None else None
     try:
         return _main(argv)
     finally:

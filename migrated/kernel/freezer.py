@@ -161,13 +161,14 @@ class Freezer:
         wchan tells nothing, until two reads QUIESCE_POLL_S apart agree;
         at most QUIESCE_MAX_S (past it, still_frozen judges as before)."""
         end = time.monotonic() + QUIESCE_MAX_S
-        quiet = _thread_cpu(self.pid)
+        last = None
+        # Usually every thread is off its CPU already: one wchan pass.
         while not _all_descheduled(self.pid) and time.monotonic() < end:
-            time.sleep(QUIESCE_POLL_S)
             now = _thread_cpu(self.pid)
-            if now == quiet and not _wchan_known(self.pid):
+            if now == last and not _wchan_known(self.pid):
                 break
-            quiet = now
+            last = now
+            time.sleep(QUIESCE_POLL_S)
         self._quiet = _thread_cpu(self.pid)
 
     def still_frozen(self) -> bool:

@@ -323,6 +323,7 @@ class SoftDirtyTracker(Tracker):
             self._pm = pm.Pagemap(pid)
         self._addrs = np.empty(0, _U64)     # present pages at the last collect
         self._keys = np.empty(0, _U64)      # their frame keys
+        self._hidden = PageRuns.empty()     # shared pages pagemap did not list then
         self._pending = PageRuns.empty()    # reported dirty, not yet sent
         self._pfn_visible: bool | None = None
         self._shared = PageRuns.empty()     # shared-anon mappings of the last layout
@@ -384,7 +385,8 @@ class SoftDirtyTracker(Tracker):
         self._pfn_visible = bool((present_frames & _U64(pm.PM_PFN_MASK)).any())
         self._addrs, self._keys = addrs, words & _U64(_FRAME_KEY)
         everything = runs_from_addrs(addrs)
-        everything = everything.union(hidden_shared_runs(self.pid, layout, everything))
+        self._hidden = hidden_shared_runs(self.pid, layout, everything)
+        everything = everything.union(self._hidden)
         self._pending = everything
         self._shared = shared_anon_runs(layout)
         self.rounds = 1
@@ -426,9 +428,11 @@ class SoftDirtyTracker(Tracker):
             with self._gone_is_no_such_process("collect (content check of shared memory)"):
                 dirty_runs = dirty_runs.union(
                     self._content_changed(shared_resident.subtract(dirty_runs)))
+        # Dropped: present last time -- listed by pagemap or hidden -- and
+        # neither now (a hidden page punched out since is gone too).
         still, _ = _member(addrs, self._addrs)
-        dropped = runs_from_addrs(self._addrs[~still]).subtract(hidden)
-        self._addrs, self._keys = addrs, keys
+        dropped = runs_from_addrs(self._addrs[~still]).union(self._hidden).subtract(present)
+        self._addrs, self._keys, self._hidden = addrs, keys, hidden
         self._pending = dirty_runs
         self.rounds += 1
         return Collected(dirty_runs, dropped, pause, (time.perf_counter() - t0) * 1000.0)
@@ -470,9 +474,13 @@ def shared_anon_runs(layout: Layout) -> PageRuns:
                     np.array([m.npages for m in maps], _U64))
 
 
-# Data extents listed per shared-anon object and collect; a file more
-# fragmented than this fails the collect rather than loop without bound.
+# Pieces of a shared-anon mapping holding data the page tables do not show,
+# per mapping and collect: more fails the collect rather than keep a list
+# without bound.  Extents pagemap already shows are not counted (a sparse
+# arena of many resident pieces is common); they are listed in batches of
+# _EXTENT_BATCH and dropped at once.
 MAX_SHARED_EXTENTS = 1 << 16
+_EXTENT_BATCH = 4096
 
 
 def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
@@ -486,11 +494,10 @@ def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
     Per mapping one open of /proc/PID/map_files and one fstat: the object's
     allocated blocks (resident and swapped pages) against the pages
     ``present`` shows in the mapping; only when there are more are its data
-    extents listed (SEEK_DATA/SEEK_HOLE over the mapped window, at most
-    MAX_SHARED_EXTENTS).  Returns them as address runs (``present`` may
-    overlap them)."""
-    starts: list[int] = []
-    counts: list[int] = []
+    extents listed (SEEK_DATA/SEEK_HOLE over the mapped window) and those
+    ``present`` does not cover kept, at most MAX_SHARED_EXTENTS pieces.
+    Returns them as address runs."""
+    parts: list[PageRuns] = []
     for m in layout:
         if not (m.migrates and m.kind == "shared-anon"):
             continue
@@ -500,37 +507,68 @@ def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
             continue                    # unmapped since the layout was read (or exited:
                                         # the tracker's own checks say so)
         try:
-            allocated = os.fstat(fd).st_blocks * 512 // PAGE_SIZE
-            if allocated <= present.clip(m.start, m.end).total_pages():
+            st = os.fstat(fd)
+            if st.st_blksize > PAGE_SIZE:
+                # hugetlbfs (its block is the huge page): its lseek calls
+                # every byte below EOF data, so the holes would be read --
+                # faulting in a huge page each, in the target's pool.  Its
+                # pages are never swapped; only what pagemap shows is taken.
+                continue
+            allocated = st.st_blocks * 512 // PAGE_SIZE
+            shown = present.clip(m.start, m.end)
+            if allocated <= shown.total_pages():
                 continue                # every page it holds is mapped here
-            lo = m.offset
-            hi = m.offset + m.size
-            pos, n = lo, 0
-            while pos < hi:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        break           # no data past pos
+            parts.extend(_hidden_extents(pid, m, fd, shown))
+        finally:
+            os.close(fd)
+    return PageRuns.concat(parts) if parts else PageRuns.empty()
+
+
+def _hidden_extents(pid: int, m: Mapping, fd: int, shown: PageRuns) -> list[PageRuns]:
+    """The data extents of ``fd`` (``m``'s object) over ``m``'s window that
+    ``shown`` (its pages pagemap lists) does not cover, as address runs."""
+    lo, hi = m.offset, m.offset + m.size
+    out: list[PageRuns] = []
+    hidden = 0
+    starts: list[int] = []
+    counts: list[int] = []
+    pos = lo
+    while True:
+        data = hi
+        if pos < hi:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
                     raise
-                if data >= hi:
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
-                starts.append(m.start + (data - lo))
-                counts.append((hole - data + PAGE_SIZE - 1) // PAGE_SIZE)
-                pos = hole
-                n += 1
-                if n > MAX_SHARED_EXTENTS:
+                data = hi               # no data past pos
+        if data < hi:
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+            starts.append(m.start + (data - lo))
+            counts.append((hole - data + PAGE_SIZE - 1) // PAGE_SIZE)
+            pos = hole
+        if len(starts) >= _EXTENT_BATCH or (data >= hi and starts):
+            # Only the runs of ``shown`` that can overlap the batch (it is
+            # sorted, so is ``shown``): a set op over all of it per batch
+            # took most of the time.
+            i = int(np.searchsorted(shown.ends(), _U64(starts[0]), side="right"))
+            end = starts[-1] + counts[-1] * PAGE_SIZE
+            j = int(np.searchsorted(shown.starts, _U64(end), side="left"))
+            near = PageRuns(shown.starts[i:j], shown.counts[i:j], normalized=True)
+            got = PageRuns(np.array(starts, _U64), np.array(counts, _U64)).subtract(near)
+            starts.clear()
+            counts.clear()
+            if got:
+                out.append(got)
+                hidden += len(got)
+                if hidden > MAX_SHARED_EXTENTS:
                     raise KernelUnsupported(
                         f"process {pid}: shared memory {m.path or 'anonymous'} at "
                         f"{m.start:#x} holds data in more than {MAX_SHARED_EXTENTS} "
                         "separate pieces not mapped by the process (swapped out or "
                         "written by another process); they cannot all be listed")
-        finally:
-            os.close(fd)
-    if not starts:
-        return PageRuns.empty()
-    return PageRuns(np.array(starts, _U64), np.array(counts, _U64))
+        if data >= hi:
+            return out
 
 
 def content_changed(reader: MemReader, digests: PageDigests,

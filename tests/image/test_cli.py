@@ -161,3 +161,17 @@ def test_json_is_accepted_where_the_readme_shows_it(tmp_path, capsys):
     assert run(capsys, "certs", "make", "--dir", pki, "--nodes", "n1")[0] == 0
     rc, out, _ = run(capsys, "certs", "show", os.path.join(pki, "n1.pem"), "--json")
     assert rc == 0 and "n1" in json.loads(out)["names"]
+
+
+def test_a_closed_stdout_is_no_crash(tmp_path):
+    """Started with stdout closed (`>&-`, a cron job), Python's sys.stdout
+    is None and print() to it does nothing: the escaping wrapper must not
+    turn that into an AttributeError and exit status 1."""
+    state = str(tmp_path / "state")
+    _image(state)
+    r = subprocess.run([sys.executable, "-m", "migrated.cli", "images", "list",
+                        "--state-dir", state],
+                       stderr=subprocess.PIPE, text=True, timeout=60,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr

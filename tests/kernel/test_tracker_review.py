@@ -410,3 +410,31 @@ def test_soft_dirty_target_run_inside_the_window_loses_nothing(target, monkeypat
     finally:
         tr.close()
         fz.close()
+
+
+@pytest.mark.lab
+def test_soft_dirty_hidden_shared_page_punched_later_is_dropped(target):
+    """A shared page the page tables stopped showing (MADV_DONTNEED on a
+    memfd: the data stays in the object) is kept, not dropped; when it is
+    then punched out (MADV_REMOVE) the next collect must drop it -- the
+    destination otherwise keeps its old bytes where the source has a hole."""
+    target.map("s", 16, "memfd")
+    target.write("s", 0, 16, seed=2)
+    fz, tr, eng = _soft_dirty_engine(target.pid)
+    try:
+        eng.start()
+        target.dontneed("s", 3, 1)              # hidden: in the memfd, not mapped
+        c = eng.round()
+        assert not c.dropped.intersect(pages(target, "s", (3, 1)))
+        target.advise("s", 3, 1, "remove")      # now a hole: reads as zeros
+        fz.freeze()
+        try:
+            c = eng.round()
+            assert c.dropped.contains(pages(target, "s", (3, 1))), \
+                "a punched-out page kept at the destination"
+            eng.verify()                        # mirror == memory
+        finally:
+            fz.thaw()
+    finally:
+        tr.close()
+        fz.close()
