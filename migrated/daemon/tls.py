@@ -219,7 +219,7 @@ def client_connect(host: str, port: int, ctx: ssl.SSLContext | None, allow: list
 
 
 # OpenSSL's reasons when the other end does not speak TLS at all.
-_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE",
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST",
                     "PACKET_LENGTH_TOO_LONG")
 
 
