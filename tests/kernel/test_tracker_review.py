@@ -160,12 +160,11 @@ def test_uffd_wp_shared_page_changed_outside_its_pte_is_sent_again(ring, op):
     _changed_outside_its_pte(ring, op, _uffd_engine)
 
 
-@needs_uffd_wp
-@pytest.mark.parametrize("mem", ["memfd", "shared", "sysv"])
-def test_uffd_wp_shared_memory_written_by_another_process(target, mem):
+def _written_by_another_process(target, mem: str, engine) -> None:
     """Another process changes the target's shared memory (here the test,
     through /proc/PID/map_files): no entry of the target's page table is
-    written.  Resident pages are compared by content, so it is sent."""
+    written.  Resident pages are compared by content, so it is sent -- in
+    a live round and in the frozen final one."""
     if mem == "sysv":
         target.sysv("s", 16)
     else:
@@ -176,7 +175,7 @@ def test_uffd_wp_shared_memory_written_by_another_process(target, mem):
         fd = os.open(f"/proc/{target.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR)
     except OSError as e:
         pytest.skip(f"cannot open the target's mapping from outside: {e}")
-    fz, tr, eng = _uffd_engine(target.pid)
+    fz, tr, eng = engine(target.pid)
     try:
         eng.start()
         os.pwrite(fd, b"\x77" * P, 3 * P)
@@ -189,6 +188,12 @@ def test_uffd_wp_shared_memory_written_by_another_process(target, mem):
         os.close(fd)
         tr.close()
         fz.close()
+
+
+@needs_uffd_wp
+@pytest.mark.parametrize("mem", ["memfd", "shared", "sysv"])
+def test_uffd_wp_shared_memory_written_by_another_process(target, mem):
+    _written_by_another_process(target, mem, _uffd_engine)
 
 
 @needs_uffd_wp
@@ -338,25 +343,7 @@ def test_soft_dirty_shared_page_changed_outside_its_pte_is_sent_again(ring, op):
 def test_soft_dirty_shared_memory_written_by_another_process(target, mem):
     target.map("warmup", 1, guard=True)
     target.cmd("write", "warmup", 0, 1, 1, timeout=300)   # numpy import, slow in the lab
-    if mem == "sysv":
-        target.sysv("s", 16)
-    else:
-        target.map("s", 16, mem)
-    target.write("s", 0, 16, seed=2)
-    lo, hi = region(target, "s")
-    fd = os.open(f"/proc/{target.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR)
-    fz, tr, eng = _soft_dirty_engine(target.pid)
-    try:
-        eng.start()
-        os.pwrite(fd, b"\x77" * P, 3 * P)
-        c = eng.round()
-        assert not pages(target, "s", (3, 1)).subtract(c.dirty)
-        os.pwrite(fd, b"\x78" * P, 11 * P)
-        final_round(fz, eng)
-    finally:
-        os.close(fd)
-        tr.close()
-        fz.close()
+    _written_by_another_process(target, mem, _soft_dirty_engine)
 
 
 @pytest.mark.lab
