@@ -163,10 +163,13 @@ class Freezer:
         end = time.monotonic() + QUIESCE_MAX_S
         last = None
         # Usually every thread is off its CPU already: one wchan pass.
-        while not _all_descheduled(self.pid) and time.monotonic() < end:
-            now = _thread_cpu(self.pid)
-            if now == last and not _wchan_known(self.pid):
+        while time.monotonic() < end:
+            wchans = _read_wchans(self.pid)
+            if _off_queue(wchans):
                 break
+            now = _thread_cpu(self.pid)
+            if now == last and not any(map(_sleeping, wchans)):
+                break               # wchan tells nothing here: the times settled
             last = now
             time.sleep(QUIESCE_POLL_S)
         self._quiet = _thread_cpu(self.pid)
@@ -312,33 +315,33 @@ def _sharing_mm(pid: int) -> list[int]:
     return out
 
 
-def _wchans(pid: int) -> list[str]:
+def _read_wchans(pid: int) -> list[str]:
+    """Where each thread of ``pid`` sleeps ("0" while it is still queued
+    to run, or where the kernel does not say); [] if unreadable."""
     out = []
-    for tid in procfs.list_tasks(pid):
-        try:
-            with open(procfs.proc_path(pid, f"task/{tid}/wchan")) as f:
-                out.append(f.read().strip())
-        except FileNotFoundError:
-            continue            # exited between the listing and the read
+    try:
+        for tid in procfs.list_tasks(pid):
+            try:
+                with open(procfs.proc_path(pid, f"task/{tid}/wchan")) as f:
+                    out.append(f.read().strip())
+            except FileNotFoundError:
+                continue        # exited between the listing and the read
+    except OSError:
+        return []
     return out
+
+
+def _sleeping(wchan: str) -> bool:
+    return wchan not in ("", "0")
+
+
+def _off_queue(wchans: list[str]) -> bool:
+    return bool(wchans) and all(map(_sleeping, wchans))
 
 
 def _all_descheduled(pid: int) -> bool:
     """Every thread of ``pid`` is off the run queue (its wchan is known)."""
-    try:
-        w = _wchans(pid)
-    except OSError:
-        return False
-    return bool(w) and all(x not in ("", "0") for x in w)
-
-
-def _wchan_known(pid: int) -> bool:
-    """Whether this kernel names where a thread sleeps (wchan other than 0
-    for at least one thread: the rest are still queued)."""
-    try:
-        return any(x not in ("", "0") for x in _wchans(pid))
-    except OSError:
-        return False
+    return _off_queue(_read_wchans(pid))
 
 
 def _thread_cpu(pid: int) -> dict[int, int]:

@@ -258,14 +258,17 @@ class Tracker(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _gone_is_no_such_process(self, what: str) -> Iterator[None]:
-        """A zombie has exited too: report one error type for "gone"."""
-        try:
-            yield
-        except ZombieProcess as e:
-            raise NoSuchProcess(self.pid, f"{self.name} tracker: {what} (exited, "
-                                          "not yet reaped)") from e
+    def _gone_is_no_such_process(self, what: str):
+        return _zombie_is_gone(self.pid, f"{self.name} tracker: {what}")
+
+
+@contextlib.contextmanager
+def _zombie_is_gone(pid: int, what: str) -> Iterator[None]:
+    """A zombie has exited too: report one error type for "gone"."""
+    try:
+        yield
+    except ZombieProcess as e:
+        raise NoSuchProcess(pid, f"{what} (exited, not yet reaped)") from e
 
 
 def _migratable(layout: Layout) -> list[Mapping]:
@@ -469,7 +472,11 @@ def shared_anon_runs(layout: Layout) -> PageRuns:
     MAP_SHARED anonymous, SysV): memory that changes without a write
     through the target's own page-table entry -- what the content checks
     of soft-dirty and uffd-wp cover."""
-    maps = [m for m in layout if m.migrates and m.kind == "shared-anon"]
+    return mapping_runs([m for m in layout if m.migrates and m.kind == "shared-anon"])
+
+
+def mapping_runs(maps: list[Mapping]) -> PageRuns:
+    """The pages of ``maps`` (in address order)."""
     return PageRuns(np.array([m.start for m in maps], _U64),
                     np.array([m.npages for m in maps], _U64))
 
@@ -742,14 +749,6 @@ class DigestTracker(Tracker):
 PAGE_TABLE_TRACKERS = (kprobe.UFFD_WP, kprobe.SOFT_DIRTY)
 
 
-@contextlib.contextmanager
-def _pins_of(pid: int) -> Iterator[None]:
-    try:
-        yield
-    except ZombieProcess as e:
-        raise NoSuchProcess(pid, "checking pinned memory (exited, not yet reaped)") from e
-
-
 def pinned_runs(tracker: Tracker) -> PageRuns:
     """The long-term pinned pages of the tracker's target that it can
     locate (io_uring fixed buffers), read now: buffers can be registered
@@ -785,7 +784,7 @@ def make_tracker(name: str, pid: int, freezer: Freezer | None = None,
         # "auto" means "the best tracker that works", so it takes digest
         # (the result names the tracker used); a tracker the operator
         # named is refused, saying why.
-        with _pins_of(pid):
+        with _zombie_is_gone(pid, "checking pinned memory"):
             problem = pins.read_pins(pid).problem
         if problem is not None:
             if not auto:

@@ -126,9 +126,9 @@ from migrated.kernel.ptrace_inject import (SYS_CLOSE, SYS_USERFAULTFD, Injection
                                            Injector, check_arch, pidfd_getfd)
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import (Collected, PageDigests, Tracker, addrs_in,
-                                      content_changed, hidden_shared_runs, page_digests,
-                                      pinned_runs, record_sent_digests, runs_from_addrs,
-                                      shared_anon_runs)
+                                      content_changed, hidden_shared_runs, mapping_runs,
+                                      page_digests, pinned_runs, record_sent_digests,
+                                      runs_from_addrs, shared_anon_runs)
 from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 
 _U64 = np.uint64
@@ -306,12 +306,6 @@ def _gone(pid: int, pidfd: int, what: str) -> None:
         raise NoSuchProcess(pid, f"uffd-wp tracker: {what}")
 
 
-def _runs_of(maps: list[Mapping]) -> PageRuns:
-    """The pages of ``maps`` (in address order)."""
-    return PageRuns(np.array([m.start for m in maps], _U64),
-                    np.array([m.npages for m in maps], _U64))
-
-
 def _file_spans(group: list[Mapping]) -> list[tuple[int, int]]:
     """[start, end) spans covering the private file mappings of ``group``
     (address-adjacent mappings, in order) for one page-cache scan each: a
@@ -428,10 +422,10 @@ class UffdWpTracker(Tracker):
             # or by MADV_REMOVE / a hole punched in the memfd (content now
             # zeros), which no write reports.  Sent again: it reads back what
             # is there now, and the read maps it, protected, for next time.
-            written = written.union(gone.intersect(_runs_of(shared)))
+            written = written.union(gone.intersect(mapping_runs(shared)))
         files = [m for m in group if m.kind == "file"]
         if files and resident:
-            unsure = gone.intersect(_runs_of(files)) if gone else gone
+            unsure = gone.intersect(mapping_runs(files)) if gone else gone
             cache = self._file_pages(group, unsure)
             if cache:
                 resident = resident.subtract(cache)
