@@ -100,9 +100,10 @@ class InDoubt:
     # -- the engine's side ----------------------------------------------------
 
     def record(self, rec: Pending) -> None:
-        """Durably note that Release is about to be sent.  Raises: the
-        engine must not send Release without this record."""
-        self._write(rec)
+        """Durably note that Release is about to be sent, in this boot
+        (unless ``rec`` names one).  Raises: the engine must not send
+        Release without this record."""
+        self._write(rec if rec.boot_id else replace(rec, boot_id=boot_id()))
 
     def _write(self, rec: Pending) -> None:
         final = self._path(rec.mid)

@@ -379,10 +379,9 @@ class Manager:
 
             def on_release(image_id: str, starttime: int) -> None:
                 from migrated.daemon.indoubt import Pending
-                from migrated.daemon.journal import boot_id
                 self.indoubt.record(Pending(mid=m.id, pid=m.pid, starttime=starttime,
                                             host=host, port=port, image_id=image_id,
-                                            since=time.time(), boot_id=boot_id()))
+                                            since=time.time()))
 
             engine = SourceMigration(m.pid, options, transport,
                                      on_event=lambda ev: self._event(m, ev),

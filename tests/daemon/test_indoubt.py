@@ -150,7 +150,7 @@ def test_a_record_from_an_earlier_boot_keeps_the_image(tmp_path, children):
     p = children()
     d = InDoubt(str(tmp_path), Log(), Attempts())
     rec = _rec(p.pid)
-    assert rec.boot_id == ""                    # unknown boot: judged by the process
+    assert rec.boot_id == ""                    # none named: record() writes this boot's
     d.record(Pending(**{**rec.__dict__, "boot_id": "0" * 8 + "-0000-4000-8000-" + "0" * 12}))
     att = Attempts()
     log = Log()
