@@ -38,6 +38,12 @@ Region pages are numbered from 0 within the region; NAME is any word.
   dread NAME PATH                 an O_DIRECT read of PATH (%-quoted) into NAME,
                                   in a thread (the kernel pins the pages first)
   djoin                           wait for it -> ok BYTES
+  aread NAME PATH...              asynchronous O_DIRECT reads (Linux AIO,
+                                  io_submit), one of each PATH (%-quoted) into
+                                  NAME, queued in that order: no thread of the
+                                  target waits; the device writes the pages
+                                  whenever it gets to them
+  areap                           wait for them (io_getevents) -> ok BYTES (all)
   uring NAME PATH [hidden]        an io_uring with region NAME registered as its
                                   fixed buffer (the kernel pins it for the ring's
                                   life), reading the file PATH (%-quoted); hidden:
@@ -58,6 +64,7 @@ The target never imports migrated: it is the process under test.
 
 from __future__ import annotations
 
+import errno
 import ctypes
 import hashlib
 import mmap
@@ -131,6 +138,7 @@ def _libc():
 
 # -- io_uring (include/uapi/linux/io_uring.h), raw system calls ---------------------
 
+SYS_IO_SETUP, SYS_IO_DESTROY, SYS_IO_GETEVENTS, SYS_IO_SUBMIT = 206, 207, 208, 209
 SYS_IO_URING_SETUP, SYS_IO_URING_ENTER, SYS_IO_URING_REGISTER = 425, 426, 427
 IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
 IORING_REGISTER_BUFFERS = 0
@@ -504,6 +512,53 @@ class _Child:
         t, out = self._dread
         t.join()
         return str(out[0] if out else -1)
+
+    # Linux AIO by raw system calls (linux/aio_abi.h): one context, one read.
+    def cmd_aread(self, name, *paths):
+        import struct
+        addr, n = self.regions[name]
+        libc = self.libc
+        libc.syscall.restype = ctypes.c_long
+        ctx = ctypes.c_ulong(0)
+        if libc.syscall(ctypes.c_long(SYS_IO_SETUP), ctypes.c_uint(len(paths)),
+                        ctypes.byref(ctx)) < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"io_setup: {os.strerror(e)}")
+        fds = [os.open(urllib.parse.unquote(p), os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+               for p in paths]
+        # struct iocb: data, key, rw_flags, opcode (PREAD 0), reqprio, fildes,
+        # buf, nbytes, offset, reserved2, flags, resfd -- 64 bytes
+        iocbs = [ctypes.create_string_buffer(struct.pack("=QIIHhIQQqQII", i, 0, 0, 0, 0, fd,
+                                                         addr, n * PAGE, 0, 0, 0, 0))
+                 for i, fd in enumerate(fds)]
+        ptrs = (ctypes.c_void_p * len(iocbs))(*(ctypes.addressof(b) for b in iocbs))
+        if libc.syscall(ctypes.c_long(SYS_IO_SUBMIT), ctx, ctypes.c_long(len(iocbs)),
+                        ptrs) != len(iocbs):
+            e = ctypes.get_errno()
+            raise OSError(e, f"io_submit: {os.strerror(e)}")
+        self._aio = (ctx, fds, iocbs)
+        return ""
+
+    def cmd_areap(self):
+        import struct
+        ctx, fds, iocbs = self._aio
+        events = ctypes.create_string_buffer(32 * len(iocbs))     # struct io_event each
+        got = 0
+        while got < len(iocbs):
+            n = self.libc.syscall(ctypes.c_long(SYS_IO_GETEVENTS), ctx, ctypes.c_long(1),
+                                  ctypes.c_long(len(iocbs) - got),
+                                  ctypes.byref(events, 32 * got), None)
+            if n < 0:
+                e = ctypes.get_errno()
+                if e == errno.EINTR:
+                    continue
+                raise OSError(e, f"io_getevents: {os.strerror(e)}")
+            got += n
+        self.libc.syscall(ctypes.c_long(SYS_IO_DESTROY), ctx)
+        for fd in fds:
+            os.close(fd)
+        return str(sum(struct.unpack_from("=QQqq", events.raw, 32 * i)[2]
+                       for i in range(len(iocbs))))
 
     # io_uring by raw system calls (no liburing): one ring, one fixed buffer.
     def cmd_uring(self, name, path, hidden=None):

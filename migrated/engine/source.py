@@ -45,13 +45,14 @@ from migrated.engine.transport import (BlockingTransport, CancelLatch, Channel, 
                                        TokenBucket, TransportError, TransportTimeout,
                                        WaitExpired, say_goodbye)
 from migrated.errors import MigratedError, ProtocolError
-from migrated.kernel import procfs
+from migrated.kernel import pins, procfs
 from migrated.kernel.freezer import Freezer
 from migrated.kernel.maps import Layout as KLayout
 from migrated.kernel.maps import read_layout
 from migrated.kernel import pagemap as pm
 from migrated.kernel.reader import MemReader
-from migrated.kernel.trackers import make_tracker
+from migrated.kernel.trackers import (PageDigests, content_changed, make_tracker, page_digests,
+                                      runs_from_addrs)
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.threads import Thread
 from migrated.wire import events as ev
@@ -120,6 +121,23 @@ PAST_DEADLINE_DRAIN_S = 1.0
 # Messages that need no answer read per check between read buffers
 # (SourceMigration._check_abort).
 NOTED_PER_CHECK = 256
+
+# Asynchronous I/O (Linux AIO, io_uring) in flight at the freeze is written
+# into the target by the device whenever it completes -- after the final
+# collect, too (pins.py, "asynchronous I/O").  For a target that has such
+# contexts, the pages sent in the final round and in the last SETTLE_ROUNDS
+# live rounds (a pin taken then may still be held) are re-read once the
+# final delta is out and compared with what was sent; what changed is sent
+# again, until a pass finds nothing, at most SETTLE_MAX_PASSES passes (then
+# the migration fails: something keeps writing into the frozen target).
+# Their digests cost 24 bytes a page, so at most SETTLE_MAX_PAGES pages
+# (4 GiB) are re-checked: beyond that (a stop-and-copy of a larger target)
+# the check is skipped with a warning.  Round 0 is never digested (its
+# pages are all of memory; a pin held since then is older than the last
+# rounds).
+SETTLE_ROUNDS = 2
+SETTLE_MAX_PASSES = 8
+SETTLE_MAX_PAGES = 1 << 20
 
 # How long we try to tell the peer why we stop before closing anyway.
 GOODBYE_TIMEOUT_S = 2.0
@@ -387,6 +405,15 @@ class SourceMigration:
         self._dest: ev.Backlog | None = None   # its latest report ...
         self._dest_at = 0.0                # ... and when it arrived (monotonic)
         self._on_read: Callable[[PageRuns, Any], None] | None = None   # else tracker.sent
+        # Asynchronous I/O (SETTLE_*): why the target can have some (None:
+        # it cannot), and per round sent (from round 1): (round, page
+        # addresses, their digests as sent), in the order sent.
+        self._async_io: str | None = None
+        self._io_sent: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._io_sent_pages = 0
+        self._round_now = 0
+        self.settle_pages = 0
+        self._settle_ms = 0.0
         self._collect_ms = 0.0             # the frozen collection (stop-and-copy: the scan)
         # The last live round until the destination's answer to its RoundEnd
         # says it was all read: (its figures, start, bytes); see _drained.
@@ -488,6 +515,7 @@ class SourceMigration:
             # freeze, on the size the process has now: not inside it.
             with pm.Pagemap(self.pid) as pmap:
                 self._handshake_start(pmap.present_in(self._read_layout()).total_bytes())
+            self._watch_async_io(self._read_layout(), fds=True)
             self._freeze()
         layout = self._read_layout()
         t_armed = time.perf_counter()      # the tracker records writes from here on
@@ -502,6 +530,7 @@ class SourceMigration:
         else:
             armed = self.tracker.start(layout)
             present, start_pause_ms = armed.dirty, armed.pause_ms
+            self._watch_async_io(layout, fds=True)
             self._handshake_start(present.total_bytes())
         self.channel.start_keepalive(L.KEEPALIVE_INTERVAL_S)
         if stop_and_copy:
@@ -531,6 +560,7 @@ class SourceMigration:
                 got = self.tracker.collect(layout)
                 now = time.perf_counter()
                 collect_ms = (now - t_collect) * 1000.0
+                self._watch_async_io(layout)
                 dirty = got.dirty
                 dirty_rate = dirty.total_bytes() / max(now - t_last_collect, 1e-6)
                 t_last_collect = now
@@ -552,6 +582,7 @@ class SourceMigration:
         t_final = time.perf_counter()
         layout = self._read_layout()
         self._check_no_hidden_data(layout)
+        self._watch_async_io(layout)        # (its fds at the start only: not in the freeze)
         final_rate = 0.0
         if stop_and_copy:
             final_dirty, final_dropped, pause = PageRuns.empty(), PageRuns.empty(), 0.0
@@ -606,13 +637,15 @@ class SourceMigration:
         self.freeze_breakdown = {
             "stop_ms": round(self._freeze_wait_ms, 3),
             "collect_ms": round((t_sent_final - t_final) * 1000.0 + self._collect_ms, 3),
-            "delta_ms": round((t_commit - t_sent_final) * 1000.0, 3),
+            "delta_ms": round((t_commit - t_sent_final - self._settle_ms / 1000.0) * 1000.0, 3),
+            # re-checking recent pages for asynchronous I/O (SETTLE_*)
+            "settle_ms": round(self._settle_ms, 3),
             "commit_ms": round((t_prepared - t_commit) * 1000.0, 3),
             "release_ms": round((t_done - t_prepared) * 1000.0, 3)}
         self.channel.stop_keepalive()
         self._emit({"event": "commit", "image_id": reply.image_id, "digest": reply.digest,
                     "freeze_ms": round(freeze_ms, 3), "then": self.options.then,
-                    **self.freeze_breakdown})
+                    **self.freeze_breakdown, "settle_pages": self.settle_pages})
         return reply.image_id, reply.digest, freeze_ms
 
     def _read_layout(self) -> KLayout:
@@ -671,6 +704,7 @@ class SourceMigration:
                     wait_ms: float = 0.0) -> None:
         # The round's figures are timed from here: the cap holds from here.
         self.transport.restart_pacing()
+        self._round_now = rnd
         st = _RoundStats(rnd, time.perf_counter(), self.transport.bytes_sent)
         ch = self.channel
         if layout != self._sent_layout:
@@ -699,6 +733,10 @@ class SourceMigration:
                     f"while it was frozen (first at {a:#x}, {n} pages): a mapping is not "
                     "readable with process_vm_readv; the image would not be exact")
             self._carry = failed
+        if final and self._async_io:
+            self._settle(rnd, todo, area, st)
+        elif self._async_io and rnd:
+            self._forget_old_rounds(rnd)
         now = time.perf_counter()
         send_s = now - st.t0
         nbytes = self.transport.bytes_sent - st.bytes0
@@ -724,6 +762,90 @@ class SourceMigration:
             self._undrained = (fig, st.t0, nbytes)
         else:
             self._emit({"event": "round", **fig})
+
+    # -- asynchronous I/O (SETTLE_*) ---------------------------------------------------
+
+    def _watch_async_io(self, layout: KLayout, fds: bool = False) -> None:
+        """Note whether the target can have asynchronous I/O in flight:
+        its mappings each round; its fds (a ring with no mapping:
+        IORING_SETUP_NO_MMAP) where ``fds`` -- at the start: one readlink
+        per fd is not spent inside the freeze."""
+        if self._async_io:
+            return
+        self._async_io = pins.async_io_in(layout)
+        if not self._async_io and fds and pins.has_io_uring_fd(self.pid):
+            self._async_io = "an io_uring"
+        if self._async_io:
+            log.info("migration %s: PID %d has %s: the pages of the last rounds are "
+                     "re-checked after the final delta", self.migration_id, self.pid,
+                     self._async_io)
+
+    def _sent_hook(self, runs: PageRuns, data) -> None:
+        """Every buffer read to be sent: the tracker's ``sent``, and the
+        page digests the settle compares with (from round 1, or the frozen
+        round of a stop-and-copy)."""
+        (self._on_read or self.tracker.sent)(runs, data)
+        if (self._async_io and runs and self._io_sent_pages <= SETTLE_MAX_PAGES
+                and (self._round_now or self._frozen_at is not None)):
+            self._io_sent.append((self._round_now, runs.page_addresses(),
+                                  page_digests(memoryview(data)[:runs.total_pages() * PAGE_SIZE])))
+            self._io_sent_pages += runs.total_pages()
+
+    def _forget_old_rounds(self, rnd: int) -> None:
+        """Keep the digests of the last SETTLE_ROUNDS live rounds only."""
+        self._io_sent = [x for x in self._io_sent if x[0] > rnd - SETTLE_ROUNDS]
+        self._io_sent_pages = sum(a.size for _, a, _ in self._io_sent)
+
+    def _settle(self, rnd: int, final: PageRuns, area: PageRuns, st: "_RoundStats") -> None:
+        """Re-read the pages of the last live rounds and the final one, now
+        that the final delta is out, and send again what changed since it
+        was sent: asynchronous I/O landing while the target is frozen."""
+        t0 = time.perf_counter()
+        recent = PageRuns.concat([runs_from_addrs(a) for _, a, _ in self._io_sent]
+                                 + [final]).intersect(area)
+        if recent.total_pages() > SETTLE_MAX_PAGES or self._io_sent_pages > SETTLE_MAX_PAGES:
+            log.warning("migration %s: PID %d has %s; %d recently sent pages are more "
+                        "than the %d re-checked after the freeze: I/O completing after the "
+                        "final collect may be missing from the image", self.migration_id,
+                        self.pid, self._async_io, recent.total_pages(), SETTLE_MAX_PAGES)
+            return
+        for _ in range(SETTLE_MAX_PASSES):
+            changed, _ = content_changed(self._readers[0], self._sent_digests(), recent)
+            if not changed:
+                break
+            # (_stream_pages adds its stats' pages to pages_sent: fresh ones)
+            again = _RoundStats(rnd, time.perf_counter(), self.transport.bytes_sent)
+            failed = self._stream_pages(rnd, changed, again, live=False)
+            st.pages += again.pages
+            st.zero_pages += again.zero_pages
+            if failed:
+                a, n = failed.pairs()[0]
+                raise MigrationAborted(
+                    "failed", "internal",
+                    f"{failed.total_pages()} page(s) of PID {self.pid} could not be read "
+                    f"while it was frozen (first at {a:#x}, {n} pages): the image would "
+                    "not be exact")
+            self.settle_pages += changed.total_pages()
+        else:
+            raise MigrationAborted(
+                "failed", "internal",
+                f"the memory of PID {self.pid} kept changing while it was frozen "
+                f"({changed.total_pages()} page(s) in the last of {SETTLE_MAX_PASSES} "
+                f"checks): {self._async_io} is still writing into it.  It was thawed; "
+                "retry when its I/O is idle")
+        self._settle_ms = (time.perf_counter() - t0) * 1000.0
+
+    def _sent_digests(self) -> PageDigests:
+        """The digests of the pages as last sent (later sends win)."""
+        out = PageDigests()
+        if not self._io_sent:
+            return out
+        addrs = np.concatenate([a for _, a, _ in self._io_sent])
+        digs = np.concatenate([d for _, _, d in self._io_sent])
+        # np.unique keeps the first of equal keys: reverse, so the last sent wins.
+        uniq, first = np.unique(addrs[::-1], return_index=True)
+        out.update(uniq, digs[::-1][first])
+        return out
 
     def _drained(self, answered: bool) -> None:
         """The destination's answer to the last RoundEnd came (``answered``)
@@ -759,7 +881,7 @@ class SourceMigration:
         inline = (not self._read_ahead and live
                   and runs.total_pages() * PAGE_SIZE >= INLINE_MIN_ROUND_BYTES)
         pipe = _Pipeline(self._readers, runs, self._readers[0].buffer_pages,
-                         self._on_read or self.tracker.sent, read_ahead=not inline)
+                         self._sent_hook, read_ahead=not inline)
         try:
             for item in pipe:
                 self._check_abort(live)

@@ -209,8 +209,8 @@ def test_max_rounds_zero_is_stop_and_copy(store):
         # ... and the freeze's breakdown accounts for the scan of present
         # pages inside it (no tracker is armed: nothing runs to write).
         commit = [e for e in out.events if e["event"] == "commit"][0]
-        parts = sum(commit[k] for k in ("stop_ms", "collect_ms", "delta_ms", "commit_ms",
-                                        "release_ms"))
+        parts = sum(commit[k] for k in ("stop_ms", "collect_ms", "delta_ms", "settle_ms",
+                                        "commit_ms", "release_ms"))
         assert parts == pytest.approx(s["freeze_ms"], rel=0.05, abs=3.0), (commit, s["freeze_ms"])
         assert not [e for e in out.dest_events                             # no live round
                     if e["event"] == "round" and not e.get("final")]
@@ -416,6 +416,56 @@ def test_io_uring_fixed_buffer_written_throughout_is_exact(store, tmp_path):
         compare(store, s["image_id"], t.pid)
         _thaw(t.pid)
         assert int(t.cmd("ustop")) > 0
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "digest",
+                                     pytest.param("soft-dirty", marks=pytest.mark.lab)])
+@pytest.mark.parametrize("stop_and_copy", [False, True], ids=["pre-copy", "stop-and-copy"])
+def test_an_asynchronous_read_landing_during_the_freeze_is_in_the_image(store, tmp_path,
+                                                                       tracker, stop_and_copy):
+    """Linux AIO O_DIRECT reads (io_submit) need no thread of the target:
+    queued just before the freeze, the device writes them into the frozen
+    target during the final delta and after.  Six 64 MiB reads of six
+    files, one after the other, into one buffer: with then=stop the image
+    must equal the source once they are all done."""
+    import urllib.parse
+    npages, nfiles = 64 * 256, 6
+    where = os.environ.get("MIGRATED_LAB_DIRECT_DIR") or str(tmp_path)
+    paths = [os.path.join(where, f"aio-e2e-{os.getpid()}-{i}.bin") for i in range(nfiles)]
+    try:
+        for i, path in enumerate(paths):
+            with open(path, "wb") as f:
+                f.write(bytes([0xa0 + i]) * (npages * PAGE_SIZE))
+                os.fsync(f.fileno())
+        try:
+            os.close(os.open(paths[0], os.O_RDONLY | os.O_DIRECT))
+        except (AttributeError, OSError):
+            pytest.skip("no O_DIRECT on this filesystem")
+        with Target() as t:
+            t.map("buf", npages, guard=True)
+            t.fill("buf", 0, npages, 0x5A)
+            submitted = []
+
+            def submit(sm, e) -> None:
+                # Right before the freeze: after the only live round, or as
+                # the stop-and-copy starts.
+                if not submitted and (e["event"] == "round" or stop_and_copy):
+                    t.cmd("aread", "buf", *(urllib.parse.quote(p) for p in paths))
+                    submitted.append(e["event"])
+
+            opts = SendOptions(then="stop", tracker=tracker, max_rounds=0 if stop_and_copy else 1)
+            out = migrate(t.pid, store, opts, on_event=submit)
+            s = out.source
+            assert s["status"] == "completed", s.get("error")
+            assert submitted
+            time.sleep(1.0)                 # the reads are done (the device does not stop)
+            compare(store, s["image_id"], t.pid)
+            _thaw(t.pid)
+            assert int(t.cmd("areap", timeout=60)) == nfiles * npages * PAGE_SIZE
+    finally:
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 @pytest.mark.parametrize("tracker", ["uffd-wp", "digest",

@@ -833,3 +833,27 @@ def test_hidden_shared_runs_never_reports_hugetlb_holes(target):
         if added:
             with open("/proc/sys/vm/nr_hugepages", "w") as f:
                 f.write(str(before))
+
+
+def test_asynchronous_io_contexts_are_seen(target, tmp_path):
+    """What makes the engine re-check recent pages after the freeze
+    (source.py SETTLE_*): an io_uring (its mappings; its fd) and a Linux
+    AIO context (its ring's mapping).  A target with neither: none."""
+    import urllib.parse
+    from migrated.kernel import pins
+    from migrated.kernel.maps import read_layout
+    assert pins.async_io_in(read_layout(target.pid)) is None
+    assert not pins.has_io_uring_fd(target.pid)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\xa1" * (16 * P))
+    target.map("a", 16, guard=True)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("no O_DIRECT on this filesystem")
+    target.cmd("aread", "a", urllib.parse.quote(str(path)))
+    assert pins.async_io_in(read_layout(target.pid)) == "a Linux AIO context"
+    assert int(target.cmd("areap")) == 16 * P
+    _register_ring(target, "a", path)
+    assert pins.has_io_uring_fd(target.pid)
+    assert pins.async_io_in(read_layout(target.pid)) == "an io_uring"
