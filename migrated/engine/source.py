@@ -52,7 +52,7 @@ from migrated.kernel.maps import read_layout
 from migrated.kernel import pagemap as pm
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import (PageDigests, content_changed, make_tracker, page_digests,
-                                      runs_from_addrs)
+                                      runs_from_addrs, shared_anon_runs)
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.threads import Thread
 from migrated.wire import events as ev
@@ -801,8 +801,9 @@ class SourceMigration:
         that the final delta is out, and send again what changed since it
         was sent: asynchronous I/O landing while the target is frozen."""
         t0 = time.perf_counter()
+        # (only pages the image holds: not those dropped since they were sent)
         recent = PageRuns.concat([runs_from_addrs(a) for _, a, _ in self._io_sent]
-                                 + [final]).intersect(area)
+                                 + [final]).intersect(area).intersect(self._held)
         if recent.total_pages() > SETTLE_MAX_PAGES or self._io_sent_pages > SETTLE_MAX_PAGES:
             log.warning("migration %s: PID %d has %s; %d recently sent pages are more "
                         "than the %d re-checked after the freeze: I/O completing after the "
@@ -827,13 +828,26 @@ class SourceMigration:
                     "not be exact")
             self.settle_pages += changed.total_pages()
         else:
+            # Shared memory another process keeps writing has no moment the
+            # image could match: what was sent last stands, as without the
+            # re-check.  Private memory changing while frozen is I/O.
+            if not changed.subtract(self._shared_runs()):
+                log.warning("migration %s: %d page(s) of shared memory of PID %d kept "
+                            "changing while it was frozen (another process writes them); "
+                            "the image holds them as last sent", self.migration_id,
+                            changed.total_pages(), self.pid)
+                self._settle_ms = (time.perf_counter() - t0) * 1000.0
+                return
             raise MigrationAborted(
                 "failed", "internal",
                 f"the memory of PID {self.pid} kept changing while it was frozen "
                 f"({changed.total_pages()} page(s) in the last of {SETTLE_MAX_PASSES} "
-                f"checks): {self._async_io} is still writing into it.  It was thawed; "
-                "retry when its I/O is idle")
+                f"checks): {self._async_io} is still writing into it -- retry when its "
+                "I/O is idle")
         self._settle_ms = (time.perf_counter() - t0) * 1000.0
+
+    def _shared_runs(self) -> PageRuns:
+        return shared_anon_runs(self._last_layout) if self._last_layout else PageRuns.empty()
 
     def _sent_digests(self) -> PageDigests:
         """The digests of the pages as last sent (later sends win)."""
