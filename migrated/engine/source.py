@@ -409,6 +409,7 @@ class SourceMigration:
         # it cannot), and per round sent (from round 1): (round, page
         # addresses, their digests as sent), in the order sent.
         self._async_io: str | None = None
+        self._io_layout: KLayout | None = None     # the last layout looked at
         self._io_sent: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._io_sent_pages = 0
         self._round_now = 0
@@ -770,8 +771,9 @@ class SourceMigration:
         its mappings each round; its fds (a ring with no mapping:
         IORING_SETUP_NO_MMAP) where ``fds`` -- at the start: one readlink
         per fd is not spent inside the freeze."""
-        if self._async_io:
-            return
+        if self._async_io or (layout is self._io_layout and not fds):
+            return              # (an unchanged layout is the same object: _read_layout)
+        self._io_layout = layout
         self._async_io = pins.async_io_in(layout)
         if not self._async_io and fds and pins.has_io_uring_fd(self.pid):
             self._async_io = "an io_uring"
