@@ -14,6 +14,7 @@ invariant that matters: after the final frozen collect, what was sent
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -611,6 +612,76 @@ def test_a_write_through_a_short_pin_is_not_lost(setup, tmp_path, request):
     final_round(fz, eng)                           # mirror == memory
 
 
+@contextlib.contextmanager
+def _slow_reads(pid: int, path: str, bytes_per_s: int):
+    """Reads of ``pid`` from the disk holding ``path`` throttled to
+    ``bytes_per_s`` (cgroup v1 blkio), or skip.  The cgroup is removed
+    afterwards, the process moved back first."""
+    root = "/sys/fs/cgroup/blkio"
+    if not os.path.exists(f"{root}/blkio.throttle.read_bps_device"):
+        pytest.skip("no cgroup v1 blkio throttling here")
+    dev = os.stat(path).st_dev
+    sysdev = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if os.path.exists(os.path.join(sysdev, "partition")):
+        sysdev = os.path.dirname(sysdev)            # throttled at the whole disk
+    with open(os.path.join(sysdev, "dev")) as f:
+        disk = f.read().strip()
+    group = f"{root}/migrated-test-{os.getpid()}-{pid}"
+    os.mkdir(group)
+    try:
+        try:
+            with open(f"{group}/blkio.throttle.read_bps_device", "w") as f:
+                f.write(f"{disk} {bytes_per_s}")
+        except OSError as e:
+            pytest.skip(f"cannot throttle {disk}: {e}")
+        with open(f"{group}/cgroup.procs", "w") as f:
+            f.write(str(pid))
+        yield
+    finally:
+        with open(f"{root}/cgroup.procs", "w") as f:
+            try:
+                f.write(str(pid))
+            except OSError:
+                pass                                 # gone already
+        os.rmdir(group)
+
+
+# Host trackers only: the lab VM has no blkio throttling to hold a read in
+# flight (and soft-dirty keeps a pinned page dirty until it is unpinned:
+# clear_refs leaves it alone).
+@pytest.mark.parametrize("kind", [p for p in TRACKERS if p.id != "soft-dirty"])
+def test_a_direct_read_in_flight_over_several_rounds_is_not_lost(setup, tmp_path, request):
+    """A synchronous O_DIRECT read held in flight over several collects
+    (its disk throttled to 8 MiB/s for the target): the pin made the pages
+    look written once, at the first collect; the content re-check covers
+    the next one only; the device writes the rest later, with no fault.
+    A thread blocked in a read of an O_DIRECT file has its buffer counted
+    written at every collect while it waits, and once after."""
+    import urllib.parse
+    t, fz, tr, eng = setup
+    n = 16 * 256                                   # 16 MiB: 2 s at 8 MiB/s
+    where = os.environ.get("MIGRATED_LAB_DIRECT_DIR") or str(tmp_path)
+    path = os.path.join(where, f"long-{os.getpid()}-{tr.name}.bin")
+    request.addfinalizer(lambda: os.path.exists(path) and os.unlink(path))
+    with open(path, "wb") as f:
+        f.write(b"\xa1" * (n * P))
+        os.fsync(f.fileno())
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        pytest.skip("no O_DIRECT on this filesystem")
+    t.map("a", n, guard=True)
+    t.fill("a", 0, n, 0x5A)
+    eng.start()
+    with _slow_reads(t.pid, path, 8 << 20):
+        t.cmd("dread", "a", urllib.parse.quote(path))
+        for _ in range(25):                        # 2.5 s: the read in flight
+            eng.round()
+            time.sleep(0.1)
+        assert int(t.cmd("djoin", timeout=60)) == n * P
+    final_round(fz, eng)                           # mirror == memory
+
+
 # -- long-term pins (migrated/kernel/pins.py) -------------------------------------------
 
 
@@ -857,3 +928,30 @@ def test_asynchronous_io_contexts_are_seen(target, tmp_path):
     _register_ring(target, "a", path)
     assert pins.has_io_uring_fd(target.pid)
     assert pins.async_io_in(read_layout(target.pid)) == "an io_uring"
+
+
+def test_direct_reads_in_flight_are_listed(target, tmp_path):
+    """pins.direct_reads_in_flight: a thread blocked in a pread of an
+    O_DIRECT file shows its buffer; once the read is done, nothing."""
+    import urllib.parse
+    from migrated.kernel import pins
+    n = 4 * 256                                    # 4 MiB: 1 s at 4 MiB/s
+    path = str(tmp_path / "slow.bin")
+    with open(path, "wb") as f:
+        f.write(b"\xa1" * (n * P))
+        os.fsync(f.fileno())
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        pytest.skip("no O_DIRECT on this filesystem")
+    addr = target.map("a", n, guard=True)
+    assert not pins.direct_reads_in_flight(target.pid)
+    with _slow_reads(target.pid, path, 4 << 20):
+        target.cmd("dread", "a", urllib.parse.quote(path))
+        seen = PageRuns.empty()
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            seen = pins.direct_reads_in_flight(target.pid)
+        assert seen.pairs() == [(addr, n)]
+        assert int(target.cmd("djoin", timeout=60)) == n * P
+    assert not pins.direct_reads_in_flight(target.pid)
