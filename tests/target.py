@@ -6,8 +6,12 @@ Run as ``python tests/target.py``; parent side: ``Target`` below (or the
 stdin, one reply line on stdout, ``ok [VALUES...]`` or ``err MESSAGE``.
 Region pages are numbered from 0 within the region; NAME is any word.
 
-  map NAME NPAGES [private|shared|memfd] [guard] -> ok ADDR  (guard: a
-                                 PROT_NONE page each side, no VMA merging)
+  map NAME NPAGES [private|shared|memfd|memfd-private|secret] [guard] -> ok ADDR
+                                 (guard: a PROT_NONE page each side, no VMA
+                                 merging; memfd-private: a memfd mapped
+                                 MAP_PRIVATE, copy-on-write over its content;
+                                 secret: memfd_secret(2), readable only by
+                                 the target itself)
   mapfile NAME PATH NPAGES [private|shared]   -> ok ADDR  (PATH %-quoted;
                                                  the file is extended)
   sysv NAME NPAGES                            -> ok ADDR  (SysV shm)
@@ -57,6 +61,16 @@ Region pages are numbered from 0 within the region; NAME is any word.
                                   bytes land in the buffer only through the pin)
   ustop                           stop it -> ok READS
   openfd PATH                     open PATH (%-quoted) read-write, keep it -> ok FD
+  uffdminor NAME                  the target's own userfaultfd: region NAME (memfd)
+                                  registered in minor mode, a thread resolving each
+                                  fault with UFFDIO_CONTINUE (as a lazy restore or
+                                  a post-copy destination does) -> ok FD
+  selfprotect NAME pagemap|uffd   write-protect region NAME itself, as a program
+                                  tracking its own writes does: PAGEMAP_SCAN with
+                                  PM_SCAN_WP_MATCHING on /proc/self/pagemap, or
+                                  UFFDIO_WRITEPROTECT through a userfaultfd of its
+                                  own (the fd is opened once and kept) -> ok
+                                  RESULT (regions found, or the errno's name)
   exit [CODE]
 
 The target never imports migrated: it is the process under test.
@@ -64,6 +78,7 @@ The target never imports migrated: it is the process under test.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ctypes
 import hashlib
@@ -114,6 +129,18 @@ _ADVICE = {"dontneed": 4, "free": 8, "remove": 9, "cold": 20, "pageout": 21,
 PR_SET_PDEATHSIG = 1
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 MFD_CLOEXEC = 1
+SYS_MEMFD_SECRET = 447
+# userfaultfd (include/uapi/linux/userfaultfd.h), for the target's own use.
+SYS_USERFAULTFD = 323
+UFFDIO_API, UFFDIO_REGISTER, UFFDIO_CONTINUE = 0xC018AA3F, 0xC020AA00, 0xC020AA07
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
+UFFDIO_REGISTER_MODE_MINOR = 1 << 2
+# userfaultfd and PAGEMAP_SCAN (include/uapi/linux/userfaultfd.h, fs.h),
+# for the target's own use.
+SYS_USERFAULTFD = 323
+UFFDIO_API, UFFDIO_WRITEPROTECT = 0xC018AA3F, 0xC018AA06
+UFFDIO_WRITEPROTECT_MODE_WP = 1
+PAGEMAP_SCAN, PM_SCAN_WP_MATCHING, PAGE_IS_WRITTEN = 0xC0606610, 1, 1 << 1
 IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
 
 
@@ -275,8 +302,18 @@ class _Child:
             addr = self._mmap(n * PAGE, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         elif kind == "shared":
             addr = self._mmap(n * PAGE, rw, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        elif kind == "memfd":
+        elif kind in ("memfd", "memfd-private"):
             fd = os.memfd_create(name, MFD_CLOEXEC)
+            os.ftruncate(fd, n * PAGE)
+            flags = mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE
+            addr = self._mmap(n * PAGE, rw, flags, fd)
+            os.close(fd)
+        elif kind == "secret":
+            self.libc.syscall.restype = ctypes.c_long
+            fd = self.libc.syscall(ctypes.c_long(SYS_MEMFD_SECRET), ctypes.c_uint(0))
+            if fd < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"memfd_secret: {os.strerror(e)}")
             os.ftruncate(fd, n * PAGE)
             addr = self._mmap(n * PAGE, rw, mmap.MAP_SHARED, fd)
             os.close(fd)
@@ -435,6 +472,69 @@ class _Child:
         stop.set()
         t.join()
         return str(count[0])
+
+    def cmd_uffdminor(self, name):
+        import fcntl
+        import struct
+        addr, n = self.regions[name]
+        self.libc.syscall.restype = ctypes.c_long
+        fd = self.libc.syscall(ctypes.c_long(SYS_USERFAULTFD),
+                               ctypes.c_int(os.O_CLOEXEC | os.O_NONBLOCK))
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"userfaultfd: {os.strerror(e)}")
+        fcntl.ioctl(fd, UFFDIO_API, bytearray(struct.pack("=3Q", 0xAA, UFFD_FEATURE_MINOR_SHMEM,
+                                                          0)), True)
+        fcntl.ioctl(fd, UFFDIO_REGISTER, bytearray(struct.pack(
+            "=4Q", addr, n * PAGE, UFFDIO_REGISTER_MODE_MINOR, 0)), True)
+
+        def handler():
+            while True:
+                select.select([fd], [], [])
+                try:
+                    msg = os.read(fd, 32)             # struct uffd_msg
+                except BlockingIOError:
+                    continue
+                page = struct.unpack_from("=Q", msg, 16)[0] & ~(PAGE - 1)
+                with contextlib.suppress(OSError):  # mapped meanwhile: EEXIST
+                    fcntl.ioctl(fd, UFFDIO_CONTINUE,
+                                bytearray(struct.pack("=4Q", page, PAGE, 0, 0)), True)
+
+        threading.Thread(target=handler, daemon=True).start()
+        return str(fd)
+    def cmd_selfprotect(self, name, how):
+        import errno
+        import fcntl
+        import struct
+        addr, n = self.regions[name]
+        fds = self.__dict__.setdefault("_selfprotect_fds", {})
+        if how == "pagemap":
+            fd = fds.get(how) or fds.setdefault(how, os.open("/proc/self/pagemap", os.O_RDONLY))
+            vec = ctypes.create_string_buffer(24 * 64)
+            # struct pm_scan_arg: size, flags, start, end, walk_end, vec,
+            # vec_len, max_pages, category_inverted, _mask, _anyof_mask, return_mask
+            arg = bytearray(struct.pack("=12Q", 96, PM_SCAN_WP_MATCHING, addr, addr + n * PAGE,
+                                        0, ctypes.addressof(vec), 64, 0, 0,
+                                        PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN))
+            return str(fcntl.ioctl(fd, PAGEMAP_SCAN, arg, True))
+        if how != "uffd":
+            raise ValueError(f"selfprotect: unknown way {how!r}")
+        fd = fds.get(how)
+        if fd is None:
+            self.libc.syscall.restype = ctypes.c_long
+            fd = self.libc.syscall(ctypes.c_long(SYS_USERFAULTFD),
+                                   ctypes.c_int(os.O_CLOEXEC | os.O_NONBLOCK | 1))
+            if fd < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"userfaultfd: {os.strerror(e)}")
+            fcntl.ioctl(fd, UFFDIO_API, bytearray(struct.pack("=3Q", 0xAA, 0, 0)), True)
+            fds[how] = fd
+        try:
+            fcntl.ioctl(fd, UFFDIO_WRITEPROTECT, bytearray(struct.pack(
+                "=3Q", addr, n * PAGE, UFFDIO_WRITEPROTECT_MODE_WP)), True)
+        except OSError as e:        # ENOENT: not registered for write-protect
+            return errno.errorcode.get(e.errno, str(e.errno))
+        return "0"
 
     def cmd_openfd(self, path):
         fd = os.open(urllib.parse.unquote(path), os.O_RDWR)

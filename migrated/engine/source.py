@@ -52,7 +52,7 @@ from migrated.kernel.maps import read_layout
 from migrated.kernel import pagemap as pm
 from migrated.kernel.reader import MemReader
 from migrated.kernel.trackers import (PageDigests, content_changed, make_tracker, page_digests,
-                                      runs_from_addrs, shared_anon_runs)
+                                      runs_from_addrs, shared_anon_runs, shared_window_has_data)
 from migrated.runs import PAGE_SIZE, PageRuns
 from migrated.threads import Thread
 from migrated.wire import events as ev
@@ -508,6 +508,9 @@ class SourceMigration:
         size = READ_BUFFER_BYTES if self._read_ahead else INLINE_READ_BYTES
         self._readers = [MemReader(self.pid, buffer_bytes=size) for _ in range(PIPELINE_DEPTH)]
 
+        # Memory nobody can read fails now, before anything is sent (and
+        # again at the freeze, in case it was mapped since).
+        self._check_no_secret_memory(self._read_layout())
         self._handshake_hello()
         decision = self.policy.begin()
         stop_and_copy = decision.stop
@@ -582,6 +585,7 @@ class SourceMigration:
         self.freezer.mark_quiescent()
         t_final = time.perf_counter()
         layout = self._read_layout()
+        self._check_no_secret_memory(layout)
         self._check_no_hidden_data(layout)
         self._watch_async_io(layout)        # (its fds at the start only: not in the freeze)
         final_rate = 0.0
@@ -1032,6 +1036,21 @@ class SourceMigration:
         self._frozen_at = time.perf_counter()
         self._freeze_wait_ms = self.freezer.freeze(FREEZE_TIMEOUT_S)
 
+    def _check_no_secret_memory(self, layout: KLayout) -> None:
+        """Fail if the target maps memfd_secret(2) memory: no one outside
+        the process can read it, and taken for a shared file (recorded, not
+        copied) the image had nothing of it while the migration
+        "completed"."""
+        secret = [m for m in layout if m.secret]
+        if secret:
+            m = secret[0]
+            raise MigrationAborted(
+                "failed", "internal",
+                f"PID {self.pid} maps {len(secret)} region(s) of memfd_secret memory (first "
+                f"{m.start:#x}-{m.end:#x}, {m.npages} pages): the kernel lets no other "
+                "process read it, so it cannot be migrated; release it (munmap) in the "
+                "process, or do not migrate this process")
+
     def _check_no_hidden_data(self, layout: KLayout) -> None:
         """Fail (frozen, before anything is sent) if a private mapping
         without access rights holds data: such mappings are not migrated
@@ -1040,6 +1059,17 @@ class SourceMigration:
         zeros in the image, which would still have been "completed"."""
         hidden = [m for m in layout if m.perms[:3] == "---" and m.perms[3] == "p"
                   and not m.migrates]
+        # The same for shared memory (memfd, MAP_SHARED anonymous, SysV):
+        # its data is in the object, mapped here or not.
+        for m in layout:
+            if m.perms[:3] == "---" and m.shared_memory and \
+                    shared_window_has_data(self.pid, m):
+                raise MigrationAborted(
+                    "failed", "internal",
+                    f"PID {self.pid} holds data in shared memory mapped with no access "
+                    f"rights ({m.start:#x}-{m.end:#x} {m.perms} {m.path or '[anon]'}): it is "
+                    "not migrated, so the image would not be exact; migrate it when that "
+                    "memory is accessible again")
         if not hidden:
             return
         with pm.Pagemap(self.pid) as pmap:

@@ -10,7 +10,8 @@ anon       private anonymous: "", [heap], [stack], [stack:TID],  yes
 file       private file mapping (only pages that are not plain   yes
            page-cache pages are taken: pagemap bit 61 clear)
 shared-anon MAP_SHARED anonymous: "/dev/zero (deleted)",          yes
-           "/SYSV...", "/memfd:...", [anon_shmem:NAME]
+           "/SYSV...", "/memfd:...", [anon_shmem:NAME]; also a
+           memfd mapped MAP_PRIVATE (see _PRIVATE_SHMEM_PREFIXES)
 shared-file MAP_SHARED of a real file: recorded as external       no
 vdso       [vdso]                                               yes
 skip       [vvar], [vvar_vclock], [vsyscall], [uprobes], and     no
@@ -31,12 +32,29 @@ from migrated.runs import PAGE_SHIFT, PageRuns
 
 DELETED_SUFFIX = " (deleted)"
 
+# memfd_secret(2) memory, as /proc/PID/maps names it (always MAP_SHARED, on
+# the kernel's internal secretmem mount: device major 0).  Its pages are
+# taken out of the kernel's direct map, so nobody but the process itself can
+# read them -- not process_vm_readv, /proc/PID/mem or ptrace, not even root.
+# By the rules below it is a shared file (recorded, not copied): the image
+# would hold nothing of it, silently.  See Mapping.secret.
+SECRETMEM_PATH = "/secretmem" + DELETED_SUFFIX
+
 # Pseudo paths the kernel prints for special mappings we never copy: the
 # vvar pages are per-boot kernel data, vsyscall is a fixed legacy page, and
 # uprobes' xol area is recreated by the kernel.
 _SKIP_PSEUDO = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 # Names of shared anonymous memory as /proc/PID/maps prints them.
 _SHARED_ANON_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
+# A memfd mapped MAP_PRIVATE (copy-on-write over an initial image: how
+# wasmtime instantiates a module's memory) is not a file the destination
+# can read: the pages the process has not written come from an object that
+# exists only here.  As a private file mapping only its own copies were
+# sent (an image had 14 of 16 such pages as zeros).  It is tracked and
+# sent like shared memory instead: every page it shows, the memfd's pages
+# it has not mapped yet, and a content check (a pwrite on the memfd changes
+# a page it only read, with no write of its own).
+_PRIVATE_SHMEM_PREFIXES = ("/memfd:",)
 # Private anonymous memory with a kernel-given or user-given name.
 _ANON_PSEUDO_PREFIXES = ("[heap]", "[stack]", "[stack:", "[anon:")
 
@@ -80,6 +98,18 @@ class Mapping:
     @property
     def migrates(self) -> bool:
         return self.kind in MIGRATING_KINDS
+
+    @property
+    def secret(self) -> bool:
+        """memfd_secret(2) memory: its content cannot be read from outside
+        the process, so it cannot be migrated (SECRETMEM_PATH)."""
+        return self.shared and self.path == SECRETMEM_PATH and self.dev.startswith("00:")
+
+    @property
+    def shared_memory(self) -> bool:
+        """MAP_SHARED anonymous memory (memfd, /dev/zero, SysV, ...), whatever
+        its permissions: its content lives in an object only this host has."""
+        return self.shared and (self.path == "" or self.path.startswith(_SHARED_ANON_PREFIXES))
 
     @property
     def base_path(self) -> str:
@@ -126,6 +156,8 @@ def classify(m: Mapping) -> str:
         return "shared-file"
     if path == "" or path.startswith(_ANON_PSEUDO_PREFIXES):
         return "anon"
+    if path.startswith(_PRIVATE_SHMEM_PREFIXES):
+        return "shared-anon"
     if path.startswith("["):
         # An unknown kernel pseudo mapping ([uprobes] and friends from
         # future kernels): do not guess what it holds.

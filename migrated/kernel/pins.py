@@ -39,6 +39,18 @@ writes completions into the target's own pinned pages) are not in VmPin.
 A buffer in a 1 GiB hugetlb page is accounted whole by io_uring and so
 refused (safe, not exact).
 
+The same fd scan notes what lets the target write-protect its own pages
+(``Pins.self_protect``): a userfaultfd of its own -- UFFDIO_WRITEPROTECT
+acts on any range of its mm registered for write-protect, the uffd-wp
+tracker's included (6.18 checks no owner) -- or a pagemap file, whose
+PAGEMAP_SCAN with PM_SCAN_WP_MATCHING re-protects every VMA with async
+write-protect, ours too (on memory nobody registered it does nothing).
+Either takes the "written" marks of pages written since our last
+collect: 16 of 16 such pages were stale in a committed image.  Only the
+uffd-wp tracker is concerned; it refuses such a target (``auto`` takes
+digest).  Not seen: a pagemap opened and closed between two collects, and
+a userfaultfd made in the target and kept only by another process.
+
 Everything read here is the target's: counts, addresses and lengths are
 bounded before use (a buffer is at most 1 GiB, a ring has at most 16384,
 the file is parsed line by line and never held whole).
@@ -61,6 +73,9 @@ from migrated.runs import PAGE_SHIFT, PAGE_SIZE, PageRuns
 _U64 = np.uint64
 
 IO_URING_LINK = "anon_inode:[io_uring]"
+# fds that let the target write-protect its own pages (module doc).
+USERFAULTFD_LINK = "anon_inode:[userfaultfd]"
+_PAGEMAP_LINK = re.compile(r"/proc/[0-9]+(/task/[0-9]+)?/pagemap")
 # Device files whose fds pin user memory at addresses /proc does not show.
 _UNLOCATABLE = (("/dev/infiniband/uverbs", "an RDMA memory registration (uverbs)"),
                 ("/dev/vfio/", "VFIO DMA mappings"),
@@ -94,6 +109,8 @@ class Pins:
     runs: PageRuns
     problem: str | None = None
     vmpin_excess: bool = False      # the problem is more VmPin than listed
+    # Why the target can write-protect its own pages (module doc), or None.
+    self_protect: str | None = None
 
 
 class _Busy(Exception):
@@ -168,6 +185,7 @@ def _read_pins(pid: int) -> Pins:
         return Pins(PageRuns.empty(), f"process {pid} has {len(names)} open files, more "
                                       f"than the {MAX_FDS} checked for pinned memory")
     rings: list[str] = []
+    protect: str | None = None
     for fd in names:
         try:
             link = os.readlink(f"{fd_dir}/{fd}")
@@ -178,6 +196,12 @@ def _read_pins(pid: int) -> Pins:
                 raise
         if link == IO_URING_LINK:
             rings.append(fd)
+            continue
+        if protect is None and (link == USERFAULTFD_LINK or _PAGEMAP_LINK.fullmatch(link)):
+            what = ("a userfaultfd (UFFDIO_WRITEPROTECT)" if link == USERFAULTFD_LINK
+                    else f"{link} (PAGEMAP_SCAN)")
+            protect = (f"process {pid} holds {what} as fd {fd}: it can write-protect its own "
+                       "pages, which erases the marks of its writes that uffd-wp reads")
             continue
         for prefix, what in _UNLOCATABLE:
             if link.startswith(prefix):
@@ -234,9 +258,9 @@ def _read_pins(pid: int) -> Pins:
                     "fixed buffers its fds list: the rest is pinned where /proc does not "
                     "say (an io_uring whose fd was closed, RDMA)", vmpin_excess=True)
     if not starts:
-        return Pins(PageRuns.empty())
+        return Pins(PageRuns.empty(), self_protect=protect)
     e = (e + _U64(PAGE_SIZE - 1)) >> _U64(PAGE_SHIFT) << _U64(PAGE_SHIFT)
-    return Pins(PageRuns(s, (e - s) >> _U64(PAGE_SHIFT)))
+    return Pins(PageRuns(s, (e - s) >> _U64(PAGE_SHIFT)), self_protect=protect)
 
 
 # -- direct reads in flight --------------------------------------------------------

@@ -196,6 +196,25 @@ def read_maps_text(pid: int) -> str:
     return _read_bytes(pid, "maps").decode("utf-8", "surrogateescape")
 
 
+def read_vma_flags(pid: int, start: int) -> frozenset[str] | None:
+    """The VmFlags of the mapping that starts at ``start`` (two-letter
+    codes, fs/proc/task_mmu.c: "ui" userfaultfd minor, "um" missing, "uw"
+    write-protect, ...), from /proc/PID/smaps; None if no mapping starts
+    there.  smaps walks every page table of the process: not for every
+    collect."""
+    text = _read_bytes(pid, "smaps")
+    head = b"%x-" % start
+    i = 0 if text.startswith(head) else text.find(b"\n" + head)
+    if i < 0:
+        return None
+    j = text.find(b"\nVmFlags:", i)
+    if j < 0:
+        return frozenset()
+    end = text.find(b"\n", j + 1)
+    line = text[j + len(b"\nVmFlags:"):end if end >= 0 else len(text)]
+    return frozenset(line.decode().split())
+
+
 def write_clear_refs(pid: int, value: int) -> None:
     with translate(pid, f"writing {value} to {proc_path(pid, 'clear_refs')}"):
         with open(proc_path(pid, "clear_refs"), "w") as f:

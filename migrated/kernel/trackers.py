@@ -44,10 +44,12 @@ from typing import Iterator
 
 import numpy as np
 
-from migrated.errors import KernelUnsupported, NoSuchProcess, TargetPinsMemory, ZombieProcess
+from migrated.errors import (KernelUnsupported, NoSuchProcess, ProcessError,
+                             TargetPinsMemory, ZombieProcess)
 from migrated.kernel import pagemap as pm
 from migrated.kernel import pins
 from migrated.kernel import probe as kprobe
+from migrated.kernel import procfs
 from migrated.kernel.freezer import Freezer
 from migrated.kernel.maps import Layout, Mapping
 from migrated.kernel.reader import MemReader
@@ -525,10 +527,60 @@ def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
             shown = present.clip(m.start, m.end)
             if allocated <= shown.total_pages():
                 continue                # every page it holds is mapped here
-            parts.extend(_hidden_extents(pid, m, fd, shown))
+            got = _hidden_extents(pid, m, fd, shown)
         finally:
             os.close(fd)
+        if got:
+            _check_no_fault_handler(pid, m)
+            parts.extend(got)
     return PageRuns.concat(parts) if parts else PageRuns.empty()
+
+
+# VmFlags (/proc/PID/smaps) of a mapping registered with a userfaultfd in
+# minor or missing mode.  Not ours (uffd-wp registers write-protect only):
+# the process's own, or a monitor's it handed the fd to (a lazy restore, a
+# post-copy destination).
+_FAULT_HANDLER_FLAGS = frozenset({"ui", "um"})
+
+
+def _check_no_fault_handler(pid: int, m: Mapping) -> None:
+    """Fail if the shared mapping ``m``, which holds pages its page tables
+    do not show, is registered with a userfaultfd in minor or missing mode.
+    Reading such a page faults it in, and the fault waits for that
+    userfaultfd's handler -- a thread of the target, which is stopped
+    while we read its final delta: process_vm_readv then waits for good,
+    with the target frozen, and neither a cancel nor the timeout can end
+    it (seen: a memfd registered in minor mode, a page written through
+    another view just before the freeze)."""
+    flags = procfs.read_vma_flags(pid, m.start)
+    if flags and flags & _FAULT_HANDLER_FLAGS:
+        mode = "minor" if "ui" in flags else "missing"
+        raise ProcessError(
+            pid, f"process {pid} has its shared memory {m.path or 'anonymous'} at "
+                 f"{m.start:#x}-{m.end:#x} registered with a userfaultfd ({mode} faults, its "
+                 "own fault handler), and it holds pages not mapped there: reading them "
+                 "would wait for that handler, which does not run while the process is "
+                 "frozen; migrate it once it no longer handles its own faults")
+
+
+def shared_window_has_data(pid: int, m: Mapping) -> bool:
+    """Whether the object behind the shared-memory mapping ``m`` holds data
+    in the window ``m`` maps (resident or swapped pages, mapped here or
+    not): one open of /proc/PID/map_files and one SEEK_DATA.  False if the
+    mapping is gone.  hugetlbfs calls every byte below EOF data: such a
+    window counts as holding data."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.lseek(fd, m.offset, os.SEEK_DATA) < m.offset + m.size
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False                # no data at or after the window's start
+        raise
+    finally:
+        os.close(fd)
 
 
 def _hidden_extents(pid: int, m: Mapping, fd: int, shown: PageRuns) -> list[PageRuns]:
@@ -756,9 +808,19 @@ def pinned_runs(tracker: Tracker) -> PageRuns:
     or VFIO fd opened since the tracker was chosen)."""
     with tracker._gone_is_no_such_process("checking pinned memory"):
         got = pins.read_pins(tracker.pid)
-    if got.problem is not None:
-        raise TargetPinsMemory(tracker.pid, got.problem, tracker.name)
+    problem = _pins_problem(got, tracker.name)
+    if problem is not None:
+        raise TargetPinsMemory(tracker.pid, problem, tracker.name)
     return got.runs
+
+
+def _pins_problem(got: pins.Pins, tracker: str) -> str | None:
+    """Why ``tracker`` cannot trust its write marks on a target with
+    ``got`` (None if it can): pins nobody can locate; for uffd-wp also a
+    target able to write-protect its own pages (pins.py)."""
+    if got.problem is not None:
+        return got.problem
+    return got.self_protect if tracker == kprobe.UFFD_WP else None
 
 
 # -- factory --------------------------------------------------------------------------------
@@ -785,7 +847,7 @@ def make_tracker(name: str, pid: int, freezer: Freezer | None = None,
         # (the result names the tracker used); a tracker the operator
         # named is refused, saying why.
         with _zombie_is_gone(pid, "checking pinned memory"):
-            problem = pins.read_pins(pid).problem
+            problem = _pins_problem(pins.read_pins(pid), chosen)
         if problem is not None:
             if not auto:
                 raise TargetPinsMemory(pid, problem, chosen)

@@ -386,6 +386,183 @@ def test_data_in_a_mapping_without_access_rights_fails_the_migration(store, targ
     assert s["status"] == "completed", s.get("error")
 
 
+@pytest.mark.parametrize("tracker", ["auto", "digest"])
+def test_secret_memory_fails_the_migration(store, target, tracker):
+    """memfd_secret(2) memory is out of the kernel's direct map: neither
+    process_vm_readv nor /proc/PID/mem can read it, even as root.  Its
+    mapping ("/secretmem (deleted)", rw-s) was taken for an external shared
+    file: the migration completed and the image had nothing of the 8 pages
+    the process holds.  Now it fails, saying why, before anything is sent;
+    the target runs on, and without it the process migrates."""
+    try:
+        target.map("sec", 8, "secret")
+    except TargetError as e:
+        pytest.skip(f"no memfd_secret here: {e}")
+    target.fill("sec", 0, 8, 0x5A)
+    out = migrate(target.pid, store, SendOptions(then="stop", tracker=tracker))
+    s = out.source
+    assert s["status"] == "failed", s
+    assert "memfd_secret" in s["error"] and f"{target.addr('sec'):#x}" in s["error"], s["error"]
+    assert s["pages_sent"] == 0
+    assert store.list() == []
+    assert _state(target.pid) != "T"
+    target.unmap("sec")
+    s = migrate(target.pid, store, SendOptions(then="resume", tracker=tracker)).source
+    assert s["status"] == "completed", s.get("error")
+# How long a migration of a small target may take before the test calls it
+# hung (they take about a second).
+HANG_S = 30.0
+
+
+@pytest.mark.parametrize("tracker", ["auto", "digest"])
+def test_shared_memory_with_the_targets_own_fault_handler_fails_cleanly(
+        store, target, tracker, monkeypatch):
+    """The target handles minor faults of its memfd itself (userfaultfd,
+    a thread answering UFFDIO_CONTINUE: a lazy restore, a post-copy
+    destination).  A page of the memfd the target has not mapped (here
+    written through /proc/PID/map_files just before the freeze) is read by
+    the frozen final collect: the read waits for the target's handler,
+    which is stopped.  The migration hung with the target frozen; a cancel
+    changed nothing (3 of 3 runs).  Now it fails, saying why, and the
+    target runs on."""
+    from migrated.engine.source import SourceMigration
+    P = PAGE_SIZE
+    target.map("m", 16, "memfd")
+    target.write("m", 0, 8, seed=2)             # pages 8-15: never mapped by it
+    try:
+        target.cmd("uffdminor", "m")
+    except TargetError as e:
+        pytest.skip(f"no userfaultfd minor faults on shmem here: {e}")
+    lo, hi = target.range("m")
+    fd = os.open(f"/proc/{target.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR)
+    real_freeze = SourceMigration._freeze
+
+    def freeze(self):
+        # Two pages the target's page tables do not show.
+        os.pwrite(fd, b"\x5a" * (2 * P), 10 * P)
+        return real_freeze(self)
+
+    monkeypatch.setattr(SourceMigration, "_freeze", freeze)
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(
+        s=migrate(target.pid, store, SendOptions(then="stop", tracker=tracker)).source))
+    try:
+        runner.start()
+        runner.join(HANG_S)
+        hung = _state(target.pid) if runner.is_alive() else None
+        if hung:
+            _thaw(target.pid)           # lets the handler answer: the migration ends
+        runner.join(HANG_S)
+        assert not hung, f"the migration hung for {HANG_S:g} s, the target in state {hung}"
+    finally:
+        os.close(fd)
+    s = out["s"]
+    assert s["status"] == "failed", s
+    assert "userfaultfd" in s["error"] and f"{lo:#x}" in s["error"], s["error"]
+    assert store.list() == []
+    assert _state(target.pid) != "T"
+@pytest.mark.parametrize("how", ["pagemap", "uffd"])
+def test_a_target_write_protecting_its_own_pages_gets_the_digest_tracker(
+        store, target, how, monkeypatch):
+    """A program tracking its own writes write-protects its pages itself:
+    PAGEMAP_SCAN with PM_SCAN_WP_MATCHING on its pagemap (a no-op on
+    memory it did not register), or UFFDIO_WRITEPROTECT through a
+    userfaultfd of its own.  Both act on the ranges uffd-wp registered
+    (the kernel does not check whose registration it is) and take the
+    written marks of pages written since the last collect: 16 of 16
+    pages written just before the freeze were stale in the committed image
+    (auto chose uffd-wp; 2 of 2 runs each).  Now a target holding such an
+    fd gets digest from auto, and a forced uffd-wp is refused."""
+    from migrated.engine.source import SourceMigration
+    from migrated.kernel import probe as kprobe
+    if not kprobe.cached_probe().get("uffd_wp_tracker"):
+        pytest.skip("uffd-wp unavailable on this kernel")
+    target.map("a", 64, guard=True)
+    target.write("a", 0, 64, seed=1)
+    target.cmd("selfprotect", "a", how)         # opens its fd, keeps it
+    real_freeze = SourceMigration._freeze
+
+    def freeze(self):
+        target.write("a", 0, 16, seed=2)
+        target.cmd("selfprotect", "a", how)
+        return real_freeze(self)
+
+    monkeypatch.setattr(SourceMigration, "_freeze", freeze)
+    s = migrate(target.pid, store, SendOptions(then="stop")).source
+    assert s["status"] == "completed", s.get("error")
+    assert s["tracker"] == "digest"
+    compare(store, s["image_id"], target.pid)
+    _thaw(target.pid)
+    s = migrate(target.pid, store, SendOptions(then="resume", tracker="uffd-wp")).source
+    assert s["status"] == "failed", s
+    assert "write-protect" in s["error"] and "--tracker digest" in s["error"], s["error"]
+
+
+@pytest.mark.parametrize("tracker", ["auto", "digest"])
+def test_a_memfd_mapped_privately_is_migrated_whole(store, target, tracker, monkeypatch):
+    """A memfd mapped MAP_PRIVATE (copy-on-write over an initial image, as
+    wasmtime instantiates a module's memory): the pages the target has not
+    written read the memfd's content.  Taken for a private file mapping,
+    only its own copies were sent -- 14 of 16 pages of the image were
+    zeros, and the memfd exists nowhere else.  Every page must be the
+    frozen source's, also one the memfd changed under an unwritten page
+    (pwrite) just before the freeze, and one the target never touched."""
+    from migrated.engine.source import SourceMigration
+    from migrated.kernel.reader import MemReader
+    P = PAGE_SIZE
+    target.map("pm", 16, "memfd-private")
+    lo, hi = target.range("pm")
+    fd = os.open(f"/proc/{target.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR)
+    real_freeze = SourceMigration._freeze
+
+    def freeze(self):
+        os.pwrite(fd, b"\x6b" * P, 8 * P)       # a page the target only read
+        return real_freeze(self)
+
+    try:
+        os.pwrite(fd, b"\x42" * (16 * P), 0)     # the initial image
+        target.touch("pm", 0, 12)               # pages 12-15: never touched
+        target.fill("pm", 3, 2, 0x77)           # two copies of its own
+        monkeypatch.setattr(SourceMigration, "_freeze", freeze)
+        s = migrate(target.pid, store, SendOptions(then="stop", tracker=tracker)).source
+    finally:
+        os.close(fd)
+    assert s["status"] == "completed", s.get("error")
+    image = store.read_memory(s["image_id"], lo, 16 * P)
+    source = MemReader(target.pid).read_range(lo, 16 * P)
+    assert source[8 * P] == 0x6B and source[3 * P] == 0x77 and source[15 * P] == 0x42
+    bad = [i for i in range(16) if image[i * P:(i + 1) * P] != source[i * P:(i + 1) * P]]
+    assert not bad, f"pages {bad} of the private memfd mapping differ from the source"
+    compare(store, s["image_id"], target.pid)
+    _thaw(target.pid)
+
+
+@pytest.mark.parametrize("mem", ["memfd", "shared"])
+def test_data_in_shared_memory_without_access_rights_fails_the_migration(store, target, mem):
+    """Shared memory protected PROT_NONE (---s) with its data in it was
+    classed as a guard mapping and skipped: the migration "completed" with
+    nothing of its 16 pages in the image (2 of 2 kinds).  Now the freeze
+    finds the data and fails clearly; an empty one is no reason to fail."""
+    target.map("empty", 16, mem)
+    target.protect("empty", 0, 16, "none")
+    target.map("s", 16, mem)
+    target.write("s", 0, 16, seed=3)
+    target.protect("s", 0, 16, "none")
+    s = migrate(target.pid, store, SendOptions(then="stop")).source
+    assert s["status"] == "failed", s
+    assert "no access rights" in s["error"] and f"{target.addr('s'):#x}" in s["error"], \
+        s["error"]
+    assert store.list() == []
+    assert _state(target.pid) != "T"
+    target.protect("s", 0, 16, "rw")
+    s = migrate(target.pid, store, SendOptions(then="stop")).source
+    assert s["status"] == "completed", s.get("error")
+    compare(store, s["image_id"], target.pid)
+    assert store.read_memory(s["image_id"], target.addr("s"), 16 * PAGE_SIZE) == \
+        target.expected("s", seed=3)
+    _thaw(target.pid)
+
+
 def test_io_uring_fixed_buffer_written_throughout_is_exact(store, tmp_path):
     """A target READ_FIXED-ing flat out into an 8 MiB io_uring registered
     buffer: the kernel writes it through the pin, with no fault.  Before

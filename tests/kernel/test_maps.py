@@ -57,6 +57,28 @@ def test_parse_sample_paths_and_kinds():
     assert [m.migrates for m in layout].count(True) == 14
 
 
+def test_secret_memory_is_told_apart():
+    """memfd_secret memory looks like a deleted shared file; only it, on the
+    kernel's internal mount (device major 0), is ``secret``."""
+    secret = parse_line("7f08c2b10000-7f08c2b12000 rw-s 00000000 00:0e 48779"
+                        "                      /secretmem (deleted)")
+    assert secret.secret and secret.kind == "shared-file"
+    for line in ("7f08c2b10000-7f08c2b12000 rw-s 00000000 fe:00 12 /secretmem (deleted)",
+                 "7f08c2b10000-7f08c2b12000 rw-s 00000000 00:0e 12 /secretmem",
+                 "7f08c2b10000-7f08c2b12000 rw-p 00000000 00:0e 12 /secretmem (deleted)"):
+        assert not parse_line(line).secret, line
+    assert not any(m.secret for m in parse_maps(SAMPLE))
+
+
+def test_a_privately_mapped_memfd_is_shared_memory():
+    """Its unwritten pages come from the memfd, which the destination does
+    not have: it migrates whole, like shared memory, not as a file."""
+    m = parse_line("7f08c2b10000-7f08c2b12000 rw-p 00000000 00:01 1031 /memfd:wasm (deleted)")
+    assert m.kind == "shared-anon" and m.migrates and not m.shared
+    assert parse_line("7f08c2b10000-7f08c2b12000 rw-p 00000000 fe:00 9 /tmp/x (deleted)"
+                      ).kind == "file"
+
+
 def test_layout_lookup_and_totals():
     layout = parse_maps(SAMPLE)
     assert layout.find(0x55D9D2B9D000).path == "[heap]"
