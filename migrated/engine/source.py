@@ -731,12 +731,7 @@ class SourceMigration:
         failed = self._stream_pages(rnd, todo, st, live=not final)
         if failed:
             if final:
-                a, n = failed.pairs()[0]
-                raise MigrationAborted(
-                    "failed", "internal",
-                    f"{failed.total_pages()} page(s) of PID {self.pid} could not be read "
-                    f"while it was frozen (first at {a:#x}, {n} pages): a mapping is not "
-                    "readable with process_vm_readv; the image would not be exact")
+                raise self._unreadable_while_frozen(failed)
             self._carry = failed
         if final and self._async_io:
             self._settle(rnd, todo, area, st)
@@ -826,12 +821,7 @@ class SourceMigration:
             st.pages += again.pages
             st.zero_pages += again.zero_pages
             if failed:
-                a, n = failed.pairs()[0]
-                raise MigrationAborted(
-                    "failed", "internal",
-                    f"{failed.total_pages()} page(s) of PID {self.pid} could not be read "
-                    f"while it was frozen (first at {a:#x}, {n} pages): the image would "
-                    "not be exact")
+                raise self._unreadable_while_frozen(failed)
             self.settle_pages += changed.total_pages()
         else:
             # Shared memory another process keeps writing has no moment the
@@ -851,6 +841,14 @@ class SourceMigration:
                 f"checks): {self._async_io} is still writing into it -- retry when its "
                 "I/O is idle")
         self._settle_ms = (time.perf_counter() - t0) * 1000.0
+
+    def _unreadable_while_frozen(self, failed: PageRuns) -> MigrationAborted:
+        a, n = failed.pairs()[0]
+        return MigrationAborted(
+            "failed", "internal",
+            f"{failed.total_pages()} page(s) of PID {self.pid} could not be read "
+            f"while it was frozen (first at {a:#x}, {n} pages): a mapping is not "
+            "readable with process_vm_readv; the image would not be exact")
 
     def _shared_runs(self) -> PageRuns:
         return shared_anon_runs(self._last_layout) if self._last_layout else PageRuns.empty()

@@ -579,6 +579,24 @@ def test_runs_from_addrs():
     assert not runs_from_addrs(np.empty(0, np.uint64))
 
 
+def _direct_file(tmp_path, request, name: str, npages: int) -> str:
+    """A file of ``npages`` pages of 0xa1, synced, on a filesystem with
+    O_DIRECT (or skip); removed after the test.  The lab's /tmp (an overlay
+    on tmpfs) has none: tests/lab/run.py names a directory that has (the
+    one it shares with the VM)."""
+    where = os.environ.get("MIGRATED_LAB_DIRECT_DIR") or str(tmp_path)
+    path = os.path.join(where, f"{name}-{os.getpid()}.bin")
+    request.addfinalizer(lambda: os.path.exists(path) and os.unlink(path))
+    with open(path, "wb") as f:
+        f.write(b"\xa1" * (npages * P))
+        os.fsync(f.fileno())
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        pytest.skip("no O_DIRECT on this filesystem")
+    return path
+
+
 def test_a_write_through_a_short_pin_is_not_lost(setup, tmp_path, request):
     """An O_DIRECT read pins the target's pages -- clearing their write
     protection -- before the disk writes into them.  A collect in between
@@ -589,19 +607,7 @@ def test_a_write_through_a_short_pin_is_not_lost(setup, tmp_path, request):
     import urllib.parse
     t, fz, tr, eng = setup
     n = 64 * 256                                   # 64 MiB
-    # The lab's /tmp (an overlay on tmpfs) has no O_DIRECT: tests/lab/run.py
-    # names a directory that has (the one it shares with the VM).
-    where = os.environ.get("MIGRATED_LAB_DIRECT_DIR") or str(tmp_path)
-    path = os.path.join(where, f"disk-{os.getpid()}-{tr.name}.bin")
-    request.addfinalizer(lambda: os.path.exists(path) and os.unlink(path))
-    with open(path, "wb") as f:
-        f.write(b"\xa1" * (n * P))
-        os.fsync(f.fileno())
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        os.close(fd)
-    except (AttributeError, OSError):
-        pytest.skip("no O_DIRECT on this filesystem")
+    path = _direct_file(tmp_path, request, f"disk-{tr.name}", n)
     t.map("a", n, guard=True)
     t.fill("a", 0, n, 0x5A)
     eng.start()
@@ -660,16 +666,7 @@ def test_a_direct_read_in_flight_over_several_rounds_is_not_lost(setup, tmp_path
     import urllib.parse
     t, fz, tr, eng = setup
     n = 16 * 256                                   # 16 MiB: 2 s at 8 MiB/s
-    where = os.environ.get("MIGRATED_LAB_DIRECT_DIR") or str(tmp_path)
-    path = os.path.join(where, f"long-{os.getpid()}-{tr.name}.bin")
-    request.addfinalizer(lambda: os.path.exists(path) and os.unlink(path))
-    with open(path, "wb") as f:
-        f.write(b"\xa1" * (n * P))
-        os.fsync(f.fileno())
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except (AttributeError, OSError):
-        pytest.skip("no O_DIRECT on this filesystem")
+    path = _direct_file(tmp_path, request, f"long-{tr.name}", n)
     t.map("a", n, guard=True)
     t.fill("a", 0, n, 0x5A)
     eng.start()
@@ -930,20 +927,13 @@ def test_asynchronous_io_contexts_are_seen(target, tmp_path):
     assert pins.async_io_in(read_layout(target.pid)) == "an io_uring"
 
 
-def test_direct_reads_in_flight_are_listed(target, tmp_path):
+def test_direct_reads_in_flight_are_listed(target, tmp_path, request):
     """pins.direct_reads_in_flight: a thread blocked in a pread of an
     O_DIRECT file shows its buffer; once the read is done, nothing."""
     import urllib.parse
     from migrated.kernel import pins
     n = 4 * 256                                    # 4 MiB: 1 s at 4 MiB/s
-    path = str(tmp_path / "slow.bin")
-    with open(path, "wb") as f:
-        f.write(b"\xa1" * (n * P))
-        os.fsync(f.fileno())
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except (AttributeError, OSError):
-        pytest.skip("no O_DIRECT on this filesystem")
+    path = _direct_file(tmp_path, request, "slow", n)
     addr = target.map("a", n, guard=True)
     assert not pins.direct_reads_in_flight(target.pid)
     with _slow_reads(target.pid, path, 4 << 20):
