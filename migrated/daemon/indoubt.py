@@ -239,7 +239,11 @@ class InDoubt:
                 raise ValueError("not an in-doubt record")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        # OverflowError: a number no float holds (since: 1e400 written as an
+        # integer); RecursionError: JSON nested deeper than the parser goes.
+        # Either would have ended the daemon's start (resume) at this record.
+        except (OSError, ValueError, KeyError, TypeError, OverflowError,
+                RecursionError) as e:
             self.log.error("indoubt_bad_record", file=path, error=str(e))
             return None
         return rec

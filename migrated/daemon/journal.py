@@ -140,7 +140,11 @@ class FrozenJournal:
                     raise ValueError("not a journal record")
                 if not 0 < rec.pid <= MAX_PID or rec.starttime < 0:
                     raise ValueError(f"pid {rec.pid} or start time {rec.starttime} out of range")
-            except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
+            # RecursionError: JSON nested deeper than the parser goes (a
+            # few KiB of '[' suffice); like any bad record it must not stop
+            # the replay of the others (the processes they name stay stopped).
+            except (OSError, ValueError, KeyError, TypeError, OverflowError,
+                    RecursionError) as e:
                 self._log("error", "journal_bad_record", file=path, error=str(e))
                 continue
             out.append(rec)

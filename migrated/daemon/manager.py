@@ -88,7 +88,14 @@ def validate_send_options(opts: Any) -> dict:
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not val > 0 \
                     or val != val or val == float("inf"):
                 raise MigratedError(f"{key} must be a positive number, not {val!r}")
-            val = float(val)
+            try:
+                val = float(val)
+            except OverflowError:
+                # JSON integers have no size limit (10**400 parses); without
+                # this the request raised out of the control handler and the
+                # client was cut off with no answer.
+                raise MigratedError(f"{key} must be a positive number, not an integer of "
+                                    f"{len(str(val))} digits (no float holds it)") from None
             if key == "max_bandwidth" and val < MIN_LINK_RATE:
                 # The destination allows a batch the idle timeout plus its
                 # time at this rate; any slower and a batch is cut.

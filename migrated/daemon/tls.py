@@ -179,6 +179,13 @@ def client_connect(host: str, port: int, ctx: ssl.SSLContext | None, allow: list
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise MigratedError(f"cannot resolve peer {host}: {e.strerror}") from None
+    except UnicodeError as e:
+        # The IDNA encoding getaddrinfo applies first refuses a label over 63
+        # characters, an empty one ("a..b") or a lone surrogate: a name no
+        # resolver could answer, not an internal error of ours.
+        reason = str(e.__cause__ or e)
+        raise MigratedError(f"cannot resolve peer {host}: not a valid host name "
+                            f"({reason})") from None
     last: Exception | None = None
     sock = None
     for family, type_, proto, _, addr in infos:

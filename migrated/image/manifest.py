@@ -594,7 +594,9 @@ def decode_manifest(blob: bytes, image_id: str) -> dict:
     (structure_problems)."""
     try:
         m = json.loads(blob)
-    except (ValueError, UnicodeDecodeError) as exc:
+    # RecursionError: nested deeper than the parser goes (a few KiB of '{"a":'
+    # do it); a corrupt manifest like any other, not a crash of every reader.
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ImageError(f"image {image_id}: manifest is not valid JSON ({exc}); "
                          "the image is corrupt -- remove it with "
                          f"`migratectl images rm {image_id}`") from None

@@ -149,6 +149,22 @@ def test_bad_requests(daemons):
     assert control_request(d.control, {"op": "list"}) == {"result": []}
 
 
+def test_an_option_no_float_holds_gets_an_answer(daemons):
+    """An integer option past any float (JSON has no size limit) raised
+    OverflowError out of the control handler: no reply, the connection cut,
+    a traceback in the log (found by fuzzing the control socket)."""
+    d = daemons("n1")
+    for key in ("max_bandwidth", "timeout_s"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(d.control)
+            s.sendall(b'{"op": "send", "pid": %d, "host": "h", "port": 1, "options": {"%s": 1%s}}\n'
+                      % (os.getpid(), key.encode(), b"0" * 400))
+            reply = json.loads(s.recv(65536) or b"{}")
+        assert "no float holds it" in reply.get("error", ""), (key, reply)
+    assert d.proc.poll() is None
+    assert "Traceback" not in d.log()
+
 def test_migratectl_list_status_against_daemon(daemons):
     d = daemons("n1", extra=["--max-migrations", "3"])
     r = ctl(d.control, "list")

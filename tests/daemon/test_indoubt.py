@@ -163,7 +163,12 @@ def test_a_record_from_an_earlier_boot_keeps_the_image(tmp_path, children):
     assert InDoubt(str(tmp_path), Log(), Attempts()).resume()["withdrawing"] == ["m1"]
 
 
-@pytest.mark.parametrize("content", [b"{", b"[]", b'{"mid": "other", "pid": 1}', b"x" * 5000])
+# The last two ended resume() (the daemon's start) with OverflowError and
+# RecursionError before they were caught (found by fuzzing the state dir).
+@pytest.mark.parametrize("content", [b"{", b"[]", b'{"mid": "other", "pid": 1}', b"x" * 5000,
+                                     b'{"mid": "m9", "pid": 1, "starttime": 1, "host": "h", '
+                                     b'"port": 1, "image_id": "i", "since": 1' + b"0" * 400 + b"}",
+                                     b"[" * 2000])
 def test_bad_records_are_reported_not_trusted(tmp_path, content):
     log = Log()
     d = InDoubt(str(tmp_path), log, Attempts())

@@ -165,6 +165,20 @@ def test_bad_records_never_stop_the_replay(tmp_path, children):
     assert sorted(os.listdir(j.dir)) == sorted(["1.json", "10000000000000000000.json", "5.json"])
 
 
+def test_a_record_nested_past_the_parser_never_stops_the_replay(tmp_path, children):
+    """A record of nothing but '[' (RecursionError in json.loads, not a
+    ValueError) was not caught: the replay ended there and the frozen
+    process after it stayed stopped (found by fuzzing the state dir)."""
+    j = FrozenJournal(str(tmp_path))
+    open(os.path.join(j.dir, "1.json"), "w").write("[" * 2000)
+    p = children()
+    j.on_freeze(p.pid, read_starttime(p.pid))
+    stop(p.pid)
+    res = j.replay()
+    assert res.thawed == [p.pid]
+    assert wait_state(p.pid, "S")
+    assert os.listdir(j.dir) == ["1.json"]
+
 def _release(fifo: str) -> None:
     """Let a target thread out of its wait in the kernel (Target.dwait)."""
     try:

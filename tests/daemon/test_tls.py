@@ -226,3 +226,12 @@ def test_tls_against_insecure_says_so_at_both_ends(tls_end):
         assert "or both with --insecure" in st["error"], st["error"]
         for d in (a, b):
             assert "or both with --insecure" in d.log_text(), d.log_tail()
+
+
+@pytest.mark.parametrize("host", ["x" * 64, "a..b", "\udcff"])
+def test_a_host_name_no_resolver_takes_is_refused_as_such(host):
+    """getaddrinfo raised UnicodeError (IDNA) for these, which the daemon
+    reported as "internal error: UnicodeError" with a traceback (found by
+    fuzzing the control socket's send request)."""
+    with pytest.raises(MigratedError, match="cannot resolve peer .*not a valid host name"):
+        tls.client_connect(host, 1, None, [], timeout=2)

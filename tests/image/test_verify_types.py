@@ -132,3 +132,23 @@ def test_the_intact_manifest_reads_back(two_images):
     _write(path, copy.deepcopy(original))
     assert store.show(bad)["meta"]["pid"] == 1
     assert store.verify(bad).ok
+
+
+def test_a_manifest_nested_past_the_parser_is_one_unreadable_image(two_images, capsys, tmp_path):
+    """JSON nested deeper than the parser goes raised RecursionError out of
+    show(): `images list` ended with a traceback instead of listing the
+    other images (found by fuzzing the image store)."""
+    store, bad, good, path, _ = two_images
+    with open(path, "wb") as f:
+        f.write(b'{"a":' * 2000)
+    with pytest.raises(ImageError, match="not valid JSON"):
+        store.show(bad)
+    rows = {r["image_id"]: r for r in store.list()}
+    assert "not valid JSON" in rows[bad]["error"] and rows[good]["pid"] == 2
+    assert not store.verify(bad).ok
+    state = store.state_dir
+    for argv in (["list"], ["verify", bad], ["export", bad, "--core", str(tmp_path / "core")]):
+        rc = main(["images", *argv, "--state-dir", state])    # a traceback fails here
+        out, _ = capsys.readouterr()
+        assert (rc == 0 and good in out) if argv[0] == "list" else rc != 0, (argv, out)
+    assert not (tmp_path / "core").exists()
