@@ -18,6 +18,7 @@ import mmap
 import os
 import platform
 import struct
+import threading
 
 from migrated.errors import KernelUnsupported, MigratedError
 
@@ -33,6 +34,15 @@ AUTO = "auto"
 # soft-dirty needs a short freeze per round; digest hashes all memory.
 TRACKERS = (UFFD_WP, SOFT_DIRTY, DIGEST)
 KNOWN_TRACKERS = (SOFT_DIRTY, DIGEST, UFFD_WP)
+
+# A probe that forks a child holds this from its first pipe until the
+# child is reaped (probe_process_vm_readv, uffd._selftest).  A child gets a
+# copy of every fd open when it is forked: two probes at once (concurrent
+# `migratectl probe`, first migrations choosing a tracker) each handed its
+# child the other's pipe, neither child ever saw its end of file, and both
+# threads waited in waitpid for ever -- their children keeping the
+# daemon's fds, its state-dir lock among them, past the daemon's death.
+FORK_LOCK = threading.Lock()
 
 # -- pagemap bits (Documentation/admin-guide/mm/pagemap.rst) ----------------
 
@@ -278,6 +288,11 @@ def _process_vm_readv(pid: int, local_addr: int, remote_addr: int, length: int) 
 def probe_process_vm_readv() -> tuple[bool, str]:
     """Read a marker page from a forked child (a different mm, like a real
     target) and compare."""
+    with FORK_LOCK:
+        return _probe_process_vm_readv()
+
+
+def _probe_process_vm_readv() -> tuple[bool, str]:
     marker = os.urandom(64)
     src = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     dst = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -7,11 +7,13 @@ pidfd_getfd(2) has copied it out.
 How one session goes (``Injector``)::
 
     PTRACE_SEIZE + PTRACE_INTERRUPT one thread, wait for the stop
-    save its registers and signal mask; block every signal but SIGTRAP
-    per call: registers = saved with rip -> a `syscall` instruction found in
-    the target (its [vdso]), rax = nr, args in rdi rsi rdx r10 r8 r9,
-    orig_rax = -1; PTRACE_SINGLESTEP; the result is rax
-    restore registers and mask exactly; PTRACE_DETACH
+    save its registers and signal mask
+    per call: block every signal but SIGTRAP; registers = saved with rip ->
+    a `syscall` instruction found in the target (its [vdso]), rax = nr,
+    args in rdi rsi rdx r10 r8 r9, orig_rax = -1; PTRACE_SINGLESTEP; the
+    result is rax; registers and mask back exactly, and the thread parked
+    in an interrupt-stop again (``Injector._park``)
+    PTRACE_DETACH
 
 Restart semantics.  A thread blocked in a system call (read(2) on a pipe,
 nanosleep(2)) leaves it with rax = -ERESTARTSYS / -ERESTARTNOHAND /
@@ -30,7 +32,7 @@ leaves signal handling.  So:
 
 Signals.  Signals already pending when we interrupt are delivered normally
 first (PTRACE_CONT with the signal, then the interrupt-stop comes).  During
-the injection every signal except SIGTRAP is blocked with
+each injected call every signal except SIGTRAP is blocked with
 PTRACE_SETSIGMASK, so anything arriving stays pending and is delivered
 after we detach; SIGTRAP stays unblocked because a single-step trap on a
 blocked SIGTRAP would reset the target's SIGTRAP handler to the default.
@@ -39,9 +41,17 @@ back at detach.
 
 Robustness.  Whatever fails after the seize (a fault at the injected rip,
 a failed call, our own bug), the registers and mask are restored and the
-thread detached in ``finally``; only the death of *our* process between
-two ptrace requests could leave the target with injected registers (the
-kernel detaches a dead tracer's tracees), a window of microseconds.
+thread detached in ``finally``.  If *our* process dies (the kernel then
+detaches its tracees, which run on from where they are stopped), the
+thread is between calls in an interrupt-stop with its own registers and
+mask, which costs it nothing.  Inside one call -- from setting the
+registers until the thread is parked again: microseconds, but
+milliseconds when the daemon's other threads hold the GIL -- it would run
+on with injected registers or be killed by the step's SIGTRAP: 9 of 53
+daemons SIGKILLed at random moments of the uffd-wp setup killed their
+target (3 of 27 before ``_park``, which only closed the windows between
+calls).  Closing it needs stops that carry no signal (PTRACE_SYSCALL with
+TRACESYSGOOD) and the call done without the GIL given up; left.
 Targets under a seccomp filter are refused: a filter may kill the process
 for a system call it does not expect.
 """
@@ -253,8 +263,6 @@ class Injector:
         mask = ctypes.c_uint64(0)
         _ptrace(PTRACE_GETSIGMASK, self.tid, ctypes.c_void_p(8), ctypes.byref(mask))
         self._saved_mask = mask
-        block = ctypes.c_uint64(_ALL_SIGNALS_BUT_TRAP)
-        _ptrace(PTRACE_SETSIGMASK, self.tid, ctypes.c_void_p(8), ctypes.byref(block))
 
     def _release(self) -> None:
         """Restore registers and mask, detach.  Never raises for a target
@@ -274,6 +282,38 @@ class Injector:
                 raise
             # ESRCH: gone, or not in a stop we could act on.  A live tracee
             # we could not detach must not stay traced: last resort.
+            self._reap_if_dead()
+
+    def _park(self) -> None:
+        """Between calls: the thread's own registers and mask back, and the
+        thread moved from the single-step trap into an interrupt-stop.
+
+        If our process dies (SIGKILL, OOM) the kernel detaches the thread
+        and it runs on from where it is stopped.  From the trap stop that
+        meant the injected registers (SIGSEGV in the [vdso]) and the trap's
+        SIGTRAP, still pending as the stop's signal, delivered with its
+        default action: the target was killed (3 of 3 tracers killed
+        between two calls).  And an attached tracer that died left every
+        signal blocked for good.  Parked like this, a death costs the target
+        nothing: an interrupt-stop carries no signal, and the registers
+        and mask are its own.  (The call itself stays exposed: module doc.)"""
+        if not self._attached:
+            return
+        try:
+            if self._saved is not None and self._regs_dirty:
+                _ptrace(PTRACE_SETREGS, self.tid, None, ctypes.byref(self._saved))
+                self._regs_dirty = False
+            if self._saved_mask is not None:
+                _ptrace(PTRACE_SETSIGMASK, self.tid, ctypes.c_void_p(8),
+                        ctypes.byref(self._saved_mask))
+            # The interrupt is taken before the thread returns to user
+            # space (and before any other signal): no code of it runs.
+            _ptrace(PTRACE_INTERRUPT, self.tid, None, None)
+            _ptrace(PTRACE_CONT, self.tid, None, None)   # the trap's SIGTRAP dropped
+            self._wait_interrupt_stop()
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise
             self._reap_if_dead()
 
     def _reap_if_dead(self) -> None:
@@ -325,8 +365,17 @@ class Injector:
             setattr(regs, name, v & ((1 << 64) - 1))
         # Clear the trap flag the saved eflags might carry.
         regs.eflags &= ~0x100
+        block = ctypes.c_uint64(_ALL_SIGNALS_BUT_TRAP)
+        _ptrace(PTRACE_SETSIGMASK, self.tid, ctypes.c_void_p(8), ctypes.byref(block))
         self._regs_dirty = True
-        _ptrace(PTRACE_SETREGS, self.tid, None, ctypes.byref(regs))
+        try:
+            _ptrace(PTRACE_SETREGS, self.tid, None, ctypes.byref(regs))
+            return self._step(nr)
+        finally:
+            self._park()
+
+    def _step(self, nr: int) -> int:
+        """Single-step the injected `syscall`; its result."""
         while True:
             _ptrace(PTRACE_SINGLESTEP, self.tid, None, None)
             status = self._wait()

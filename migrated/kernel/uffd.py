@@ -761,6 +761,11 @@ _SELFTEST_WRITE_PAGE = 2
 def _selftest() -> tuple[bool, str]:
     """End to end on a forked child: inject, register, protect, let the
     child write one page, expect exactly that page from one scan."""
+    with kprobe.FORK_LOCK:        # (see there)
+        return _forked_selftest()
+
+
+def _forked_selftest() -> tuple[bool, str]:
     buf = mmap.mmap(-1, _SELFTEST_PAGES * PAGE_SIZE,
                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     go_r, go_w = os.pipe()

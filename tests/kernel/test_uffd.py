@@ -131,6 +131,58 @@ def test_target_blocked_in_nanosleep_restarts():
         p.wait(10)
 
 
+ECHO = r"""
+import sys
+print("ready", flush=True)
+for line in sys.stdin:          # blocked in read(2) between lines
+    print("echo " + line.strip(), flush=True)
+"""
+
+
+def _sig_blocked(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return [ln for ln in f if ln.startswith("SigBlk:")][0].split()[1]
+
+
+@pytest.mark.parametrize("dies", ["attached", "between calls"])
+def test_tracer_killed_mid_injection_leaves_target_intact(dies):
+    """The daemon SIGKILLed (OOM, systemd) while it holds the target for
+    the injection: the kernel detaches the target, which runs on from where
+    it was stopped.  Between two calls (uffd-wp setup copies the fd out
+    there) it was in the single-step trap with the injected registers and
+    the trap's SIGTRAP: killed by SIGTRAP, 3 of 3.  Right after the attach
+    every signal stayed blocked for good.  It must carry on untouched: its
+    read restarted, its mask its own."""
+    p = subprocess.Popen([sys.executable, "-c", ECHO], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.2)                 # in read(2) now
+        mask = _sig_blocked(p.pid)
+        tracer = os.fork()
+        if tracer == 0:                 # a tracer that dies like a killed daemon
+            try:
+                with Injector(p.pid) as inj:
+                    if dies == "between calls":
+                        inj.call(SYS_GETPID)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            finally:
+                os._exit(3)
+        _, status = os.waitpid(tracer, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        time.sleep(0.2)
+        assert p.poll() is None, f"target died with status {p.returncode} when its tracer did"
+        released(p.pid)
+        assert _sig_blocked(p.pid) == mask, "the target's signal mask was left changed"
+        p.stdin.write("x\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "echo x"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
 def test_bad_syscall_address_restores_target(target):
     """A fault at the injected rip (no `syscall` there) is suppressed, the
     target restored and released, and it carries on."""
