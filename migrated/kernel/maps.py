@@ -11,7 +11,8 @@ file       private file mapping (only pages that are not plain   yes
            page-cache pages are taken: pagemap bit 61 clear)
 shared-anon MAP_SHARED anonymous: "/dev/zero (deleted)",          yes
            "/SYSV...", "/memfd:...", [anon_shmem:NAME]; also a
-           memfd mapped MAP_PRIVATE (see _PRIVATE_SHMEM_PREFIXES)
+           memfd or a deleted file mapped MAP_PRIVATE (see
+           _PRIVATE_SHMEM_PREFIXES)
 shared-file MAP_SHARED of a real file: recorded as external       no
 vdso       [vdso]                                               yes
 skip       [vvar], [vvar_vclock], [vsyscall], [uprobes], and     no
@@ -55,6 +56,11 @@ _SHARED_ANON_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
 # it has not mapped yet, and a content check (a pwrite on the memfd changes
 # a page it only read, with no write of its own).
 _PRIVATE_SHMEM_PREFIXES = ("/memfd:",)
+# So is any deleted file mapped MAP_PRIVATE (a binary or library upgraded
+# under a running process, a scratch file unlinked after mapping): it too
+# exists only in this host's page cache (the image had only the pages the
+# process had written; a page dropped with MADV_DONTNEED, which reads as the
+# file's again, was lost).
 # Private anonymous memory with a kernel-given or user-given name.
 _ANON_PSEUDO_PREFIXES = ("[heap]", "[stack]", "[stack:", "[anon:")
 
@@ -156,7 +162,7 @@ def classify(m: Mapping) -> str:
         return "shared-file"
     if path == "" or path.startswith(_ANON_PSEUDO_PREFIXES):
         return "anon"
-    if path.startswith(_PRIVATE_SHMEM_PREFIXES):
+    if path.startswith(_PRIVATE_SHMEM_PREFIXES) or path.endswith(DELETED_SUFFIX):
         return "shared-anon"
     if path.startswith("["):
         # An unknown kernel pseudo mapping ([uprobes] and friends from

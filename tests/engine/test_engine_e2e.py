@@ -647,6 +647,41 @@ def test_an_asynchronous_read_landing_during_the_freeze_is_in_the_image(store, t
                 os.unlink(path)
 
 
+@pytest.mark.parametrize("tracker", ["uffd-wp", "digest",
+                                     pytest.param("soft-dirty", marks=pytest.mark.lab)])
+def test_a_deleted_files_pages_are_in_the_image(store, target, tmp_path, tracker):
+    """A private mapping of a file deleted since (an upgraded binary or
+    library still mapped): its page-cache pages exist nowhere else, so it
+    is migrated like shared memory (every page of the file it maps) --
+    before, the image held only the pages the process had written.  A copy
+    dropped with MADV_DONTNEED between rounds reads as the file's page
+    again, and so must the image."""
+    npages = 64
+    path = tmp_path / "lib.so"
+    path.write_bytes(b"".join(bytes([0x40 + i % 64]) * PAGE_SIZE for i in range(npages)))
+    target.map_file("f", str(path), npages)
+    target.cmd("touch", "f", 0, npages)              # the file's pages, mapped
+    target.fill("f", 2, 2, 0xEE)                     # two copies of its own
+    os.unlink(path)
+
+    def drop_after_round_0(sm, e) -> None:
+        if e["event"] == "round" and e["round"] == 0:
+            target.cmd("dontneed", "f", 3, 1)        # the file's page again
+
+    out = migrate(target.pid, store, SendOptions(then="stop", tracker=tracker, max_rounds=2),
+                  on_event=drop_after_round_0)
+    s = out.source
+    assert s["status"] == "completed", s.get("error")
+    figures = compare(store, s["image_id"], target.pid)
+    assert figures["data_pages"] >= npages           # every page of it, not 2
+    m = [x for x in store.show(s["image_id"])["mappings"] if x.get("deleted")
+         and x["path"].startswith(str(path))]
+    assert m and m[0]["kind"] == "shared-anon"
+    assert store.read_memory(s["image_id"], target.addr("f") + 3 * PAGE_SIZE, PAGE_SIZE) \
+        == bytes([0x43]) * PAGE_SIZE
+    _thaw(target.pid)
+
+
 def _pvw(pid: int, addr: int, data: bytes) -> int:
     """process_vm_writev ``data`` at ``addr`` of ``pid`` (x86_64 syscall 311)."""
     import ctypes

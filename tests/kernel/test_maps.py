@@ -35,7 +35,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 
 EXPECTED_KINDS = [
     ("/usr/bin/cat", "file"), ("/usr/bin/cat", "file"), ("[heap]", "anon"),
-    ("", "anon"), ("", "skip"), ("/tmp/my file (1).dat (deleted)", "file"),
+    ("", "anon"), ("", "skip"), ("/tmp/my file (1).dat (deleted)", "shared-anon"),
     ("/tmp/trailing space ", "file"), ("/dev/zero (deleted)", "shared-anon"),
     ("/SYSV00000000 (deleted)", "shared-anon"), ("/memfd:buf (deleted)", "shared-anon"),
     ("/usr/lib/gconv/gconv-modules.cache", "shared-file"), ("[anon:my heap]", "anon"),
@@ -70,12 +70,15 @@ def test_secret_memory_is_told_apart():
     assert not any(m.secret for m in parse_maps(SAMPLE))
 
 
-def test_a_privately_mapped_memfd_is_shared_memory():
-    """Its unwritten pages come from the memfd, which the destination does
-    not have: it migrates whole, like shared memory, not as a file."""
+def test_a_privately_mapped_memfd_or_deleted_file_is_shared_memory():
+    """Their unwritten pages come from an object the destination does not
+    have (a memfd; a deleted file): they migrate whole, like shared memory,
+    not as a file.  A file that still exists is a file."""
     m = parse_line("7f08c2b10000-7f08c2b12000 rw-p 00000000 00:01 1031 /memfd:wasm (deleted)")
     assert m.kind == "shared-anon" and m.migrates and not m.shared
-    assert parse_line("7f08c2b10000-7f08c2b12000 rw-p 00000000 fe:00 9 /tmp/x (deleted)"
+    assert parse_line("7f08c2b10000-7f08c2b12000 r-xp 00000000 fe:00 9 /usr/lib/x.so (deleted)"
+                      ).kind == "shared-anon"
+    assert parse_line("7f08c2b10000-7f08c2b12000 r-xp 00000000 fe:00 9 /usr/lib/x.so"
                       ).kind == "file"
 
 
@@ -147,7 +150,7 @@ def test_real_child_kinds(target, tmp_path):
     assert got["spaced"].kind == "file" and got["spaced"].path == str(spaced)
     assert not got["spaced"].deleted
     assert got["gone"].deleted and got["gone"].path == f"{gone} (deleted)"
-    assert got["gone"].kind == "file" and got["gone"].base_path == str(gone)
+    assert got["gone"].kind == "shared-anon" and got["gone"].base_path == str(gone)
     assert got["sfile"].kind == "shared-file" and not got["sfile"].migrates
     kinds = {m.kind for m in layout}
     assert {"vdso", "skip", "anon", "file"} <= kinds
