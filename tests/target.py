@@ -166,6 +166,7 @@ def _libc():
 # -- io_uring (include/uapi/linux/io_uring.h), raw system calls ---------------------
 
 SYS_IO_SETUP, SYS_IO_DESTROY, SYS_IO_GETEVENTS, SYS_IO_SUBMIT = 206, 207, 208, 209
+CLONE_FILES = 0x400          # <linux/sched.h>: unshare(2) a file table of its own
 SYS_IO_URING_SETUP, SYS_IO_URING_ENTER, SYS_IO_URING_REGISTER = 425, 426, 427
 IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
 IORING_REGISTER_BUFFERS = 0
@@ -587,15 +588,20 @@ class _Child:
         started.wait()
         return str(tid[0])
 
-    def cmd_dread(self, name, path):
+    def cmd_dread(self, name, path, files=""):
         """Start an O_DIRECT read of the file at PATH (%-quoted) into region
         NAME in a thread: the kernel pins the pages, then the disk writes
-        them.  djoin waits for it and replies the byte count."""
+        them.  djoin waits for it and replies the byte count.  FILES "own":
+        the thread reads from a file table of its own (unshare CLONE_FILES),
+        not the process's."""
         addr, n = self.regions[name]
         fname = urllib.parse.unquote(path)
         out = []
 
         def read():
+            if files == "own" and self.libc.unshare(ctypes.c_int(CLONE_FILES)) != 0:
+                out.append(-ctypes.get_errno())
+                return
             fd = os.open(fname, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
             try:
                 out.append(self.libc.pread(fd, ctypes.c_void_p(addr),

@@ -211,15 +211,19 @@ class ConvergencePolicy:
     # -- the decision ---------------------------------------------------------
 
     def after_collect(self, pending_pages: int, fixed_ms: float = 0.0,
-                      now: float | None = None, dest_ms: float = 0.0) -> Decision:
+                      now: float | None = None, dest_ms: float = 0.0,
+                      settle_ms: float = 0.0) -> Decision:
         """Called after each live round's successor collection: the tracker
         just returned ``pending_pages`` dirty pages; ``fixed_ms`` is the cost
         of the frozen phase other than the transfer (see module doc);
         ``dest_ms`` the destination's own estimate of flushing what it has
         not made durable yet (its "backlog" reports), which the commit
-        inside the freeze would have to do."""
+        inside the freeze would have to do; ``settle_ms`` the source's
+        estimate of re-checking recently sent pages after the final delta
+        (a target with asynchronous I/O).  Like ``dest_ms`` more rounds can
+        shrink it (they age the big rounds out): never a floor."""
         pending_pages = int(pending_pages)
-        dest_ms = max(0.0, float(dest_ms))
+        dest_ms = max(0.0, float(dest_ms)) + max(0.0, float(settle_ms))
         est = self.estimate_downtime_ms(pending_pages, fixed_ms) + dest_ms
         self.expected_downtime_ms = est
 

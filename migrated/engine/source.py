@@ -131,13 +131,21 @@ NOTED_PER_CHECK = 256
 # again, until a pass finds nothing, at most SETTLE_MAX_PASSES passes (then
 # the migration fails: something keeps writing into the frozen target).
 # Their digests cost 24 bytes a page, so at most SETTLE_MAX_PAGES pages
-# (4 GiB) are re-checked: beyond that (a stop-and-copy of a larger target)
-# the check is skipped with a warning.  Round 0 is never digested (its
+# (4 GiB) are re-checked: beyond that (a stop-and-copy of a larger target,
+# or a live round that large among the last ones: the rounds after it are
+# not digested while it is kept) the check is skipped with a warning.  Round 0 is never digested (its
 # pages are all of memory; a pin held since then is older than the last
 # rounds).
 SETTLE_ROUNDS = 2
 SETTLE_MAX_PASSES = 8
 SETTLE_MAX_PAGES = 1 << 20
+# How fast the settle re-reads and digests pages, for the policy's estimate
+# of the freeze (one pass; the final delta's pages and the last live
+# rounds'): 1 GiB took 611 ms on the development machine.  Without it a
+# target that rewrote 1 GiB once and then idled froze for 630 ms against a
+# 300 ms target (the re-check of that round); with it the policy takes the
+# rounds that age such a round out of the re-check.
+SETTLE_CHECK_BYTES_PER_S = 1.5e9
 
 # How long we try to tell the peer why we stop before closing anyway.
 GOODBYE_TIMEOUT_S = 2.0
@@ -412,6 +420,8 @@ class SourceMigration:
         self._io_layout: KLayout | None = None     # the last layout looked at
         self._io_sent: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._io_sent_pages = 0
+        self._io_partial: set[int] = set()     # rounds not all digested (SETTLE_MAX_PAGES)
+        self._settling = False                 # in _settle: its resends are always digested
         self._round_now = 0
         self.settle_pages = 0
         self._settle_ms = 0.0
@@ -568,8 +578,10 @@ class SourceMigration:
                 dirty = got.dirty
                 dirty_rate = dirty.total_bytes() / max(now - t_last_collect, 1e-6)
                 t_last_collect = now
-                d = self.policy.after_collect(dirty.union(self._carry).total_pages(),
-                                              fixed_ms=collect_ms, dest_ms=self._dest_flush_ms())
+                pending_pages = dirty.union(self._carry).total_pages()
+                d = self.policy.after_collect(pending_pages, fixed_ms=collect_ms,
+                                              dest_ms=self._dest_flush_ms(),
+                                              settle_ms=self._settle_estimate_ms(pending_pages))
                 if d.fail:
                     raise MigrationAborted("failed", "timeout", self._timeout_message(d))
                 if d.stop:
@@ -781,13 +793,27 @@ class SourceMigration:
                      "re-checked after the final delta", self.migration_id, self.pid,
                      self._async_io)
 
+    def _settle_estimate_ms(self, pending_pages: int) -> float:
+        """What the settle's first pass would add to the freeze if it began
+        now: the last live rounds' pages (kept in ``_io_sent``) and the
+        final delta's, at SETTLE_CHECK_BYTES_PER_S; 0 without asynchronous
+        I/O or past the budget (then the settle is skipped)."""
+        if not self._async_io or self._io_sent_pages > SETTLE_MAX_PAGES:
+            return 0.0
+        return (self._io_sent_pages + pending_pages) * PAGE_SIZE / SETTLE_CHECK_BYTES_PER_S * 1000.0
+
     def _sent_hook(self, runs: PageRuns, data) -> None:
         """Every buffer read to be sent: the tracker's ``sent``, and the
         page digests the settle compares with (from round 1, or the frozen
         round of a stop-and-copy)."""
         (self._on_read or self.tracker.sent)(runs, data)
-        if (self._async_io and runs and self._io_sent_pages <= SETTLE_MAX_PAGES
-                and (self._round_now or self._frozen_at is not None)):
+        if not (self._async_io and runs and (self._round_now or self._frozen_at is not None)):
+            return
+        if self._io_sent_pages > SETTLE_MAX_PAGES and not self._settling:
+            # A round re-checked without these pages would pass them over
+            # silently: the settle is skipped, saying so, while it counts.
+            self._io_partial.add(self._round_now)
+        else:
             self._io_sent.append((self._round_now, runs.page_addresses(),
                                   page_digests(memoryview(data)[:runs.total_pages() * PAGE_SIZE])))
             self._io_sent_pages += runs.total_pages()
@@ -796,6 +822,7 @@ class SourceMigration:
         """Keep the digests of the last SETTLE_ROUNDS live rounds only."""
         self._io_sent = [x for x in self._io_sent if x[0] > rnd - SETTLE_ROUNDS]
         self._io_sent_pages = sum(a.size for _, a, _ in self._io_sent)
+        self._io_partial = {r for r in self._io_partial if r > rnd - SETTLE_ROUNDS}
 
     def _settle(self, rnd: int, final: PageRuns, area: PageRuns, st: "_RoundStats") -> None:
         """Re-read the pages of the last live rounds and the final one, now
@@ -805,11 +832,13 @@ class SourceMigration:
         # (only pages the image holds: not those dropped since they were sent)
         recent = PageRuns.concat([runs_from_addrs(a) for _, a, _ in self._io_sent]
                                  + [final]).intersect(area).intersect(self._held)
-        if recent.total_pages() > SETTLE_MAX_PAGES or self._io_sent_pages > SETTLE_MAX_PAGES:
-            log.warning("migration %s: PID %d has %s; %d recently sent pages are more "
-                        "than the %d re-checked after the freeze: I/O completing after the "
-                        "final collect may be missing from the image", self.migration_id,
-                        self.pid, self._async_io, recent.total_pages(), SETTLE_MAX_PAGES)
+        if recent.total_pages() > SETTLE_MAX_PAGES or self._io_partial:
+            log.warning("migration %s: PID %d has %s; the pages sent in its last rounds "
+                        "(%d, and those of rounds %s past the budget) are more than the %d "
+                        "re-checked after the freeze: I/O completing after the final collect "
+                        "may be missing from the image", self.migration_id, self.pid,
+                        self._async_io, recent.total_pages(), sorted(self._io_partial) or "none",
+                        SETTLE_MAX_PAGES)
             return
         for _ in range(SETTLE_MAX_PASSES):
             changed, _ = content_changed(self._readers[0], self._sent_digests(), recent)
@@ -817,7 +846,17 @@ class SourceMigration:
                 break
             # (_stream_pages adds its stats' pages to pages_sent: fresh ones)
             again = _RoundStats(rnd, time.perf_counter(), self.transport.bytes_sent)
-            failed = self._stream_pages(rnd, changed, again, live=False)
+            # Its resends are digested whatever the budget (else the next
+            # pass compares with an older send: "changed" for good), then
+            # the records are folded to one per page: at most ``recent``.
+            self._settling = True
+            try:
+                failed = self._stream_pages(rnd, changed, again, live=False)
+            finally:
+                self._settling = False
+            addrs, digs = self._sent_arrays()
+            self._io_sent = [(rnd, addrs, digs)]
+            self._io_sent_pages = addrs.size
             st.pages += again.pages
             st.zero_pages += again.zero_pages
             if failed:
@@ -856,14 +895,17 @@ class SourceMigration:
     def _sent_digests(self) -> PageDigests:
         """The digests of the pages as last sent (later sends win)."""
         out = PageDigests()
-        if not self._io_sent:
-            return out
+        if self._io_sent:
+            out.update(*self._sent_arrays())
+        return out
+
+    def _sent_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(page addresses, their digests as last sent), one per page."""
         addrs = np.concatenate([a for _, a, _ in self._io_sent])
         digs = np.concatenate([d for _, _, d in self._io_sent])
         # np.unique keeps the first of equal keys: reverse, so the last sent wins.
         uniq, first = np.unique(addrs[::-1], return_index=True)
-        out.update(uniq, digs[::-1][first])
-        return out
+        return uniq, digs[::-1][first]
 
     def _drained(self, answered: bool) -> None:
         """The destination's answer to the last RoundEnd came (``answered``)

@@ -13,7 +13,7 @@ import errno
 import os
 import signal
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from migrated.errors import AccessDenied, NoSuchProcess, ZombieProcess
 
@@ -196,13 +196,17 @@ def read_maps_text(pid: int) -> str:
     return _read_bytes(pid, "maps").decode("utf-8", "surrogateescape")
 
 
-def read_vma_flags(pid: int, start: int) -> frozenset[str] | None:
-    """The VmFlags of the mapping that starts at ``start`` (two-letter
+def read_vma_flags(pid: int, starts: Iterable[int]) -> dict[int, frozenset[str] | None]:
+    """The VmFlags of the mappings that start at ``starts`` (two-letter
     codes, fs/proc/task_mmu.c: "ui" userfaultfd minor, "um" missing, "uw"
-    write-protect, ...), from /proc/PID/smaps; None if no mapping starts
-    there.  smaps walks every page table of the process: not for every
-    collect."""
+    write-protect, ...), from one read of /proc/PID/smaps; None for a
+    start no mapping has.  smaps walks every page table of the process
+    (14-33 ms for 2 GiB here): one read for all of them, never one each."""
     text = _read_bytes(pid, "smaps")
+    return {start: _vma_flags_in(text, start) for start in starts}
+
+
+def _vma_flags_in(text: bytes, start: int) -> frozenset[str] | None:
     head = b"%x-" % start
     i = 0 if text.startswith(head) else text.find(b"\n" + head)
     if i < 0:

@@ -655,14 +655,17 @@ def _slow_reads(pid: int, path: str, bytes_per_s: int):
 # Host trackers only: the lab VM has no blkio throttling to hold a read in
 # flight (and soft-dirty keeps a pinned page dirty until it is unpinned:
 # clear_refs leaves it alone).
+@pytest.mark.parametrize("files", ["", "own"], ids=["shared-files", "own-files"])
 @pytest.mark.parametrize("kind", [p for p in TRACKERS if p.id != "soft-dirty"])
-def test_a_direct_read_in_flight_over_several_rounds_is_not_lost(setup, tmp_path, request):
+def test_a_direct_read_in_flight_over_several_rounds_is_not_lost(setup, tmp_path, request,
+                                                                 files):
     """A synchronous O_DIRECT read held in flight over several collects
     (its disk throttled to 8 MiB/s for the target): the pin made the pages
     look written once, at the first collect; the content re-check covers
     the next one only; the device writes the rest later, with no fault.
     A thread blocked in a read of an O_DIRECT file has its buffer counted
-    written at every collect while it waits, and once after."""
+    written at every collect while it waits, and once after -- also when
+    the thread reads through a file table of its own (``files``)."""
     import urllib.parse
     t, fz, tr, eng = setup
     n = 16 * 256                                   # 16 MiB: 2 s at 8 MiB/s
@@ -671,12 +674,32 @@ def test_a_direct_read_in_flight_over_several_rounds_is_not_lost(setup, tmp_path
     t.fill("a", 0, n, 0x5A)
     eng.start()
     with _slow_reads(t.pid, path, 8 << 20):
-        t.cmd("dread", "a", urllib.parse.quote(path))
+        t.cmd("dread", "a", urllib.parse.quote(path), files)
         for _ in range(25):                        # 2.5 s: the read in flight
             eng.round()
             time.sleep(0.1)
         assert int(t.cmd("djoin", timeout=60)) == n * P
     final_round(fz, eng)                           # mirror == memory
+
+
+def test_a_direct_read_from_a_threads_own_file_table_is_seen(target, tmp_path, request):
+    """A thread may have a file table of its own (unshare(CLONE_FILES)):
+    the fd in its /proc/PID/task/TID/syscall is one of that table, and
+    looking it up in the process's (/proc/PID/fdinfo) found another file or
+    none -- the read was not seen, and uffd-wp lost what the throttled disk
+    wrote later (like the 3840 of 4096 pages before the look existed)."""
+    import urllib.parse
+    from migrated.kernel.pins import direct_reads_in_flight
+    n = 4 * 256                                    # 4 MiB: 1 s at 4 MiB/s
+    path = _direct_file(tmp_path, request, "ownfiles", n)
+    target.map("a", n, guard=True)
+    target.fill("a", 0, n, 0x5A)
+    with _slow_reads(target.pid, path, 4 << 20):
+        target.cmd("dread", "a", urllib.parse.quote(path), "own")
+        time.sleep(0.2)                            # the read in flight
+        seen = direct_reads_in_flight(target.pid)
+        assert int(target.cmd("djoin", timeout=60)) == n * P
+    assert seen.contains(pages(target, "a", (0, n))), seen
 
 
 # -- long-term pins (migrated/kernel/pins.py) -------------------------------------------
@@ -851,6 +874,42 @@ def test_hidden_shared_pages_of_a_sparse_split_arena(target, monkeypatch):
         assert tr.start(layout).dirty.contains(pages(target, "s", (41, 1)))
 
 
+def test_a_pagemap_fd_from_a_procfs_mounted_elsewhere_is_seen(tmp_path):
+    """A target may hold a pagemap file from a procfs mounted anywhere (a
+    chroot's /proc, a /host/proc): its fd's link reads that path from our
+    root.  Only "/proc/PID/pagemap" was recognised, so uffd-wp was chosen
+    for such a target and its PAGEMAP_SCAN erased the marks of 16 of 16
+    pages written just before the freeze (stale in the image, 2 of 2 runs)."""
+    import shutil
+    import subprocess
+    import sys
+    from migrated.kernel import pins
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) here")
+    where = tmp_path / "proc"
+    where.mkdir()
+    child = ("import os, sys, time\n"
+             f"fd = os.open({str(where)!r} + '/self/pagemap', os.O_RDONLY)\n"
+             "print(fd, flush=True)\n"
+             "time.sleep(60)\n")
+    # A private mount namespace: the procfs mount goes away with it.
+    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          f'mount -t proc proc "$0" && exec "$1" -c "$2"',
+                          str(where), sys.executable, child],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = p.stdout.readline()
+        if not line:
+            pytest.skip(f"no procfs mount in a new mount namespace: {p.stderr.read()!r}")
+        fd = int(line)
+        assert os.readlink(f"/proc/{p.pid}/fd/{fd}") == f"{where}/{p.pid}/pagemap"
+        got = pins.read_pins(p.pid)
+        assert got.self_protect and "PAGEMAP_SCAN" in got.self_protect, got
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_hidden_shared_runs_never_reports_hugetlb_holes(target):
     """A hugetlb memfd split in two VMAs holds more than either shows, but
     hugetlbfs' lseek calls everything below EOF data: reporting that had
@@ -945,3 +1004,36 @@ def test_direct_reads_in_flight_are_listed(target, tmp_path, request):
         assert seen.pairs() == [(addr, n)]
         assert int(target.cmd("djoin", timeout=60)) == n * P
     assert not pins.direct_reads_in_flight(target.pid)
+
+
+def test_hidden_shared_runs_reads_smaps_once_per_call(target, monkeypatch):
+    """Each shared mapping holding pages it does not show had its own read
+    of /proc/PID/smaps (the userfaultfd check): smaps walks every page
+    table of the target, and this runs at every collect, the frozen one
+    too -- 100 such memfds (MAP_PRIVATE, wasmtime's way) next to 2 GiB of
+    memory took 1.46 s a collect.  One read now serves them all."""
+    from migrated.kernel import procfs, trackers
+    n = 12
+    for i in range(n):
+        target.map(f"m{i}", 64, "memfd")
+        target.touch(f"m{i}", 0, 1)
+        lo, hi = region(target, f"m{i}")
+        fd = os.open(f"/proc/{target.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x33" * P, 40 * P)     # never mapped by the target
+        finally:
+            os.close(fd)
+    reads = []
+    real = procfs._read_bytes
+
+    def counting(pid, name):
+        if name == "smaps":
+            reads.append(pid)
+        return real(pid, name)
+    monkeypatch.setattr(procfs, "_read_bytes", counting)
+    layout = read_layout(target.pid)
+    with Pagemap(target.pid) as pm:
+        present = pm.present_in(layout)
+    hidden = trackers.hidden_shared_runs(target.pid, layout, present)
+    assert hidden.total_pages() == n
+    assert len(reads) == 1, f"{len(reads)} reads of smaps for {n} mappings"
