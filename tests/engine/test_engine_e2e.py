@@ -690,18 +690,10 @@ def test_the_settle_is_in_the_policys_estimate_of_the_freeze(store, tmp_path, mo
     freeze against a 300 ms target (23 ms without the AIO context).  The
     policy now counts that re-check and takes the rounds that age such a
     round out of it."""
-    import urllib.parse
     from migrated.engine.source import SourceMigration
     npages, target_ms = 65536, 100
     with Target() as t:
-        path = tmp_path / "one.bin"
-        path.write_bytes(b"\xa1" * PAGE_SIZE)
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        except (AttributeError, OSError):
-            pytest.skip("no O_DIRECT on this filesystem")
-        t.map("io", 1, guard=True)
-        t.cmd("aread", "io", urllib.parse.quote(str(path)))
+        _aio_target(t, tmp_path)
         t.map("big", npages, guard=True)
         t.fill("big", 0, npages, 1)
         real_round = SourceMigration._send_round
@@ -743,16 +735,8 @@ def test_memory_that_keeps_changing_while_frozen(store, tmp_path, kind):
     I/O that never settles) fails the migration after the last pass, with
     the target thawed; shared memory another process keeps writing has no
     moment to match, and is kept as last sent."""
-    import urllib.parse
-    path = tmp_path / "one.bin"
-    path.write_bytes(b"\xa1" * PAGE_SIZE)
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except (AttributeError, OSError):
-        pytest.skip("no O_DIRECT on this filesystem")
     with Target() as t:
-        t.map("io", 1, guard=True)
-        t.cmd("aread", "io", urllib.parse.quote(str(path)))   # an AIO context
+        _aio_target(t, tmp_path)                              # an AIO context
         addr = t.map("hot", 16, kind=kind, guard=kind == "private")
         t.fill("hot", 0, 16, 0x11)
 
