@@ -111,9 +111,18 @@ def _prpsinfo(pid: int, cmdline: list[str], exe: str) -> bytes:
                           psargs.encode(errors="replace")[:79])
 
 
+# A private mapping of a memfd or a deleted file is migrated whole, as
+# shared-anon (maps.py), yet it is file-backed: the kernel's cores name it
+# in NT_FILE (an upgraded binary as "/usr/bin/x (deleted)"), and so do ours.
+def _in_nt_file(m: dict) -> bool:
+    if not m["path"].startswith("/"):
+        return False
+    return m["kind"] in ("file", "shared-file") or (m["kind"] == "shared-anon"
+                                                    and m["perms"][3:] == "p")
+
+
 def _nt_file(mappings: list[dict]) -> bytes:
-    files = [m for m in mappings if m["path"].startswith("/")
-             and m["kind"] in ("file", "shared-file")]
+    files = [m for m in mappings if _in_nt_file(m)]
     out = [struct.pack("<QQ", len(files), PAGE_SIZE)]
     out += [struct.pack("<QQQ", int(m["start"], 16), int(m["end"], 16),
                         int(m["offset"], 16) >> PAGE_SHIFT) for m in files]

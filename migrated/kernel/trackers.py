@@ -502,7 +502,8 @@ def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
 
     Per mapping one open of /proc/PID/map_files and one fstat: the object's
     allocated blocks (resident and swapped pages) against the pages
-    ``present`` shows in the mapping; only when there are more are its data
+    ``present`` shows in the mapping; only when there are more (or the
+    mapping is private: its own copies count as shown) are its data
     extents listed (SEEK_DATA/SEEK_HOLE over the mapped window) and those
     ``present`` does not cover kept, at most MAX_SHARED_EXTENTS pieces.
     Returns them as address runs."""
@@ -526,8 +527,13 @@ def hidden_shared_runs(pid: int, layout: Layout, present: PageRuns) -> PageRuns:
                 continue
             allocated = st.st_blocks * 512 // PAGE_SIZE
             shown = present.clip(m.start, m.end)
-            if allocated <= shown.total_pages():
+            if m.shared and allocated <= shown.total_pages():
                 continue                # every page it holds is mapped here
+            # Not so for a private mapping (a memfd or a deleted file): a page
+            # it shows may be the process's own copy over a hole of the
+            # object, so as many pages shown as the object holds proves
+            # nothing (4 such copies hid 4 data pages never touched: zeros
+            # in the image).  Its extents are always listed.
             got = _hidden_extents(pid, m, fd, shown)
         finally:
             os.close(fd)

@@ -141,3 +141,27 @@ def test_core_of_target_regions(store, tmp_path):
     assert f"{ws:#018x}" in out, out
     # An untouched page reads as zeros, not as an error.
     assert re.search(rf"{a + 30 * PAGE_SIZE:#x}:\s+0x0+\s+0x0+", out), out
+
+
+@pytest.mark.skipif(not GDB, reason="needs gdb")
+def test_a_deleted_file_mapped_privately_is_in_nt_file(store, tmp_path):
+    """A deleted file mapped privately (a binary or library upgraded under
+    the process) is migrated whole, as kind shared-anon; it is still a
+    file-backed mapping, and the kernel's own cores name it in NT_FILE
+    with its " (deleted)" suffix.  The export left it out (0 of 1: gdb's
+    `info proc mappings` no longer showed an upgraded executable)."""
+    path = tmp_path / "upgraded.so"
+    path.write_bytes(b"\x5a" * (4 * PAGE_SIZE))
+    with Target() as t:
+        t.map_file("lib", str(path), 4)
+        t.touch("lib", 0, 4)
+        os.unlink(path)
+        lo, hi = t.range("lib")
+        image_id, taken = snapshot(store, t.pid, {"pid": t.pid, "cmdline": ["target"]})
+    assert [m.kind for m in taken if m.start == lo] == ["shared-anon"]
+    core = str(tmp_path / "core")
+    store.export_core(image_id, core)
+    maps = _gdb(core, "info proc mappings")
+    assert re.search(rf"{lo:#x}\s+{hi:#x}\s+\S+\s+0x0\s+{re.escape(str(path))} \(deleted\)",
+                     maps), maps
+    assert f"{lo:#x}" in _gdb(core, f"x/xb {lo:#x}")
