@@ -45,8 +45,12 @@ SECRETMEM_PATH = "/secretmem" + DELETED_SUFFIX
 # vvar pages are per-boot kernel data, vsyscall is a fixed legacy page, and
 # uprobes' xol area is recreated by the kernel.
 _SKIP_PSEUDO = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
-# Names of shared anonymous memory as /proc/PID/maps prints them.
-_SHARED_ANON_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
+# Names of shared anonymous memory as /proc/PID/maps prints them.  Also
+# POSIX shared memory (shm_open: files in /dev/shm, a tmpfs; unlinked right
+# after mapping by programs that want it anonymous): it is this host's
+# memory, not a file any other node has -- as an external shared file the
+# image held none of it.
+_SHARED_ANON_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:", "/dev/shm/")
 # A memfd mapped MAP_PRIVATE (copy-on-write over an initial image: how
 # wasmtime instantiates a module's memory) is not a file the destination
 # can read: the pages the process has not written come from an object that
@@ -55,7 +59,7 @@ _SHARED_ANON_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
 # sent like shared memory instead: every page it shows, the memfd's pages
 # it has not mapped yet, and a content check (a pwrite on the memfd changes
 # a page it only read, with no write of its own).
-_PRIVATE_SHMEM_PREFIXES = ("/memfd:",)
+_PRIVATE_SHMEM_PREFIXES = ("/memfd:", "/dev/shm/")
 # So is any deleted file mapped MAP_PRIVATE (a binary or library upgraded
 # under a running process, a scratch file unlinked after mapping): it too
 # exists only in this host's page cache (the image had only the pages the

@@ -682,6 +682,40 @@ def test_a_deleted_files_pages_are_in_the_image(store, target, tmp_path, tracker
     _thaw(target.pid)
 
 
+@pytest.mark.parametrize("tracker", ["uffd-wp", "digest"])
+@pytest.mark.parametrize("how", ["shared", "shared-unlinked", "private"])
+def test_posix_shared_memory_is_migrated(store, target, tracker, how):
+    """shm_open memory is a file in /dev/shm (tmpfs): this host's memory,
+    which no other node has -- often unlinked right after mapping.  As an
+    external shared file the image held none of it; mapped privately, only
+    the pages the process had written."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    npages = 32
+    path = f"/dev/shm/migrated-test-{os.getpid()}-{how}"
+    with open(path, "wb") as f:
+        f.write(b"".join(bytes([0x30 + i]) * PAGE_SIZE for i in range(npages)))
+    try:
+        target.map_file("m", path, npages, "private" if how == "private" else "shared")
+        target.fill("m", 1, 1, 0xEE)                     # one page written
+    finally:
+        if how != "shared":
+            os.unlink(path)
+    try:
+        out = migrate(target.pid, store, SendOptions(then="stop", tracker=tracker))
+        s = out.source
+        assert s["status"] == "completed", s.get("error")
+        got = store.read_memory(s["image_id"], target.addr("m"), npages * PAGE_SIZE)
+        want = bytearray(b"".join(bytes([0x30 + i]) * PAGE_SIZE for i in range(npages)))
+        want[PAGE_SIZE:2 * PAGE_SIZE] = b"\xee" * PAGE_SIZE
+        assert got == bytes(want)
+        compare(store, s["image_id"], target.pid)
+        _thaw(target.pid)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 def test_the_settle_is_in_the_policys_estimate_of_the_freeze(store, tmp_path, monkeypatch):
     """A target with asynchronous I/O that rewrote 256 MiB once (all in
     round 1) and then idled: the policy froze it at once (the final delta

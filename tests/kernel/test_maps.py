@@ -82,6 +82,17 @@ def test_a_privately_mapped_memfd_or_deleted_file_is_shared_memory():
                       ).kind == "file"
 
 
+def test_posix_shared_memory_is_shared_memory():
+    """shm_open files live in /dev/shm, a tmpfs of this host: shared
+    memory, mapped shared or privately, unlinked or not."""
+    for line in ("7f08c2b10000-7f08c2b12000 rw-s 00000000 00:19 7 /dev/shm/ring",
+                 "7f08c2b10000-7f08c2b12000 rw-s 00000000 00:19 7 /dev/shm/ring (deleted)",
+                 "7f08c2b10000-7f08c2b12000 rw-p 00000000 00:19 7 /dev/shm/ring"):
+        assert parse_line(line).kind == "shared-anon", line
+    assert parse_line("7f08c2b10000-7f08c2b12000 rw-s 00000000 fe:00 9 /var/db/x.shm"
+                      ).kind == "shared-file"
+
+
 def test_layout_lookup_and_totals():
     layout = parse_maps(SAMPLE)
     assert layout.find(0x55D9D2B9D000).path == "[heap]"
