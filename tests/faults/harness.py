@@ -98,6 +98,19 @@ STOPPED_SOURCE_HOLD_S = max(FAST_TIMEOUTS.idle_s, FAST_TIMEOUTS.handshake_s) + 1
 NOT_WHEN_PRESTOPPED = ("round1", "layout")
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    from migrated.kernel.freezer import _all_descheduled
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except FileNotFoundError:
+        return False
+    return all(st == "T" for st in states) and _all_descheduled(pid)
+
+
 def applicable(phase: str, fault: str, prestopped: bool = False) -> bool:
     """Combinations that mean something."""
     if prestopped and (phase in NOT_WHEN_PRESTOPPED
@@ -331,7 +344,10 @@ class FaultBench:
         v = self.victim(**(CHURN if fault == "churn" else {}))
         if prestopped:
             os.kill(v.pid, signal.SIGSTOP)
-            wait_until(lambda: proc_state(v.pid) == "T", 5, "victim stopped")
+            # Every thread stopped and off its CPU, not just the main one:
+            # the writer thread finishing a write after the tracker armed
+            # made a live round 1 of a "stopped" target (CI, once).
+            wait_until(lambda: _all_threads_stopped(v.pid), 5, "victim stopped")
         rule = Rule(match=None if phase == "connect" else _matcher(phase),
                     action=self._action(fault, v), on_connect=phase == "connect")
         self.proxy.arm(rule)
