@@ -63,7 +63,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -182,15 +182,16 @@ def read_pins(pid: int) -> Pins:
     return _read_pins(pid)
 
 
-def _read_pins(pid: int) -> Pins:
+def _fd_names(pid: int) -> list[str]:
     fd_dir = procfs.proc_path(pid, "fd")
     with procfs.translate(pid, f"listing {fd_dir}"):
-        names = os.listdir(fd_dir)
-    if len(names) > MAX_FDS:
-        return Pins(PageRuns.empty(), f"process {pid} has {len(names)} open files, more "
-                                      f"than the {MAX_FDS} checked for pinned memory")
-    rings: list[str] = []
-    protect: str | None = None
+        return os.listdir(fd_dir)
+
+
+def _fd_links(pid: int, names: list[str]) -> Iterator[tuple[str, str]]:
+    """(fd, link) for the fds ``names`` of ``pid``; one closed meanwhile is
+    left out."""
+    fd_dir = procfs.proc_path(pid, "fd")
     for fd in names:
         try:
             link = os.readlink(f"{fd_dir}/{fd}")
@@ -199,6 +200,17 @@ def _read_pins(pid: int) -> Pins:
                 continue                # closed meanwhile
             with procfs.translate(pid, f"reading {fd_dir}/{fd}"):
                 raise
+        yield fd, link
+
+
+def _read_pins(pid: int) -> Pins:
+    names = _fd_names(pid)
+    if len(names) > MAX_FDS:
+        return Pins(PageRuns.empty(), f"process {pid} has {len(names)} open files, more "
+                                      f"than the {MAX_FDS} checked for pinned memory")
+    rings: list[str] = []
+    protect: str | None = None
+    for fd, link in _fd_links(pid, names):
         if link == IO_URING_LINK:
             rings.append(fd)
             continue
@@ -392,17 +404,9 @@ def async_io_in(layout: Iterable) -> str | None:
 def has_io_uring_fd(pid: int) -> bool:
     """Whether ``pid`` holds an io_uring fd (one may have no mapping:
     IORING_SETUP_NO_MMAP puts its rings in the process's own memory)."""
-    fd_dir = procfs.proc_path(pid, "fd")
-    with procfs.translate(pid, f"listing {fd_dir}"):
-        names = os.listdir(fd_dir)
-    for fd in names[:MAX_FDS]:
-        try:
-            if os.readlink(f"{fd_dir}/{fd}") == IO_URING_LINK:
-                return True
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                with procfs.translate(pid, f"reading {fd_dir}/{fd}"):
-                    raise
+    names = _fd_names(pid)
+    if any(link == IO_URING_LINK for _, link in _fd_links(pid, names[:MAX_FDS])):
+        return True
     return len(names) > MAX_FDS      # not all checked: assume one
 
 
